@@ -1,0 +1,230 @@
+"""Layer-by-layer calibration: streaming float64 input covariances of the linear matrices.
+
+One forward pass records what every decoder layer receives (the hidden states entering
+layer 0, and each layer's extra arguments: masks, rotary tables). From then on the model is
+walked one layer at a time on those cached hidden states, so only one layer's statistics
+are ever held, whatever the model's size. The same walk serves the sequential `sieve`
+method, which runs a dense stream and a pruned stream side by side (see `prune.py`).
+
+Shapes: hidden states (B, T, d); the mask (B, T) marks real tokens (padding never enters
+a covariance); a covariance is (n, n) float64 where n is the matrix's input size.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from . import architectures as arch
+from .lowrank import Decomposition, decompose
+from .progress import progress_bar
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once what it needed was seen."""
+
+
+@dataclass
+class LayerInputs:
+    """What the decoder layers receive for one calibration batch."""
+
+    hidden: torch.Tensor                         # (B, T, d) entering layer 0
+    mask: torch.Tensor                           # (B, T) bool, real tokens
+    args: list[tuple] = field(default_factory=list)    # per layer: positional args after hidden
+    kwargs: list[dict] = field(default_factory=list)   # per layer: keyword args
+
+
+def stats_device(model: nn.Module) -> torch.device:
+    """Where float64 statistics accumulate: the model's CUDA device, else the CPU (MPS has no float64)."""
+    device = next(model.parameters()).device
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, batches: Iterable[dict]) -> list[LayerInputs]:
+    """Run each batch once and record every decoder layer's inputs (hidden only for layer 0)."""
+    layers = arch.decoder_layers(model)
+    device = model_device(model)
+    captured: list[LayerInputs] = []
+    for batch in batches:
+        ids = batch["input_ids"].to(device)
+        mask = batch["attention_mask"].to(device)
+        record = LayerInputs(hidden=None, mask=mask.bool(), args=[None] * len(layers), kwargs=[None] * len(layers))
+
+        def make_hook(i):
+            def hook(module, args, kwargs):
+                kwargs = dict(kwargs)
+                if args:
+                    hidden, rest = args[0], tuple(args[1:])
+                else:
+                    hidden, rest = kwargs.pop("hidden_states"), ()
+                if i == 0:
+                    record.hidden = hidden.detach()
+                record.args[i], record.kwargs[i] = rest, kwargs
+                if i == len(layers) - 1:
+                    raise _StopForward
+            return hook
+
+        handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        try:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        if record.hidden is None:
+            raise RuntimeError(f"{type(model).__name__}: decoder layers were not called; registry mismatch")
+        captured.append(record)
+    return captured
+
+
+def run_layer(layer: nn.Module, inputs: LayerInputs, i: int, hidden: torch.Tensor) -> torch.Tensor:
+    out = layer(hidden, *inputs.args[i], **inputs.kwargs[i])
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def capture_module_input(layer: nn.Module, module_rel: str, inputs: LayerInputs, i: int,
+                         hidden: torch.Tensor) -> torch.Tensor:
+    """The input tensor (B, T, n) that `module_rel` of layer i sees; the layer stops there."""
+    module = arch.get_module(layer, module_rel)
+    seen = {}
+
+    def hook(mod, args):
+        seen["x"] = args[0].detach()
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        run_layer(layer, inputs, i, hidden)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "x" not in seen:
+        raise RuntimeError(f"layer {i}: module '{module_rel}' was never called")
+    return seen["x"]
+
+
+def masked_rows(x: torch.Tensor, mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, T, n) → (real tokens, n) float64 on the statistics device."""
+    return x[mask].to(device=device, dtype=torch.float64)
+
+
+@dataclass
+class ActivationStats:
+    """Input covariance C = X Xᵀ / N per matrix; matrices that share an input share a tensor."""
+
+    covariances: dict[str, torch.Tensor]
+    tokens: int
+
+    def cov(self, name: str) -> torch.Tensor:
+        try:
+            return self.covariances[name]
+        except KeyError:
+            raise KeyError(f"no statistics for '{name}'") from None
+
+
+def _iter_layer_covariances(model: nn.Module, captured: list[LayerInputs], progress: bool, desc: str
+                            ) -> Iterator[tuple[int, dict[str, torch.Tensor], int]]:
+    """Walk the dense model layer by layer, yielding (layer index, {qualified name: C}, tokens)."""
+    spec = arch.get_arch(model)
+    layers = arch.decoder_layers(model)
+    dev = stats_device(model)
+    hidden = [c.hidden for c in captured]
+    tokens = sum(int(c.mask.sum()) for c in captured)
+    for i in progress_bar(range(len(layers)), desc=desc, enabled=progress):
+        layer = layers[i]
+        sums: dict[str, torch.Tensor] = {}
+        hooks = []
+        current_mask = {}
+
+        def make_hook(key):
+            def hook(mod, args):
+                rows = masked_rows(args[0], current_mask["m"], dev)
+                if key not in sums:
+                    sums[key] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=dev)
+                sums[key].addmm_(rows.T, rows)
+            return hook
+
+        for group in spec.groups:
+            hooks.append(arch.get_module(layer, group[0]).register_forward_pre_hook(make_hook(group[0])))
+        try:
+            with torch.no_grad():
+                for b, c in enumerate(captured):
+                    current_mask["m"] = c.mask
+                    hidden[b] = run_layer(layer, c, i, hidden[b])
+        finally:
+            for h in hooks:
+                h.remove()
+        prefix = f"{spec.layers}.{i}."
+        covs = {}
+        for group in spec.groups:
+            C = sums[group[0]] / max(tokens, 1)
+            for rel in group:
+                covs[prefix + rel] = C
+        yield i, covs, tokens
+
+
+def collect_stats(model: nn.Module, batches: Iterable[dict], names: Iterable[str] | None = None,
+                  progress: bool = False) -> ActivationStats:
+    """All covariances at once (fine for small models; `decompose_all` keeps one layer at a time)."""
+    wanted = set(names) if names is not None else None
+    captured = capture_layer_inputs(model, batches)
+    out, tokens = {}, 0
+    for _, covs, tokens in _iter_layer_covariances(model, captured, progress, "calibrate"):
+        out.update({n: C for n, C in covs.items() if wanted is None or n in wanted})
+    return ActivationStats(out, tokens)
+
+
+def decompose_all(model: nn.Module, batches: Iterable[dict] | None, method: str = "output",
+                  max_rank: Callable[[str, int, int], int | None] | None = None,
+                  progress: bool = False) -> tuple[dict[str, Decomposition], int]:
+    """Decompose every registry matrix once, holding one layer's covariances at a time.
+
+    `max_rank(name, m, n)` bounds how many directions are kept per matrix (None: all).
+    Returns the decompositions (on the CPU, float64) and the number of calibration tokens.
+    """
+    from .factorize import dense_weight
+
+    def bound(name, w):
+        return max_rank(name, *w.shape) if max_rank else None
+
+    if method == "svd":
+        decs = {}
+        for name in progress_bar(arch.linear_names(model), desc="decompose", enabled=progress):
+            w = dense_weight(arch.get_module(model, name))
+            decs[name] = _to_cpu(decompose(w, None, "svd", bound(name, w)))
+        return decs, 0
+    captured = capture_layer_inputs(model, batches)
+    decs, tokens = {}, 0
+    for _, covs, tokens in _iter_layer_covariances(model, captured, progress, f"calibrate+decompose ({method})"):
+        for name, C in covs.items():
+            w = dense_weight(arch.get_module(model, name))
+            decs[name] = _to_cpu(decompose(w, C, method, bound(name, w)))
+    return decs, tokens
+
+
+def _to_cpu(d: Decomposition) -> Decomposition:
+    return Decomposition(d.left.cpu(), d.right.cpu(), d.energy.cpu(), d.total, d.method)
+
+
+@contextlib.contextmanager
+def swapped_modules(root: nn.Module, modules: dict[str, nn.Module]):
+    """Temporarily put other modules at the given (relative) names; restore on exit."""
+    saved = {name: arch.get_module(root, name) for name in modules}
+    try:
+        for name, m in modules.items():
+            arch.set_module(root, name, m)
+        yield
+    finally:
+        for name, m in saved.items():
+            arch.set_module(root, name, m)

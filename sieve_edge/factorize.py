@@ -1,0 +1,189 @@
+"""Module surgery: swap a model's linear matrices for low-rank pairs, in place.
+
+The math lives in `lowrank.py`; this module only moves tensors into modules. A factorized
+matrix becomes a `LowRankLinear` (two `nn.Linear`, the bias on the second), so the model
+class stays the original one and exporters see plain MatMuls.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import architectures as arch
+from .lowrank import Decomposition
+
+
+class LowRankLinear(nn.Module):
+    """y = second(first(x)): (…, in) → (…, rank) → (…, out)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.first = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.second = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 Conv1D: weight (in, out), y = x W + b
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) matrix a linear-like module applies (a product for a LowRankLinear)."""
+    if isinstance(module, LowRankLinear):
+        return module.second.weight @ module.first.weight
+    if isinstance(module, SearchLinear):
+        return dense_weight(module.dense)
+    if _is_conv1d(module):
+        return module.weight.T
+    if isinstance(module, nn.Linear):
+        return module.weight
+    raise TypeError(f"{type(module).__name__} is not a linear layer sieve-edge can factorize")
+
+
+def module_bias(module: nn.Module) -> torch.Tensor | None:
+    if isinstance(module, LowRankLinear):
+        return module.second.bias
+    if isinstance(module, SearchLinear):
+        return module_bias(module.dense)
+    return getattr(module, "bias", None)
+
+
+def module_shape(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, (LowRankLinear,)):
+        return module.out_features, module.in_features
+    if isinstance(module, SearchLinear):
+        return module_shape(module.dense)
+    w = dense_weight(module)
+    return tuple(w.shape)
+
+
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(out, in) of every registry matrix, in forward order."""
+    return {name: module_shape(arch.get_module(model, name)) for name in arch.linear_names(model)}
+
+
+def factorized_ranks(model: nn.Module) -> dict[str, int]:
+    """Rank of every registry matrix that is currently a LowRankLinear."""
+    out = {}
+    for name in arch.linear_names(model):
+        module = arch.get_module(model, name)
+        if isinstance(module, LowRankLinear):
+            out[name] = module.rank
+    return out
+
+
+def param_counts(shapes: dict[str, tuple[int, int]], ranks: dict[str, int | None]) -> tuple[int, int]:
+    """(dense weight parameters, weight parameters under `ranks`) over the registry matrices."""
+    dense = current = 0
+    for name, (m, n) in shapes.items():
+        r = ranks.get(name)
+        dense += m * n
+        current += m * n if r is None else r * (m + n)
+    return dense, current
+
+
+def linear_param_reduction(shapes: dict[str, tuple[int, int]], ranks: dict[str, int | None]) -> float:
+    dense, current = param_counts(shapes, ranks)
+    return 1.0 - current / dense if dense else 0.0
+
+
+def make_low_rank(module: nn.Module, B: torch.Tensor, A: torch.Tensor) -> LowRankLinear:
+    """A LowRankLinear computing B A x (+ the module's bias), in the module's dtype and device."""
+    w = dense_weight(module)
+    m, n = w.shape
+    r = A.shape[0]
+    if B.shape != (m, r) or A.shape != (r, n):
+        raise ValueError(f"factor shapes {tuple(B.shape)} x {tuple(A.shape)} do not fit a ({m}, {n}) matrix")
+    bias = module_bias(module)
+    new = LowRankLinear(n, m, r, bias=bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.first.weight.copy_(A.to(w.dtype))
+        new.second.weight.copy_(B.to(w.dtype))
+        if bias is not None:
+            new.second.bias.copy_(bias)
+    return new
+
+
+def factorize_(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
+    """Replace each named matrix by its low-rank pair (B, A), in place."""
+    for name, (B, A) in factors.items():
+        arch.set_module(model, name, make_low_rank(arch.get_module(model, name), B, A))
+    return model
+
+
+def empty_factorized_(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
+    """Swap in LowRankLinear modules of the given ranks with uninitialised weights (for loading)."""
+    for name, r in ranks.items():
+        module = arch.get_module(model, name)
+        w = dense_weight(module)
+        m, n = w.shape
+        new = LowRankLinear(n, m, int(r), bias=module_bias(module) is not None, device=w.device, dtype=w.dtype)
+        arch.set_module(model, name, new)
+    return model
+
+
+class SearchLinear(nn.Module):
+    """A matrix whose active rank can change instantly: dense, or any rank of a Decomposition.
+
+    Holds the full factor basis (up to `max_rank`) so that trying a rank is a slice, not a
+    refit; used by the genetic search to score hundreds of candidate plans.
+    """
+
+    def __init__(self, dense: nn.Module, decomposition: Decomposition):
+        super().__init__()
+        self.dense = dense
+        w = dense_weight(dense)
+        # (k, n) and (k, m): row slices stay contiguous, so x @ A[:r].T @ Bt[:r] needs no copy
+        self.register_buffer("A", decomposition.right.to(device=w.device, dtype=w.dtype).contiguous(), persistent=False)
+        self.register_buffer("Bt", decomposition.left.T.to(device=w.device, dtype=w.dtype).contiguous(), persistent=False)
+        self.rank: int | None = None
+
+    @property
+    def max_rank(self) -> int:
+        return self.A.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rank is None:
+            return self.dense(x)
+        r = self.rank
+        y = (x @ self.A[:r].T) @ self.Bt[:r]
+        bias = module_bias(self.dense)
+        return y if bias is None else y + bias
+
+
+def attach_search_(model: nn.Module, decompositions: dict[str, Decomposition]) -> nn.Module:
+    """Wrap every decomposed matrix in a SearchLinear (all start dense)."""
+    for name, dec in decompositions.items():
+        module = arch.get_module(model, name)
+        if not isinstance(module, SearchLinear):
+            arch.set_module(model, name, SearchLinear(module, dec))
+    return model
+
+
+def set_ranks_(model: nn.Module, ranks: dict[str, int | None]) -> nn.Module:
+    """Set the active rank of SearchLinear modules (None = dense); unnamed ones go dense."""
+    for name in arch.linear_names(model):
+        module = arch.get_module(model, name)
+        if isinstance(module, SearchLinear):
+            r = ranks.get(name)
+            if r is not None and r > module.max_rank:
+                raise ValueError(f"{name}: rank {r} above the decomposed maximum {module.max_rank}")
+            module.rank = r
+    return model
+
+
+def detach_search_(model: nn.Module) -> nn.Module:
+    """Put the original dense modules back."""
+    for name in arch.linear_names(model):
+        module = arch.get_module(model, name)
+        if isinstance(module, SearchLinear):
+            arch.set_module(model, name, module.dense)
+    return model

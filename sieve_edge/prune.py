@@ -1,0 +1,122 @@
+"""Prune a model per RankPlan with one of the four methods (DESIGN §2), layer by layer.
+
+- `svd`, `input-pca`, `output`: statistics from the dense model, one layer at a time.
+- `sieve`: sequential and error-correcting. A dense stream and a pruned stream walk the
+  layers together; each group of matrices (those sharing an input, in forward order) is
+  fitted on the inputs the already pruned model gives it (X̂) against the outputs the dense
+  model would give (W X), so later matrices repair what earlier cuts broke.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from . import architectures as arch
+from .calibrate import (LayerInputs, capture_layer_inputs, capture_module_input, decompose_all, masked_rows,
+                        run_layer, stats_device, swapped_modules)
+from .errors import InputError
+from .factorize import dense_weight, factorize_, linear_shapes, make_low_rank
+from .lowrank import METHODS, decompose_sieve
+from .plan import RankPlan
+from .progress import progress_bar
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    plan: RankPlan
+    calibration_tokens: int
+    seconds: float
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise InputError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+
+
+def prune_with_batches(model: nn.Module, batches: Iterable[dict] | None, plan: RankPlan | float,
+                       method: str = "sieve", *, multiple: int = 8, damp: float = 1e-4,
+                       progress: bool = False) -> PruneResult:
+    """Factorize `model` in place per `plan` (a RankPlan, or one keep fraction for all)."""
+    _check_method(method)
+    t0 = time.perf_counter()
+    shapes = linear_shapes(model)
+    if not isinstance(plan, RankPlan):
+        plan = RankPlan.from_keep(shapes, float(plan), multiple, method)
+    plan.check_model(shapes)
+    plan.method = method
+    ranks = plan.factorized
+    if method == "svd" and batches is not None:
+        batches = None
+    if method != "svd" and batches is None:
+        raise InputError(f"method '{method}' needs calibration data")
+    batches = list(batches) if batches is not None else None
+    if not ranks:
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches) if batches else 0
+        return PruneResult(model, plan, tokens, time.perf_counter() - t0)
+    if method == "sieve":
+        tokens = _sieve_(model, batches, ranks, damp, progress)
+    else:
+        decs, tokens = decompose_all(
+            model, batches, method, max_rank=lambda name, m, n: ranks.get(name, 1), progress=progress
+        )
+        factorize_(model, {name: decs[name].factors(r) for name, r in ranks.items()})
+    return PruneResult(model, plan, tokens, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def _sieve_(model: nn.Module, batches: list[dict], ranks: dict[str, int], damp: float, progress: bool) -> int:
+    spec = arch.get_arch(model)
+    layers = arch.decoder_layers(model)
+    dev = stats_device(model)
+    captured: list[LayerInputs] = capture_layer_inputs(model, batches)
+    tokens = sum(int(c.mask.sum()) for c in captured)
+    dense_h = [c.hidden for c in captured]
+    pruned_h = list(dense_h)
+    for i in progress_bar(range(len(layers)), desc="sieve (sequential)", enabled=progress):
+        layer = layers[i]
+        prefix = f"{spec.layers}.{i}."
+        originals: dict[str, nn.Module] = {}        # relative name -> dense module, as groups get cut
+        for group in spec.groups:
+            todo = [rel for rel in group if prefix + rel in ranks]
+            if not todo:
+                continue
+            n = dense_weight(arch.get_module(layer, group[0])).shape[1]
+            C_hat = torch.zeros(n, n, dtype=torch.float64, device=dev)
+            C_cross = torch.zeros_like(C_hat)
+            for b, c in enumerate(captured):
+                with swapped_modules(layer, originals):
+                    x = masked_rows(capture_module_input(layer, group[0], c, i, dense_h[b]), c.mask, dev)
+                x_hat = masked_rows(capture_module_input(layer, group[0], c, i, pruned_h[b]), c.mask, dev)
+                C_hat.addmm_(x_hat.T, x_hat)
+                C_cross.addmm_(x.T, x_hat)              # Σ x x̂ᵀ
+            C_hat /= tokens
+            C_cross /= tokens
+            for rel in todo:
+                module = arch.get_module(layer, rel)
+                dec = decompose_sieve(dense_weight(module), C_hat, C_cross, damp=damp, max_rank=ranks[prefix + rel])
+                originals[rel] = module
+                arch.set_module(layer, rel, make_low_rank(module, *dec.factors(ranks[prefix + rel])))
+        for b, c in enumerate(captured):
+            with swapped_modules(layer, originals):
+                dense_h[b] = run_layer(layer, c, i, dense_h[b])
+            pruned_h[b] = run_layer(layer, c, i, pruned_h[b])
+    return tokens
+
+
+def prune(model: nn.Module, tokenizer, task, plan: RankPlan | float, method: str = "sieve", *,
+          n_calibration: int = 512, batch_size: int = 16, max_length: int = 256, seed: int = 0,
+          multiple: int = 8, damp: float = 1e-4, progress: bool = True) -> PruneResult:
+    """Calibrate on the task's calibration split and factorize `model` in place."""
+    from .tasks import calibration_batches
+
+    _check_method(method)
+    batches = None
+    if method != "svd":
+        batches = list(calibration_batches(task, tokenizer, n_calibration, batch_size=batch_size,
+                                           max_length=max_length, seed=seed))
+    return prune_with_batches(model, batches, plan, method, multiple=multiple, damp=damp, progress=progress)
