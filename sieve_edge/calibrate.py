@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import architectures as arch
-from .lowrank import Decomposition, decompose
+from .lowrank import Decomposition, decompose, whitening
 from .progress import progress_bar
 
 
@@ -207,9 +207,13 @@ def decompose_all(model: nn.Module, batches: Iterable[dict] | None, method: str 
     captured = capture_layer_inputs(model, batches)
     decs, tokens = {}, 0
     for _, covs, tokens in _iter_layer_covariances(model, captured, progress, f"calibrate+decompose ({method})"):
+        whitened = {}  # matrices sharing an input share C, and so its whitening
         for name, C in covs.items():
             w = dense_weight(arch.get_module(model, name))
-            decs[name] = _to_cpu(decompose(w, C, method, bound(name, w)))
+            L = None
+            if method == "output":
+                L = whitened.setdefault(id(C), whitening(C))
+            decs[name] = _to_cpu(decompose(w, C, method, bound(name, w), L=L))
     return decs, tokens
 
 

@@ -67,8 +67,8 @@ def build_manifest(model: nn.Module, *, base_model: str, method: str | None, tas
     }
 
 
-def prepare_output(out: str | Path, kind: str, force: bool = False) -> Path:
-    """Check that `out` may receive an artifact of `kind`; return a fresh partial folder beside it.
+def check_output(out: str | Path, kind: str, force: bool = False) -> Path:
+    """Fail early (before hours of work) if `out` may not receive an artifact of `kind`.
 
     An existing folder holding another kind of artifact is never overwritten; one holding
     the same kind is replaced only with force.
@@ -82,6 +82,12 @@ def prepare_output(out: str | Path, kind: str, force: bool = False) -> Path:
             if not force or what != kind:
                 hint = "; pass --force to replace it" if what == kind else "; choose another --out"
                 raise ArtifactError(f"output folder {out} already holds {what or 'other files'}{hint}")
+    return out
+
+
+def prepare_output(out: str | Path, kind: str, force: bool = False) -> Path:
+    """check_output, then a fresh partial folder beside `out` to write into."""
+    out = check_output(out, kind, force)
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
     if partial.exists():
         shutil.rmtree(partial)

@@ -98,3 +98,228 @@ def tune_command(model_spec, task_spec, out, steps, batch_size, lr, lora, seed, 
     path = save_tuned(model, tokenizer, out, base_model=str(model_spec), task=task.name, steps=steps, lora=lora,
                       lr=lr, batch_size=batch_size, seed=seed, force=force)
     click.echo(f"saved tuned model to {path}")
+
+
+@main.command()
+@click.option("--model", required=True, help="Model: HF folder, checkpoint, GGUF file, alias or hub id.")
+@click.option("--task", required=True, help="Task TOML path or sample name (sst2, sms_spam, snips).")
+@click.option("--method", type=click.Choice(["svd", "input-pca", "output", "sieve"]), default="sieve",
+              show_default=True)
+@click.option("--keep", type=float, help="One keep fraction of the dense parameters for every matrix.")
+@click.option("--plan", "plan_file", type=click.Path(dir_okay=False), help="A plan.json (per-matrix ranks).")
+@click.option("--calibration", "n_calibration", type=int, default=512, show_default=True,
+              help="Calibration examples from the task's calibration split.")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available).")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Replace an existing checkpoint in --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print the checkpoint manifest as JSON.")
+@handle_errors
+def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed, device, out, force, as_json):
+    """Factorize every linear matrix to low rank, calibrated on the task; write a checkpoint."""
+    from .prune import prune_checkpoint
+
+    manifest = prune_checkpoint(model, task, out, method=method, keep=keep, plan_file=plan_file,
+                                n_calibration=n_calibration, batch_size=batch_size, seed=seed, device=device,
+                                force=force)
+    if as_json:
+        print_json({k: v for k, v in manifest.items() if k not in ("ranks", "shapes")})
+    else:
+        click.echo(f"wrote {out}: {method}, {len(manifest['ranks'])} of {len(manifest['shapes'])} matrices "
+                   f"factorized, linear parameters -{manifest['linear_param_reduction']:.1%} "
+                   f"({manifest['linear_params_dense']:,} -> {manifest['linear_params']:,})")
+
+
+@main.command("search")
+@click.option("--model", "model_spec", required=True, help="Folder, checkpoint, GGUF file, alias or hub id.")
+@click.option("--task", "task_spec", required=True, help="Task TOML path, or a sample task name.")
+@click.option("--tolerance", type=float, default=0.01, show_default=True,
+              help="Allowed validation-metric drop, in (0, 1): 0.01 = one point (or 1%% with --relative).")
+@click.option("--relative", is_flag=True, help="Tolerance as a fraction of the dense model's metric.")
+@click.option("--method", type=click.Choice(["svd", "input-pca", "output", "sieve"]), default="sieve",
+              show_default=True, help="Refit method of the final checkpoint (the search scores 'output' factors).")
+@click.option("--strategy", type=click.Choice(["ga", "uniform"]), default="ga", show_default=True,
+              help="Genetic algorithm per matrix, or bisection on one keep fraction for all.")
+@click.option("--objective", type=click.Choice(["params", "latency"]), default="params", show_default=True)
+@click.option("--target", default=None, help="Target profile (name or TOML) whose runtime times the latency objective.")
+@click.option("--budget-minutes", type=float, default=None, help="Stop searching after this long (calibration included).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--population", type=click.IntRange(min=2), default=16, show_default=True)
+@click.option("--generations", type=click.IntRange(min=0), default=12, show_default=True)
+@click.option("--ladder", default=None, help="Keep levels, comma separated, from 1.0 down (default 1.0,0.9,...,0.1).")
+@click.option("--calibration", "n_calibration", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Calibration examples for the decompositions and the refit.")
+@click.option("--val-limit", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Validation examples each candidate is scored on.")
+@click.option("--race", "race_size", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Racing subset size (0 = score every candidate on the whole validation set).")
+@click.option("--test-limit", type=click.IntRange(min=1), default=None, help="Score only the first N test rows.")
+@click.option("--heal-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Fine-tune the factors this many steps on the train split after the refit.")
+@click.option("--heal-lr", type=float, default=1e-4, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Start over even if --out holds an unfinished or finished search.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary (search.json) as JSON.")
+@handle_errors
+def search_command(model_spec, task_spec, tolerance, relative, method, strategy, objective, target, budget_minutes,
+                   seed, population, generations, ladder, n_calibration, val_limit, race_size, test_limit, heal_steps,
+                   heal_lr, out, force, as_json):
+    """Search a keep level per matrix within an accuracy tolerance; write the refit checkpoint.
+
+    Rerunning the same command after an interruption resumes from OUT/search_state.json.
+    """
+    from .errors import InputError
+    from .progress import log
+    from .search import DEFAULT_LADDER, SearchConfig, run_search
+
+    if objective == "latency" and target is None:
+        click.echo("note: --objective latency without --target times torch matmuls on this CPU", err=True)
+    try:
+        levels = DEFAULT_LADDER if ladder is None else tuple(float(x) for x in ladder.split(","))
+    except ValueError:
+        raise InputError(f"--ladder must be comma-separated numbers, got {ladder!r}") from None
+    config = SearchConfig(tolerance=tolerance, relative=relative, method=method, strategy=strategy,
+                          objective=objective, target=target, seed=seed, population=population,
+                          generations=generations, ladder=levels, n_calibration=n_calibration, val_limit=val_limit,
+                          race_size=race_size, heal_steps=heal_steps, heal_lr=heal_lr)
+    summary = run_search(model_spec, task_spec, out, config, budget_minutes=budget_minutes, force=force,
+                         test_limit=test_limit, log=log)
+    if as_json:
+        print_json(summary)
+    else:
+        click.echo(f"wrote {out}: {strategy} plan, linear parameters -{summary['linear_param_reduction']:.1%}, "
+                   f"validation {summary['metric']} {summary['validation']['final']:.4f} "
+                   f"(dense {summary['validation']['dense']:.4f}), test {summary['test']['pruned']:.4f} "
+                   f"(dense {summary['test']['dense']:.4f}), {summary['evaluations']} evaluations, "
+                   f"{summary['search_seconds'] / 60:.1f} min")
+
+
+@main.command("export")
+@click.option("--model", "model_dir", required=True,
+              help="Factorized checkpoint folder, Hugging Face folder, or model alias.")
+@click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "openvino"]))
+@click.option("--weights", default="fp32", show_default=True, type=click.Choice(["fp32", "int8"]))
+@click.option("--int4", is_flag=True, help="4-bit weights (MatMulNBits / NNCF int4) instead of --weights.")
+@click.option("--task", default=None, help="Task name or TOML: its prompts drive the checks, its metric is reported.")
+@click.option("--task-head", is_flag=True, help="Restrict the LM head to the task's label tokens (classification).")
+@click.option("--densify", default=None,
+              help="'auto' (keep dense every pair the micro-benchmark finds not faster) or comma-separated module names.")
+@click.option("--densify-tokens", default=20, show_default=True, help="Tokens per forward pass --densify auto times.")
+@click.option("--limit", default=100, show_default=True, help="Task examples scored for the int8/int4 metric.")
+@click.option("--no-check", is_flag=True, help="Skip the fidelity check (not recommended).")
+@click.option("--out", required=True, help="Output folder (written atomically).")
+@click.option("--force", is_flag=True, help="Replace an existing export at --out.")
+@handle_errors
+def export_cmd(model_dir, fmt, weights, int4, task, task_head, densify, densify_tokens, limit, no_check, out, force):
+    """Export a model to ONNX or OpenVINO (KV cache), optionally int8/int4, checked against torch."""
+    from .export import export_model
+
+    if densify and densify != "auto":
+        densify = [n.strip() for n in densify.split(",") if n.strip()]
+    result = export_model(model_dir, fmt, weights, out, int4=int4, task=task, task_head=task_head,
+                          check=not no_check, force=force, densify=densify, densify_tokens=densify_tokens,
+                          metric_limit=limit, log=lambda m: click.echo(m, err=True))
+    m = result.manifest
+    fid = m["fidelity"]
+    summary = {"out": str(result.path), "format": m["format"], "weights": m["weights"],
+               "fp32_max_abs_logit_diff": (fid.get("fp32") or {}).get("max_abs_diff"),
+               "size_bytes": sum(m["files"].values())}
+    if m["weights"] in fid:
+        q = fid[m["weights"]]
+        summary.update({"metric": q.get("metric"), "torch": q.get("torch"), "exported": q.get("exported"),
+                        "prediction_agreement": q.get("prediction_agreement")})
+    if "quantization" in m:
+        summary["quantization"] = m["quantization"]["chosen"]
+    if "tokenizer_conversion" in m and not m["tokenizer_conversion"]["ok"]:
+        summary["tokenizer_conversion"] = m["tokenizer_conversion"]["error"]
+    print_json(summary)
+
+
+@main.command("validate")
+@click.option("--bundle", "bundle_dir", required=True, help="Bundle folder (from `sieve-edge bundle`).")
+@click.option("--target", required=True, help="Target profile: a name in targets/ or a .toml path.")
+@click.option("--task", default=None, help="Score this task TOML instead of the bundle's (no metric gate then).")
+@click.option("--out", default=None, help="Report folder (default: BUNDLE/reports/<target>).")
+@click.option("--limit", type=int, default=None, help="Score only the first N test examples.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the summary.")
+@handle_errors
+def validate_command(bundle_dir, target, task, out, limit, as_json):
+    """Run a bundle's runner for a target in a child process and apply every gate (exit 3 if one fails)."""
+    from .validate import validate
+
+    report = validate(bundle_dir, target, task=task, out=out, limit=limit, log=lambda m: click.echo(m, err=True))
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        click.echo(report.paths["md"].read_text(encoding="utf-8"))
+        click.echo(f"reports: {report.paths['md'].parent}", err=True)
+    report.check()
+
+
+@main.command("bundle")
+@click.option("--export", "export_dir", required=True, help="Export folder (from `sieve-edge export`).")
+@click.option("--task", required=True, help="Task name in samples/tasks/ or a .toml path.")
+@click.option("--target", required=True, help="Target profile: a name in targets/ or a .toml path.")
+@click.option("--out", required=True, help="Bundle folder to write (atomically).")
+@click.option("--reference", default=None,
+              help="JSON with the dense model's test metric ({\"metric\", \"value\", ...}).")
+@click.option("--reference-model", default=None,
+              help="Measure the dense reference now with torch on this model (folder, GGUF or alias).")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
+@handle_errors
+def bundle_command(export_dir, task, target, out, reference, reference_model, force):
+    """Assemble a deployable bundle: model, tokenizer, task, profile, reference, card, torch-free runner."""
+    from .bundle import dense_reference, make_bundle
+    from .errors import InputError
+
+    if reference and reference_model:
+        raise InputError("give --reference or --reference-model, not both")
+    if reference_model:
+        reference = dense_reference(reference_model, task)
+    path = make_bundle(export_dir, task, target, out, reference=reference, force=force,
+                       log=lambda m: click.echo(m, err=True))
+    print_json({"bundle": str(path), "runner": str(path / "runner.py"),
+                "check_on_device": f"python {path / 'runner.py'}"})
+
+
+@main.command()
+@click.option("--model", required=True, help="Model: HF folder, GGUF file, alias (smollm2-135m) or hub id.")
+@click.option("--task", required=True, help="Task TOML path or sample name (sst2, sms_spam, snips).")
+@click.option("--target", required=True, help="Target profile TOML path or name (factory-pc, kiosk, ...).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The bundle folder to write.")
+@click.option("--tune-steps", type=int, default=0, show_default=True,
+              help="Fine-tune on the train split first (small models are weak zero-shot).")
+@click.option("--tolerance", type=float, default=None,
+              help="Allowed validation metric drop for the search (default: half the target's max_metric_drop).")
+@click.option("--strategy", type=click.Choice(["ga", "uniform"]), default="ga", show_default=True)
+@click.option("--method", type=click.Choice(["svd", "input-pca", "output", "sieve"]), default="sieve",
+              show_default=True)
+@click.option("--budget-minutes", type=float, default=None, help="Wall-time budget of the search.")
+@click.option("--calibration", "n_calibration", type=int, default=512, show_default=True)
+@click.option("--val-limit", type=int, default=300, show_default=True,
+              help="Validation examples the search scores per candidate.")
+@click.option("--test-limit", type=int, default=None, help="Test examples for the reference and validation.")
+@click.option("--heal-steps", type=int, default=0, show_default=True)
+@click.option("--task-head", is_flag=True, help="Export an LM head restricted to the label tokens.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Redo every stage, even those already done.")
+@handle_errors
+def run(model, task, target, out, tune_steps, tolerance, strategy, method, budget_minutes, n_calibration,
+        val_limit, test_limit, heal_steps, task_head, seed, force):
+    """tune? → calibrate → search → export → validate → bundle, in one command (rerun resumes)."""
+    from .errors import GateFailure
+    from .pipeline import run as run_pipeline
+    from .progress import log
+
+    summary = run_pipeline(model, task, target, out, tune_steps=tune_steps, tolerance=tolerance,
+                           strategy=strategy, method=method, budget_minutes=budget_minutes, seed=seed,
+                           n_calibration=n_calibration, val_limit=val_limit, test_limit=test_limit,
+                           heal_steps=heal_steps, task_head=task_head, force=force, log=log)
+    click.echo(summary.table())
+    report = summary.report or {}
+    md = (report.get("paths") or {}).get("markdown")
+    if md:
+        click.echo(f"\nreport: {md}")
+    if report.get("status") != "pass":
+        raise GateFailure(summary.stages[-1].detail)

@@ -131,50 +131,77 @@ def decompose_input_pca(W: torch.Tensor, C: torch.Tensor, max_rank: int | None =
     return Decomposition(WV[:, :k].contiguous(), V[:, :k].T.contiguous(), energy[:k], float(energy.sum()), "input-pca")
 
 
-def _output_aligned(W: torch.Tensor, C: torch.Tensor, max_rank: int | None, method: str) -> Decomposition:
+def whitening(C: torch.Tensor) -> torch.Tensor:
+    """L with L Lᵀ = C (float64). Compute once per input covariance and share it between the
+    matrices that read the same input (q/k/v, gate/up)."""
+    return _psd_sqrt_basis(_f64(C))
+
+
+def _output_aligned(W: torch.Tensor, L: torch.Tensor, max_rank: int | None, method: str) -> Decomposition:
     # U_r: top-r eigenvectors of W C Wᵀ = left singular vectors of W L (L Lᵀ = C), which
     # avoids forming the (m, m) matrix. B = U_r, A = U_rᵀ W.
-    M = W @ _psd_sqrt_basis(C)                              # (m, n)
+    M = W @ L                                               # (m, n)
     U, S, _ = torch.linalg.svd(M, full_matrices=False)      # U (m, min(m, n))
     k = min(max_rank or U.shape[1], U.shape[1])
     Uk = U[:, :k].contiguous()
     return Decomposition(Uk, Uk.T @ W, S[:k] ** 2, float((S**2).sum()), method)
 
 
-def decompose_output(W: torch.Tensor, C: torch.Tensor, max_rank: int | None = None) -> Decomposition:
+def decompose_output(W: torch.Tensor, C: torch.Tensor, max_rank: int | None = None,
+                     L: torch.Tensor | None = None) -> Decomposition:
     """Joint (output-aligned) projection: the Eckart-Young optimum of ‖W X − W' X‖."""
     _check(W, C, "output")
-    return _output_aligned(_f64(W), _f64(C), max_rank, "output")
+    return _output_aligned(_f64(W), whitening(C) if L is None else L, max_rank, "output")
+
+
+@dataclass
+class SieveStats:
+    """What every matrix reading the same corrected input shares: T = (C_hat + λI)⁻¹ C_crossᵀ
+    (so W_ls = W Tᵀ) and the whitening L of C_hat."""
+
+    T: torch.Tensor  # (n, n)
+    L: torch.Tensor  # (n, n)
+
+
+def sieve_stats(C_hat: torch.Tensor, C_cross: torch.Tensor, damp: float = 1e-4) -> SieveStats:
+    """C_hat = X̂ X̂ᵀ / N, C_cross = X X̂ᵀ / N (both (n, n)); λ = damp · mean(diag C_hat) keeps
+    the solve stable when X̂ is rank deficient."""
+    C_hat, C_cross = _f64(C_hat), _f64(C_cross)
+    C_hat = (C_hat + C_hat.T) / 2
+    lam = damp * float(C_hat.diagonal().mean().clamp_min(1e-12))
+    reg = C_hat + lam * torch.eye(C_hat.shape[0], dtype=C_hat.dtype, device=C_hat.device)
+    return SieveStats(torch.linalg.solve(reg, C_cross.T), _psd_sqrt_basis(C_hat))
 
 
 def decompose_sieve(
     W: torch.Tensor,
-    C_hat: torch.Tensor,
-    C_cross: torch.Tensor,
+    C_hat: torch.Tensor | None = None,
+    C_cross: torch.Tensor | None = None,
     *,
     damp: float = 1e-4,
     max_rank: int | None = None,
+    stats: SieveStats | None = None,
 ) -> Decomposition:
     """Error-correcting fit: inputs X̂ from the already factorized upstream, targets W X.
 
-    C_hat = X̂ X̂ᵀ / N, C_cross = X X̂ᵀ / N (both (n, n)). W_ls = W C_cross (C_hat + λI)⁻¹
-    is the least-squares map from X̂ to W X; `output` on (W_ls, C_hat) then gives the best
-    rank-r map, since ‖WX − M X̂‖² = ‖WX − W_ls X̂‖² + ‖(W_ls − M) X̂‖² for any M.
-    λ = damp · mean(diag C_hat) keeps the solve stable when X̂ is rank deficient.
+    W_ls = W C_cross (C_hat + λI)⁻¹ is the least-squares map from X̂ to W X; `output` on
+    (W_ls, C_hat) then gives the best rank-r map, since ‖WX − M X̂‖² = ‖WX − W_ls X̂‖² +
+    ‖(W_ls − M) X̂‖² for any M. Pass `stats` (from `sieve_stats`) to share the solve.
     """
-    _check(W, C_hat, "sieve")
-    _check(W, C_cross, "sieve")
-    W, C_hat, C_cross = _f64(W), _f64(C_hat), _f64(C_cross)
-    C_hat = (C_hat + C_hat.T) / 2
-    lam = damp * float(C_hat.diagonal().mean().clamp_min(1e-12))
-    reg = C_hat + lam * torch.eye(C_hat.shape[0], dtype=C_hat.dtype, device=C_hat.device)
-    # W_ls = W C_cross reg⁻¹  <=>  reg W_lsᵀ = C_crossᵀ Wᵀ (reg symmetric)
-    W_ls = torch.linalg.solve(reg, C_cross.T @ W.T).T
-    return _output_aligned(W_ls, C_hat, max_rank, "sieve")
+    if stats is None:
+        if C_hat is None or C_cross is None:
+            raise ValueError("sieve: give C_hat and C_cross, or precomputed stats")
+        _check(W, C_hat, "sieve")
+        _check(W, C_cross, "sieve")
+        stats = sieve_stats(C_hat, C_cross, damp)
+    elif stats.T.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"sieve: stats are for inputs of size {stats.T.shape[0]}, W is {tuple(W.shape)}")
+    W_ls = _f64(W) @ stats.T.T
+    return _output_aligned(W_ls, stats.L, max_rank, "sieve")
 
 
 def decompose(W: torch.Tensor, C: torch.Tensor | None = None, method: str = "output",
-              max_rank: int | None = None) -> Decomposition:
+              max_rank: int | None = None, L: torch.Tensor | None = None) -> Decomposition:
     """One entry point for the methods that need only W and the dense input covariance."""
     if method == "svd":
         return decompose_svd(W, max_rank)
@@ -183,7 +210,7 @@ def decompose(W: torch.Tensor, C: torch.Tensor | None = None, method: str = "out
     if method == "input-pca":
         return decompose_input_pca(W, C, max_rank)
     if method == "output":
-        return decompose_output(W, C, max_rank)
+        return decompose_output(W, C, max_rank, L)
     if method == "sieve":
         raise ValueError("method 'sieve' needs the corrected-input statistics: use decompose_sieve")
     raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")

@@ -20,7 +20,7 @@ from .calibrate import (LayerInputs, capture_layer_inputs, capture_module_input,
                         run_layer, stats_device, swapped_modules)
 from .errors import InputError
 from .factorize import dense_weight, factorize_, linear_shapes, make_low_rank
-from .lowrank import METHODS, decompose_sieve
+from .lowrank import METHODS, decompose_sieve, sieve_stats
 from .plan import RankPlan
 from .progress import progress_bar
 
@@ -94,11 +94,11 @@ def _sieve_(model: nn.Module, batches: list[dict], ranks: dict[str, int], damp: 
                 x_hat = masked_rows(capture_module_input(layer, group[0], c, i, pruned_h[b]), c.mask, dev)
                 C_hat.addmm_(x_hat.T, x_hat)
                 C_cross.addmm_(x.T, x_hat)              # Σ x x̂ᵀ
-            C_hat /= tokens
-            C_cross /= tokens
+            shared = sieve_stats(C_hat / tokens, C_cross / tokens, damp)
+            del C_hat, C_cross
             for rel in todo:
                 module = arch.get_module(layer, rel)
-                dec = decompose_sieve(dense_weight(module), C_hat, C_cross, damp=damp, max_rank=ranks[prefix + rel])
+                dec = decompose_sieve(dense_weight(module), stats=shared, max_rank=ranks[prefix + rel])
                 originals[rel] = module
                 arch.set_module(layer, rel, make_low_rank(module, *dec.factors(ranks[prefix + rel])))
         for b, c in enumerate(captured):
@@ -120,3 +120,32 @@ def prune(model: nn.Module, tokenizer, task, plan: RankPlan | float, method: str
         batches = list(calibration_batches(task, tokenizer, n_calibration, batch_size=batch_size,
                                            max_length=max_length, seed=seed))
     return prune_with_batches(model, batches, plan, method, multiple=multiple, damp=damp, progress=progress)
+
+
+def prune_checkpoint(model: str, task: str, out, *, method: str = "sieve", keep: float | None = None,
+                     plan_file=None, n_calibration: int = 512, batch_size: int = 16, max_length: int = 256,
+                     seed: int = 0, multiple: int = 8, device: str | None = None, force: bool = False,
+                     trust_remote_code: bool = False, progress: bool = True) -> dict:
+    """Load, calibrate, factorize and save a checkpoint; returns its manifest."""
+    from .checkpoint import build_manifest, check_output, save_checkpoint
+    from .models import load_model, load_tokenizer
+    from .tasks import load_task
+
+    _check_method(method)
+    if (keep is None) == (plan_file is None):
+        raise InputError("give exactly one of --keep (one fraction for every matrix) or --plan (a plan file)")
+    if keep is not None and not 0.0 < keep <= 1.0:
+        raise InputError(f"--keep must be in (0, 1], got {keep}")
+    check_output(out, "checkpoint", force)
+    spec = load_task(task)
+    net = load_model(model, device=device, trust_remote_code=trust_remote_code)
+    tok = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    plan = RankPlan.from_json(plan_file) if plan_file is not None else keep
+    result = prune(net, tok, spec, plan, method, n_calibration=n_calibration, batch_size=batch_size,
+                   max_length=max_length, seed=seed, multiple=multiple, progress=progress)
+    manifest = build_manifest(net, base_model=model, method=method, task=spec.name,
+                              calibration={"examples": n_calibration, "tokens": result.calibration_tokens,
+                                           "seed": seed, "split": "calibration"},
+                              prune_seconds=round(result.seconds, 1))
+    save_checkpoint(net, tok, out, manifest, force=force)
+    return manifest

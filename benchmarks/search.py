@@ -1,0 +1,187 @@
+"""Benchmark of the search (issue 3): GA-sieve against the uniform baselines on SmolLM2-135M.
+
+For each task (sst2, sms_spam, snips): tune SmolLM2-135M on the task once (cached under
+--work), then for each tolerance (1 and 5 points) run
+  uniform-output  bisection on one keep fraction, refit with `output`
+  uniform-sieve   the same bisection, refit with `sieve`
+  ga-sieve        the genetic search per matrix, refit with `sieve`
+and record the linear-parameter reduction, validation and test metric (test never seen by
+the search), wall time and evaluations. For sst2 the pruned models are also scored on the
+uci_yelp / uci_amazon / uci_imdb test sets (same task, other text).
+
+Prints a Markdown table and writes benchmarks/results/search.json. Heavy: a full run is
+~7 min of tuning per task plus up to 20 min per search on 2 cores. `--quick` is a smoke
+run: no tuning (zero-shot model), sst2 only, one tolerance, small validation and GA.
+
+    python benchmarks/search.py                 # the full benchmark
+    python benchmarks/search.py --quick         # a ~10 min check, GA vs uniform on sst2
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = ROOT.parent / "shared" / "datasets"
+CROSS = ("uci_yelp", "uci_amazon", "uci_imdb")
+STRATEGIES = {
+    "uniform-output": dict(strategy="uniform", method="output"),
+    "uniform-sieve": dict(strategy="uniform", method="sieve"),
+    "ga-sieve": dict(strategy="ga", method="sieve"),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tasks", default="sst2,sms_spam,snips")
+    p.add_argument("--tolerances", default="0.01,0.05")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--tune-steps", type=int, default=600, help="0 = search the zero-shot model")
+    p.add_argument("--calibration", type=int, default=1024)
+    p.add_argument("--val-limit", type=int, default=300)
+    p.add_argument("--test-limit", type=int, default=None)
+    p.add_argument("--race", type=int, default=64)
+    p.add_argument("--population", type=int, default=16)
+    p.add_argument("--generations", type=int, default=12)
+    p.add_argument("--budget-minutes", type=float, default=20.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "search.json")
+    p.add_argument("--no-cross", dest="cross", action="store_false",
+                   help="skip the uci_* cross-dataset scores of the sst2 plans")
+    p.add_argument("--quick", action="store_true",
+                   help="sst2 only, zero-shot, tolerance 0.05, uniform-output + ga-sieve, small sizes, no cross-dataset")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tasks, args.tolerances, args.strategies = "sst2", "0.05", "uniform-output,ga-sieve"
+        args.tune_steps, args.calibration, args.val_limit, args.test_limit = 0, 128, 96, 200
+        args.cross = False
+        args.race, args.population, args.generations, args.budget_minutes = 32, 6, 2, 10.0
+        if args.out == ROOT / "benchmarks" / "results" / "search.json":
+            args.out = ROOT / "benchmarks" / "results" / "search_quick.json"
+    return args
+
+
+def cross_task(work: Path, name: str) -> Path:
+    """A task file for another sentiment dataset with the sst2 prompt and labels (test split only)."""
+    sst2 = (ROOT / "samples" / "tasks" / "sst2.toml").read_text()
+    head = sst2.split("[data]")[0].replace('name = "sst2"', f'name = "{name}"')
+    path = work / "tasks" / f"{name}.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(head + f'[data]\ntest = "{DATASETS / name / "test.jsonl"}"\n')
+    return path
+
+
+def tuned_model(args, task_name: str):
+    """(model, tokenizer, spec): the task-tuned model from --work, tuning it once if missing."""
+    from sieve_edge.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(args.model)
+    if args.tune_steps <= 0:
+        return load_model(args.model), tok, args.model
+    folder = args.work / f"tuned-{task_name}-{args.tune_steps}"
+    if (folder / "sieve_edge.json").is_file():
+        return load_model(str(folder)), tok, str(folder)
+    from sieve_edge.tune import save_tuned, tune
+
+    model = load_model(args.model)
+    t0 = time.perf_counter()
+    tune(model, tok, task_name, steps=args.tune_steps, lr=3e-5, batch_size=16, seed=args.seed)
+    save_tuned(model, tok, folder, base_model=args.model, task=task_name, steps=args.tune_steps, lora=False,
+               lr=3e-5, batch_size=16, seed=args.seed, force=True)
+    print(f"tuned {task_name} in {time.perf_counter() - t0:.0f} s -> {folder}", file=sys.stderr)
+    return model, tok, str(folder)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from sieve_edge.evaluate import evaluate
+    from sieve_edge.progress import log
+    from sieve_edge.search import SearchConfig, run_search
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    started = time.perf_counter()
+    for task_name in args.tasks.split(","):
+        dense, tok, spec = tuned_model(args, task_name)
+        cross_dense = {}
+        if task_name == "sst2" and args.cross:
+            for name in CROSS:
+                cross_dense[name] = evaluate(dense, tok, cross_task(args.work, name), "test").value
+        # Every strategy searches `output` factors of the same calibration: decompose once per task.
+        from sieve_edge.calibrate import decompose_all
+        from sieve_edge.tasks import calibration_batches, load_task
+
+        t0 = time.perf_counter()
+        batches = list(calibration_batches(load_task(task_name), tok, args.calibration, 16))
+        decompositions = decompose_all(dense, batches, "output")
+        print(f"decomposed {len(decompositions[0])} matrices in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        for tol in (float(t) for t in args.tolerances.split(",")):
+            for label in args.strategies.split(","):
+                cfg = SearchConfig(tolerance=tol, seed=args.seed, population=args.population,
+                                   generations=args.generations, n_calibration=args.calibration,
+                                   val_limit=args.val_limit, race_size=args.race, **STRATEGIES[label])
+                out = args.work / f"search-{task_name}-{label}-{tol:g}{'-quick' if args.quick else ''}"
+                t0 = time.perf_counter()
+                summary = run_search(spec, task_name, out, cfg, budget_minutes=args.budget_minutes, force=True,
+                                     test_limit=args.test_limit, log=log, model=copy.deepcopy(dense),
+                                     tokenizer=tok, decompositions=decompositions)
+                row = {"task": task_name, "strategy": label, "tolerance": tol,
+                       "reduction": summary["linear_param_reduction"],
+                       "val_dense": summary["validation"]["dense"], "val_final": summary["validation"]["final"],
+                       "test_dense": summary["test"]["dense"], "test_pruned": summary["test"]["pruned"],
+                       "test_drop": summary["test"]["drop"], "evaluations": summary["evaluations"],
+                       "search_minutes": summary["search_seconds"] / 60,
+                       "total_minutes": (time.perf_counter() - t0) / 60, "out": str(out)}
+                if cross_dense:
+                    from sieve_edge.checkpoint import load_checkpoint
+
+                    pruned = load_checkpoint(out)
+                    row["cross"] = {n: {"dense": cross_dense[n],
+                                        "pruned": evaluate(pruned, tok, cross_task(args.work, n), "test").value}
+                                    for n in CROSS}
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                _write(args, rows, started)
+        del dense, decompositions
+    _write(args, rows, started)
+    print(table(rows))
+    return 0
+
+
+def _write(args, rows, started) -> None:
+    import torch
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "benchmark": "search", "quick": args.quick, "model": args.model, "tune_steps": args.tune_steps,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "minutes": (time.perf_counter() - started) / 60, "rows": rows,
+    }, indent=2))
+
+
+def table(rows) -> str:
+    lines = ["| task | strategy | tol | removed | val dense → final | test dense → pruned (drop) | evals | min |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['strategy']} | {r['tolerance']:g} | {100 * r['reduction']:.1f}% | "
+                     f"{r['val_dense']:.3f} → {r['val_final']:.3f} | {r['test_dense']:.3f} → {r['test_pruned']:.3f} "
+                     f"({100 * r['test_drop']:+.1f} pt) | {r['evaluations']} | {r['total_minutes']:.1f} |")
+    cross = [r for r in rows if r.get("cross")]
+    if cross:
+        lines += ["", "| sst2 plan | " + " | ".join(CROSS) + " |", "|---|" + "---|" * len(CROSS)]
+        for r in cross:
+            lines.append(f"| {r['strategy']} {r['tolerance']:g} | " + " | ".join(
+                f"{r['cross'][n]['dense']:.3f} → {r['cross'][n]['pruned']:.3f}" for n in CROSS) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

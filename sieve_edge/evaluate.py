@@ -1,0 +1,357 @@
+"""Score a model on one split of a task.
+
+``evaluate`` is the one-shot verb. ``Scorer`` is what the search reuses: the split is
+tokenized once, and every call only runs the model. For classification with single-token
+answers (the usual case, see docs/TASKS.md) one forward pass per batch suffices: the
+hidden state at the last prompt position times the label rows of the LM head, nothing
+else of the vocabulary. Multi-token answers take the general path, one sequence per
+(example, label), scoring only the answer positions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import TaskSpecError
+from .tasks import TaskSpec, example_sequences, encode_answers, encode_prompts, build_prompt, \
+    load_examples, load_task, pad_id, right_pad, truncate
+
+_HEAD_CHUNK = 1024  # positions per full-vocabulary LM-head call: (1024, V) float32 logits
+
+
+@dataclass
+class EvalResult:
+    task: str
+    split: str
+    metric: str
+    value: float
+    n: int
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "split": self.split, "metric": self.metric, "value": self.value, "n": self.n}
+
+
+# ---------------------------------------------------------------- model plumbing
+
+def model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _decoder(model):
+    """The model without its LM head (returns hidden states), or None if not found."""
+    base = getattr(model, "base_model", model)
+    if base is not model:
+        return base
+    get = getattr(model, "get_decoder", None)
+    if get is not None:
+        decoder = get()
+        if decoder is not model:
+            return decoder
+    return None
+
+
+def _hidden_states(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states (B, T, H) after the last norm, without computing any logits."""
+    decoder = _decoder(model)
+    if decoder is None:
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+        return out.hidden_states[-1]
+    return decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+def _softcap(model, logits: torch.Tensor) -> torch.Tensor:
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def head_logits(model, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """LM-head logits (K, V) for hidden states (K, H), or (K, len(token_ids)) for those rows only."""
+    head = model.get_output_embeddings()
+    if token_ids is not None and isinstance(head, torch.nn.Linear):
+        bias = head.bias[token_ids] if head.bias is not None else None
+        logits = F.linear(hidden, head.weight[token_ids], bias)
+    else:
+        logits = head(hidden)
+        if token_ids is not None:
+            logits = logits[..., token_ids]
+    return _softcap(model, logits.float())
+
+
+def _token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target | hidden) (K,) with the full vocabulary, in chunks to bound memory."""
+    out = []
+    for start in range(0, hidden.shape[0], _HEAD_CHUNK):
+        logits = head_logits(model, hidden[start:start + _HEAD_CHUNK])            # (k, V)
+        logp = torch.log_softmax(logits, dim=-1)
+        out.append(logp.gather(1, targets[start:start + _HEAD_CHUNK, None]).squeeze(1))
+    return torch.cat(out) if out else hidden.new_zeros(0)
+
+
+class _Eval:
+    """inference_mode + eval mode for the duration, restoring the training flag after."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+        self.inference = torch.inference_mode()
+        self.inference.__enter__()
+
+    def __exit__(self, *exc):
+        self.inference.__exit__(*exc)
+        self.model.train(self.was_training)
+
+
+# ---------------------------------------------------------------- metrics
+
+def accuracy_from_logprobs(logprobs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of rows whose highest label log-prob is the gold label. logprobs (N, L), labels (N,)."""
+    if logprobs.shape[0] == 0:
+        return float("nan")
+    return (logprobs.argmax(dim=-1).cpu() == labels.cpu()).double().mean().item()
+
+
+def normalize_answer(text: str) -> str:
+    return text.strip().casefold()
+
+
+def normalize_prediction(text: str) -> str:
+    """First non-empty line of a generation, stripped and casefolded."""
+    for line in text.strip().splitlines():
+        if line.strip():
+            return normalize_answer(line)
+    return ""
+
+
+# ---------------------------------------------------------------- the scorer
+
+class Scorer:
+    """One split of one task, tokenized once, scored against any number of models.
+
+    ``subset`` (indices into the split) lets a caller race candidates on a few rows first.
+    """
+
+    def __init__(self, tokenizer, task: TaskSpec, split: str, limit: int | None = None,
+                 batch_size: int = 32, max_length: int = 1024):
+        if batch_size < 1:
+            raise TaskSpecError(f"batch_size must be >= 1, got {batch_size}")
+        self.task = task
+        self.split = split
+        self.batch_size = batch_size
+        self.tokenizer = tokenizer
+        self.pad = pad_id(tokenizer)
+        self.examples = load_examples(task, split, limit)
+        self.n = len(self.examples)
+        self.labels: torch.Tensor | None = None
+        self.label_token_ids: torch.Tensor | None = None  # (L,) when the fast path applies
+        self._cache: dict = {}
+        if task.kind == "classification":
+            self._init_classification()
+        elif task.kind == "generation":
+            self._init_generation()
+        else:
+            self._init_perplexity(max_length)
+
+    # -- setup
+
+    def _init_classification(self) -> None:
+        prompts = [build_prompt(self.task, self.tokenizer, ex.text) for ex in self.examples]
+        self.prompt_ids = encode_prompts(self.tokenizer, prompts)
+        # answer ids per label, per example: (L, N, len)
+        self.answer_ids = [encode_answers(self.tokenizer, prompts, [answer] * self.n) for answer in self.task.answers]
+        self.labels = torch.tensor([ex.label_index for ex in self.examples], dtype=torch.long)
+        single = all(len(ids) == 1 for per_label in self.answer_ids for ids in per_label)
+        if single:
+            firsts = [{ids[0] for ids in per_label} for per_label in self.answer_ids]
+            if all(len(f) == 1 for f in firsts):
+                tokens = [next(iter(f)) for f in firsts]
+                if len(set(tokens)) == len(tokens):
+                    self.label_token_ids = torch.tensor(tokens, dtype=torch.long)
+
+    def _init_generation(self) -> None:
+        prompts = [build_prompt(self.task, self.tokenizer, ex.text) for ex in self.examples]
+        self.prompt_ids = encode_prompts(self.tokenizer, prompts)
+        missing = [ex.line for ex in self.examples if ex.answer is None]
+        if missing:
+            raise TaskSpecError(
+                f"{self.task.split_path(self.split)}: generation needs a '{self.task.label_field}' answer on every row; "
+                f"missing on line(s) {', '.join(map(str, missing[:10]))}"
+            )
+        self.gold = [normalize_answer(ex.answer) for ex in self.examples]
+
+    def _init_perplexity(self, max_length: int) -> None:
+        seqs = [prefix + ids for prefix, ids in example_sequences(self.task, self.tokenizer, self.examples)]
+        self.sequences = [truncate(s, max_length) for s in seqs]
+
+    @property
+    def fast(self) -> bool:
+        """True when classification runs one forward per batch on the prompts alone."""
+        return self.label_token_ids is not None
+
+    def _indices(self, subset) -> list[int]:
+        if subset is None:
+            return list(range(self.n))
+        if isinstance(subset, torch.Tensor):
+            subset = subset.tolist()
+        out = [int(i) for i in subset]
+        bad = [i for i in out if not 0 <= i < self.n]
+        if bad:
+            raise IndexError(f"subset indices out of range 0..{self.n - 1}: {bad[:5]}")
+        return out
+
+    def _batches(self, rows: list[int], lengths: list[int], key) -> list[list[int]]:
+        """Positions into ``rows``, grouped by similar length (longest first) to limit padding."""
+        cache_key = ("order", key)
+        if cache_key not in self._cache:
+            order = sorted(range(len(rows)), key=lambda j: -lengths[rows[j]])
+            self._cache[cache_key] = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+            if len(self._cache) > 16:
+                self._cache.pop(next(iter(self._cache)))
+        return self._cache[cache_key]
+
+    # -- classification
+
+    def label_logprobs(self, model, subset: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """(N, L) float32 log-probabilities normalized over the label set, per example (CPU)."""
+        if self.task.kind != "classification":
+            raise TaskSpecError(f"label_logprobs needs a classification task; '{self.task.name}' is {self.task.kind}")
+        rows = self._indices(subset)
+        with _Eval(model):
+            scores = self._fast_scores(model, rows) if self.fast else self._general_scores(model, rows)
+        return torch.log_softmax(scores, dim=-1)
+
+    def _fast_scores(self, model, rows: list[int]) -> torch.Tensor:
+        device = model_device(model)
+        token_ids = self.label_token_ids.to(device)
+        lengths = [len(p) for p in self.prompt_ids]
+        key = None if len(rows) == self.n else tuple(rows)
+        scores = torch.empty(len(rows), len(token_ids))
+        for batch in self._batches(rows, lengths, key):
+            seqs = [self.prompt_ids[rows[j]] for j in batch]
+            ids, mask = right_pad(seqs, self.pad)
+            hidden = _hidden_states(model, ids.to(device), mask.to(device))               # (B, T, H)
+            last = torch.tensor([len(s) - 1 for s in seqs], device=device)
+            h_last = hidden[torch.arange(len(seqs), device=device), last]                 # (B, H)
+            scores[batch] = head_logits(model, h_last, token_ids).cpu()                   # (B, L)
+        return scores
+
+    def _general_scores(self, model, rows: list[int]) -> torch.Tensor:
+        """Sum log-likelihood of each label's answer tokens after the prompt: (N, L)."""
+        device = model_device(model)
+        n_labels = len(self.answer_ids)
+        pairs = [(r, l) for r in rows for l in range(n_labels)]  # flat (example, label)
+        seq_len = [len(self.prompt_ids[r]) + len(self.answer_ids[l][r]) for r, l in pairs]
+        scores = torch.zeros(len(pairs), dtype=torch.float64)
+        order = sorted(range(len(pairs)), key=lambda j: -seq_len[j])
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            seqs, rows_sel, pos_sel, tgt_sel, owner = [], [], [], [], []
+            for b, j in enumerate(batch):
+                r, l = pairs[j]
+                prompt, answer = self.prompt_ids[r], self.answer_ids[l][r]
+                seqs.append(prompt + answer)
+                for t, token in enumerate(answer):
+                    rows_sel.append(b)
+                    pos_sel.append(len(prompt) - 1 + t)   # the position that predicts this token
+                    tgt_sel.append(token)
+                    owner.append(j)
+            ids, mask = right_pad(seqs, self.pad)
+            hidden = _hidden_states(model, ids.to(device), mask.to(device))                # (B, T, H)
+            h = hidden[torch.tensor(rows_sel, device=device), torch.tensor(pos_sel, device=device)]  # (K, H)
+            logp = _token_logprobs(model, h, torch.tensor(tgt_sel, device=device)).double().cpu()
+            scores.index_add_(0, torch.tensor(owner), logp)
+        return scores.view(len(rows), n_labels).float()
+
+    # -- generation
+
+    def generate(self, model, subset=None) -> list[str]:
+        """Greedy completions (decoded, special tokens skipped) for the rows of ``subset``."""
+        rows = self._indices(subset)
+        device = model_device(model)
+        lengths = [len(p) for p in self.prompt_ids]
+        out: list[str] = [""] * len(rows)
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        with _Eval(model):
+            for batch in self._batches(rows, lengths, None if len(rows) == self.n else tuple(rows)):
+                seqs = [self.prompt_ids[rows[j]] for j in batch]
+                width = max(len(s) for s in seqs)
+                ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
+                mask = torch.zeros((len(seqs), width), dtype=torch.long)
+                for b, s in enumerate(seqs):                     # left padding for generation
+                    ids[b, width - len(s):] = torch.tensor(s)
+                    mask[b, width - len(s):] = 1
+                gen = model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                    max_new_tokens=self.task.max_new_tokens, pad_token_id=self.pad, eos_token_id=eos,
+                    temperature=None, top_p=None, top_k=None,
+                )
+                texts = self.tokenizer.batch_decode(gen[:, width:].cpu(), skip_special_tokens=True)
+                for j, text in zip(batch, texts):
+                    out[j] = text
+        return out
+
+    # -- perplexity
+
+    def _nll(self, model, rows: list[int]) -> tuple[float, int]:
+        device = model_device(model)
+        lengths = [len(s) for s in self.sequences]
+        total, count = 0.0, 0
+        with _Eval(model):
+            for batch in self._batches(rows, lengths, None if len(rows) == self.n else tuple(rows)):
+                seqs = [self.sequences[rows[j]] for j in batch]
+                ids, mask = right_pad(seqs, self.pad)
+                hidden = _hidden_states(model, ids.to(device), mask.to(device))            # (B, T, H)
+                b_idx = [b for b, s in enumerate(seqs) for _ in range(len(s) - 1)]
+                p_idx = [t for s in seqs for t in range(len(s) - 1)]
+                targets = torch.tensor([s[t + 1] for s in seqs for t in range(len(s) - 1)], device=device)
+                if not p_idx:
+                    continue
+                h = hidden[torch.tensor(b_idx, device=device), torch.tensor(p_idx, device=device)]
+                logp = _token_logprobs(model, h, targets)
+                total -= logp.double().sum().item()
+                count += len(p_idx)
+        return total, count
+
+    # -- the metric
+
+    def metric(self, model, subset: Sequence[int] | torch.Tensor | None = None) -> float:
+        """accuracy (classification), exact match (generation) or perplexity, on ``subset``."""
+        rows = self._indices(subset)
+        if self.task.kind == "classification":
+            return accuracy_from_logprobs(self.label_logprobs(model, rows), self.labels[rows])
+        if self.task.kind == "generation":
+            predictions = self.generate(model, rows)
+            hits = sum(normalize_prediction(p) == self.gold[r] for p, r in zip(predictions, rows))
+            return hits / len(rows) if rows else float("nan")
+        total, count = self._nll(model, rows)
+        if count == 0:
+            raise TaskSpecError(f"task '{self.task.name}' split '{self.split}': no tokens to score for perplexity")
+        return math.exp(total / count)
+
+
+def make_scorer(tokenizer, task: TaskSpec | str | Path, split: str, limit: int | None = None,
+                batch_size: int = 32) -> Scorer:
+    if not isinstance(task, TaskSpec):
+        task = load_task(task)
+    return Scorer(tokenizer, task, split, limit=limit, batch_size=batch_size)
+
+
+def evaluate(model, tokenizer, task: TaskSpec | str | Path, split: str = "test", limit: int | None = None,
+             batch_size: int = 16) -> EvalResult:
+    """The task's metric on one split (the first ``limit`` rows), batched, on the model's device."""
+    if not isinstance(task, TaskSpec):
+        task = load_task(task)
+    scorer = make_scorer(tokenizer, task, split, limit=limit, batch_size=batch_size)
+    return EvalResult(task=task.name, split=split, metric=task.metric, value=float(scorer.metric(model)), n=scorer.n)

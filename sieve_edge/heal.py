@@ -1,0 +1,106 @@
+"""Healing: a short fine-tune of a factorized model's low-rank factors on the train split.
+
+Only the factors of the ``LowRankLinear`` modules train (everything else stays frozen):
+they are the part the cut changed, they are few, and DESIGN §5 saw full fine-tuning of a
+pruned model swing by ten points from one checkpoint to the next. The loss is the answer
+tokens' cross-entropy, as in ``tune``. ``heal_`` scores the validation split before and
+after and keeps the healed weights only if they did not score worse, so healing can never
+cost accuracy on the split the search was held to.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .errors import TaskSpecError
+from .factorize import LowRankLinear
+
+
+@dataclass
+class HealResult:
+    steps: int
+    lr: float
+    trainable_params: int
+    metric_before: float
+    metric_after: float
+    kept: bool            # the healed weights were kept (they scored no worse on validation)
+    seconds: float
+    loss_first: float
+    loss_last: float
+
+
+def factor_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters()]
+
+
+def heal_(model, tokenizer, task, steps: int, *, lr: float = 1e-4, batch_size: int = 16, seed: int = 0,
+          val_scorer=None, higher_is_better: bool = True, log=None, max_length: int = 256) -> HealResult:
+    """Fine-tune the low-rank factors in place for ``steps`` steps; see the module docstring."""
+    from .tasks import pad_id, right_pad
+    from .tune import training_sequences
+
+    if steps < 1:
+        raise TaskSpecError(f"heal steps must be >= 1, got {steps}")
+    params = factor_parameters(model)
+    if not params:
+        raise TaskSpecError("healing needs a factorized model: no LowRankLinear module to train")
+    data = training_sequences(task, tokenizer, "train", None, max_length)
+    pad = pad_id(tokenizer)
+    device = next(model.parameters()).device
+    before = float(val_scorer.metric(model)) if val_scorer is not None else math.nan
+    saved = {id(p): p.detach().clone() for p in params}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    t0 = time.perf_counter()
+    losses = []
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        order = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        warm = max(1, steps // 10)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+        perm, cursor = torch.randperm(len(data), generator=order), 0
+        model.train()
+        try:
+            for step in range(1, steps + 1):
+                if cursor + batch_size > len(data) and cursor > 0:
+                    perm, cursor = torch.randperm(len(data), generator=order), 0
+                batch = [data[i] for i in perm[cursor:cursor + batch_size].tolist()]
+                cursor += batch_size
+                ids, mask = right_pad([b[0] for b in batch], pad)
+                labels = torch.full_like(ids, -100)
+                for row, (_, lab) in enumerate(batch):
+                    labels[row, :len(lab)] = torch.tensor(lab, dtype=torch.long)
+                loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device),
+                             use_cache=False).loss
+                if not math.isfinite(loss.item()):
+                    raise TaskSpecError(f"healing diverged at step {step} (loss {loss.item()}); lower --heal-lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                schedule.step()
+                losses.append(loss.item())
+                if log and (step == 1 or step == steps or step % max(1, steps // 5) == 0):
+                    log(f"heal step {step}/{steps}  loss {loss.item():.4f}")
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            for n, p in model.named_parameters():
+                p.requires_grad_(flags.get(n, False))
+            model.eval()
+    after = float(val_scorer.metric(model)) if val_scorer is not None else math.nan
+    sign = 1.0 if higher_is_better else -1.0
+    kept = val_scorer is None or sign * (after - before) >= 0
+    if not kept:
+        with torch.no_grad():
+            for p in params:
+                p.copy_(saved[id(p)])
+    return HealResult(steps, lr, sum(p.numel() for p in params), before, after, kept,
+                      time.perf_counter() - t0, losses[0], losses[-1])

@@ -1,0 +1,165 @@
+"""Target profiles: the kind of machine a bundle is made for, and the budgets it must meet.
+
+A profile is a TOML file (schema in ``docs/TARGETS.md``, ``schema_version = 1``). Loading is
+strict: an unknown key, a value of the wrong type or out of range is a ``ProfileError`` that
+names the file, the key and what is allowed. Imports only the standard library (the edge
+runner and ``sieve-edge --help`` stay light).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from .errors import ProfileError
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+SCHEMA_VERSION = 1
+TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
+
+RUNTIMES = ("onnxruntime", "openvino")
+DEVICES = ("cpu", "gpu", "npu")
+WEIGHTS = ("fp32", "int8", "int4")
+PRECISIONS = ("f32", "bf16", "f16")
+ARCHES = ("any", "x86_64", "aarch64")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Limits a validation run must stay within; ``None`` means no gate for that quantity.
+
+    Latency budgets apply to the p90 of the measured samples (a budget is a maximum, and a
+    median hides the slow tail a user feels). ``max_metric_drop`` is in the metric's own
+    units (accuracy as a fraction: 0.02 is two points; perplexity: an increase).
+    """
+
+    max_metric_drop: float | None = None
+    max_first_token_ms: float | None = None
+    max_token_ms: float | None = None
+    max_example_ms: float | None = None
+    max_peak_memory_mb: float | None = None
+    max_size_mb: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    runtime: str                      # onnxruntime | openvino
+    device: str = "cpu"               # cpu | gpu | npu
+    weights: str = "int8"             # weight precision of the exported model
+    inference_precision: str = "f32"  # OpenVINO INFERENCE_PRECISION_HINT (CPU default is bf16 on avx512_bf16)
+    threads: int = 1
+    description: str = ""
+    arch: str = "any"                 # CPU architecture the budgets were set for
+    cpu_affinity: tuple[int, ...] | None = None
+    budget: Budget = dataclasses.field(default_factory=Budget)
+    schema_version: int = SCHEMA_VERSION
+    path: str | None = None           # the file it was loaded from
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["cpu_affinity"] = list(self.cpu_affinity) if self.cpu_affinity is not None else None
+        return d
+
+
+# key -> (types, check(value) -> bool, allowed-values text)
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_TOP = {
+    "schema_version": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v == SCHEMA_VERSION,
+                       f"the integer {SCHEMA_VERSION}"),
+    "name": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
+    "description": (lambda v: isinstance(v, str), "a string"),
+    "runtime": (lambda v: v in RUNTIMES, " | ".join(RUNTIMES)),
+    "device": (lambda v: v in DEVICES, " | ".join(DEVICES)),
+    "weights": (lambda v: v in WEIGHTS, " | ".join(WEIGHTS)),
+    "inference_precision": (lambda v: v in PRECISIONS, " | ".join(PRECISIONS)),
+    "arch": (lambda v: v in ARCHES, " | ".join(ARCHES)),
+    "threads": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1024,
+                "an integer from 1 to 1024"),
+    "cpu_affinity": (lambda v: isinstance(v, list) and len(v) > 0 and len(set(v)) == len(v)
+                     and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in v),
+                     "a non-empty list of distinct CPU indices >= 0, e.g. [0, 1]"),
+    "budget": (lambda v: isinstance(v, dict), "a table [budget]"),
+}
+_REQUIRED = ("schema_version", "name", "runtime", "threads")
+_BUDGET = {
+    "max_metric_drop": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (metric units)"),
+    **{k: (lambda v: _is_number(v) and v > 0, "a number > 0")
+       for k in ("max_first_token_ms", "max_token_ms", "max_example_ms", "max_peak_memory_mb", "max_size_mb")},
+}
+
+
+def _resolve(path_or_name) -> Path:
+    p = Path(path_or_name)
+    if p.suffix == ".toml" or p.exists() or len(p.parts) > 1:
+        if not p.is_file():
+            raise ProfileError(f"target profile '{p}' does not exist")
+        return p
+    p = TARGETS_DIR / f"{path_or_name}.toml"
+    if not p.is_file():
+        raise ProfileError(f"no target profile named '{path_or_name}': shipped profiles are "
+                           f"{', '.join(shipped_profiles()) or '(none)'} (or pass a path to a .toml file)")
+    return p
+
+
+def shipped_profiles() -> list[str]:
+    return sorted(p.stem for p in TARGETS_DIR.glob("*.toml"))
+
+
+def _check_table(path: Path, table: dict, schema: dict, prefix: str) -> None:
+    for key, value in table.items():
+        if key not in schema:
+            raise ProfileError(f"{path}: unknown key '{prefix}{key}'; allowed keys: "
+                               f"{', '.join(prefix + k for k in schema)}")
+        check, allowed = schema[key]
+        if not check(value):
+            raise ProfileError(f"{path}: '{prefix}{key}' = {value!r} is not valid; allowed: {allowed}")
+
+
+def parse_profile(data: dict, path: str | Path = "<profile>") -> TargetProfile:
+    """Check a profile already read from TOML (or JSON) and build the ``TargetProfile``."""
+    path = Path(path)
+    _check_table(path, data, _TOP, "")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise ProfileError(f"{path}: missing required key(s) {', '.join(missing)} "
+                           f"(schema_version = {SCHEMA_VERSION}; see docs/TARGETS.md)")
+    budget = data.get("budget", {})
+    _check_table(path, budget, _BUDGET, "budget.")
+    runtime = data["runtime"]
+    precision = data.get("inference_precision", "f32")
+    if runtime == "onnxruntime" and precision != "f32":
+        raise ProfileError(f"{path}: 'inference_precision' = {precision!r} is not valid with runtime "
+                           f"'onnxruntime' (its CPU provider has no precision hint); allowed: f32")
+    affinity = data.get("cpu_affinity")
+    if affinity is not None and data["threads"] > len(affinity):
+        raise ProfileError(f"{path}: 'threads' = {data['threads']} exceeds the {len(affinity)} CPU(s) "
+                           f"of 'cpu_affinity' {affinity}; allowed: threads <= len(cpu_affinity)")
+    return TargetProfile(
+        name=data["name"], runtime=runtime, device=data.get("device", "cpu"),
+        weights=data.get("weights", "int8"), inference_precision=precision,
+        threads=data["threads"], description=data.get("description", ""),
+        arch=data.get("arch", "any"),
+        cpu_affinity=tuple(affinity) if affinity is not None else None,
+        budget=Budget(**{k: float(v) for k, v in budget.items()}),
+        schema_version=data["schema_version"], path=str(path),
+    )
+
+
+def load_profile(path_or_name) -> TargetProfile:
+    """Load a profile from a ``.toml`` path, or a bare name from the repository's ``targets/``."""
+    if isinstance(path_or_name, TargetProfile):
+        return path_or_name
+    path = _resolve(path_or_name)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ProfileError(f"{path}: not valid TOML: {e}") from None
+    return parse_profile(data, path)

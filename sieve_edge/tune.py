@@ -1,0 +1,219 @@
+"""Fine-tune a model on a task's train split: full fine-tuning or LoRA merged back.
+
+A 135M model is weak zero-shot and strong once tuned, so tuning is the usual first step
+before pruning. The loss is on the answer tokens only (prompt tokens are labelled -100);
+for perplexity tasks it is on every token of the text. Runs are deterministic for a seed:
+the data order comes from a private generator and the global RNG is forked, not touched.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import architectures as arch
+from .errors import ArtifactError, TaskSpecError
+from .progress import log
+from .tasks import TaskSpec, example_sequences, load_examples, load_task, pad_id, right_pad, special_prefix
+
+DEFAULT_LR = {False: 5e-5, True: 5e-4}  # full fine-tuning, LoRA
+LORA_R = 8
+LORA_ALPHA = 16
+
+
+# ---------------------------------------------------------------- data
+
+def training_sequences(task: TaskSpec, tokenizer, split: str = "train", limit: int | None = None,
+                       max_length: int = 256) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per example; labels are -100 on the prompt (and the BOS).
+
+    Generation answers end with EOS so that the model learns to stop. Sequences longer
+    than ``max_length`` lose the start of their prompt (after the BOS), never the answer.
+    """
+    examples = load_examples(task, split, limit)
+    if task.kind != "perplexity" and any(ex.answer is None for ex in examples):
+        line = next(ex.line for ex in examples if ex.answer is None)
+        raise TaskSpecError(f"{task.split_path(split)}:{line}: no answer ('{task.label_field}') to train on")
+    eos = tokenizer.eos_token_id
+    head = len(special_prefix(tokenizer))
+    out = []
+    for prompt, answer in example_sequences(task, tokenizer, examples):
+        if task.kind == "generation" and eos is not None:
+            answer = answer + [eos]
+        ids = prompt + answer
+        labels = [-100] * len(prompt) + answer
+        if len(ids) > max_length:
+            cut = len(ids) - max_length
+            keep = min(head, len(prompt))
+            ids = ids[:keep] + ids[keep + cut:]
+            labels = labels[:keep] + labels[keep + cut:]
+        out.append((ids, labels))
+    return out
+
+
+def _collate(batch: list[tuple[list[int], list[int]]], pad: int, device):
+    ids, mask = right_pad([b[0] for b in batch], pad)
+    labels = torch.full_like(ids, -100)
+    for row, (_, lab) in enumerate(batch):
+        labels[row, :len(lab)] = torch.tensor(lab, dtype=torch.long)
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def answer_loss(model, tokenizer, task: TaskSpec | str | Path, split: str = "train", limit: int | None = 64,
+                batch_size: int = 16, max_length: int = 256) -> float:
+    """Mean cross-entropy per answer token (the quantity ``tune`` minimises) on a split."""
+    if not isinstance(task, TaskSpec):
+        task = load_task(task)
+    data = training_sequences(task, tokenizer, split, limit, max_length)
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(data), batch_size):
+            ids, mask, labels = _collate(data[start:start + batch_size], pad_id(tokenizer), device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()  # (B, T, V)
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            target = labels[:, 1:]
+            valid = target != -100
+            picked = logp.gather(2, target.clamp(min=0)[..., None]).squeeze(-1)
+            total -= picked[valid].double().sum().item()
+            count += int(valid.sum())
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------- LoRA
+
+def lora_targets(model) -> list[str]:
+    """Qualified names of the Linear / Conv1D modules of the registry's matrices.
+
+    A matrix already factorized into a low-rank pair contributes its two inner Linears.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    names = []
+    for name in arch.linear_names(model):
+        module = arch.get_module(model, name)
+        if isinstance(module, (nn.Linear, Conv1D)):
+            names.append(name)
+        else:
+            names.extend(f"{name}.{sub}" for sub, m in module.named_modules()
+                         if sub and isinstance(m, (nn.Linear, Conv1D)))
+    return names
+
+
+# ---------------------------------------------------------------- the verb
+
+def tune(model, tokenizer, task: TaskSpec | str | Path, steps: int = 100, batch_size: int = 16,
+         lr: float | None = None, lora: bool = False, seed: int = 0, progress: bool = True,
+         max_length: int = 256, weight_decay: float = 0.0, warmup: float = 0.1):
+    """Fine-tune on the train split and return the model (the same object, in eval mode).
+
+    ``lr`` defaults to 5e-5 (full) or 5e-4 (LoRA, rank 8, alpha 16, on every registry
+    matrix). The rate warms up linearly over ``warmup`` of the steps, then decays linearly
+    to zero; gradients are clipped at norm 1. With ``lora`` the adapters are merged into
+    the weights before returning, so the model has its original modules and names.
+    """
+    if not isinstance(task, TaskSpec):
+        task = load_task(task)
+    if steps < 1 or batch_size < 1:
+        raise TaskSpecError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
+    lr = DEFAULT_LR[bool(lora)] if lr is None else float(lr)
+    if not lr > 0:
+        raise TaskSpecError(f"lr must be > 0, got {lr}")
+    data = training_sequences(task, tokenizer, "train", None, max_length)
+    pad = pad_id(tokenizer)
+    device = _device(model)
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(seed)
+        order = torch.Generator().manual_seed(seed)
+        trained = model
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, bias="none",
+                                target_modules=lora_targets(model), fan_in_fan_out=arch.get_arch(model).conv1d)
+            trained = get_peft_model(model, config)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        params = [p for p in trained.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        n_warm = max(1, int(round(steps * warmup)))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: (s + 1) / n_warm if s < n_warm else max(0.0, (steps - s) / max(1, steps - n_warm))
+        )
+        every = max(1, steps // 20)
+        start = time.monotonic()
+        perm, cursor = torch.randperm(len(data), generator=order), 0
+        trained.train()
+        try:
+            for step in range(1, steps + 1):
+                if cursor + batch_size > len(data) and cursor > 0:      # new epoch, new order
+                    perm, cursor = torch.randperm(len(data), generator=order), 0
+                idx = perm[cursor:cursor + batch_size].tolist()
+                cursor += batch_size
+                ids, mask, labels = _collate([data[i] for i in idx], pad, device)
+                loss = trained(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+                if not math.isfinite(loss.item()):
+                    raise TaskSpecError(f"tuning diverged at step {step} (loss {loss.item()}); lower --lr (was {lr})")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                schedule.step()
+                if progress and (step % every == 0 or step == steps or step == 1):
+                    log(f"tune step {step}/{steps}  loss {loss.item():.4f}  "
+                        f"lr {optimizer.param_groups[0]['lr']:.2e}  elapsed {time.monotonic() - start:.1f}s")
+        except BaseException:
+            if lora:  # leave the model as it came: drop the adapters unmerged
+                trained.unload()
+            raise
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+        if lora:
+            model = trained.merge_and_unload()
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad.get(name, p.requires_grad))
+    return model.eval()
+
+
+# ---------------------------------------------------------------- saving
+
+def check_output(out: str | Path, force: bool = False) -> None:
+    """Fail before a long run if ``out`` cannot receive a checkpoint."""
+    from .checkpoint import describe_folder
+
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise ArtifactError(f"output {out} exists and is not a folder")
+        if any(out.iterdir()):
+            what = describe_folder(out)
+            if not (force and what == "checkpoint"):
+                hint = "; pass --force to replace it" if what == "checkpoint" else "; choose another --out"
+                raise ArtifactError(f"output folder {out} already holds {what or 'other files'}{hint}")
+
+
+def save_tuned(model, tokenizer, out: str | Path, *, base_model: str, task: str, steps: int, lora: bool,
+               lr: float, batch_size: int | None = None, seed: int | None = None, force: bool = False) -> Path:
+    """Write the tuned model as a dense sieve-edge checkpoint (atomic, safetensors)."""
+    from .checkpoint import build_manifest, save_checkpoint
+
+    tuned = {"steps": steps, "lora": bool(lora), "lr": lr, "batch_size": batch_size, "seed": seed}
+    # kind is measured: "dense", or "factorized" when a pruned model was tuned (healing)
+    manifest = build_manifest(model, base_model=base_model, method=None, task=task, tuned=tuned)
+    return save_checkpoint(model, tokenizer, out, manifest, force=force)

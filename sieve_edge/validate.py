@@ -1,0 +1,236 @@
+"""Validate a bundle on a target profile: run its runner in a child process, apply the gates.
+
+The child is the bundle's own ``runner.py`` (the file that ships), started with the
+profile's runtime, threads, precision hint and CPU affinity (the runner pins itself with
+``os.sched_setaffinity`` before loading any runtime), so its peak RSS and timings are its
+own. The parent compares with the dense reference stored in the bundle and writes
+``report.json``, ``report.md`` and ``report.html`` (default: ``BUNDLE/reports/<target>/``).
+
+Statuses: ``pass`` (every gate passed), ``fail`` (a gate missed its budget), ``not run``
+(something could not be checked here: a device that is absent, a target of another CPU
+architecture, no reference). Only ``pass`` is a pass: ``ValidationReport.check()`` raises
+``GateFailure`` (exit code 3) for the other two.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from .errors import ArtifactError, GateFailure
+from .targets import TargetProfile, load_profile
+
+# Gates whose measurement depends on the CPU: meaningless when measured on another architecture.
+_HOST_GATES = ("max_first_token_ms", "max_token_ms", "max_example_ms", "max_peak_memory_mb")
+_FORMAT_RUNTIME = {"onnx": "onnxruntime", "openvino": "openvino"}
+
+
+@dataclasses.dataclass
+class ValidationReport:
+    target: str
+    bundle: str
+    status: str                       # pass | fail | not run
+    gates: list[dict]                 # runtime.evaluate_gates entries
+    profile: dict
+    measurement: dict | None = None   # what the runner measured (None when not run)
+    reference: dict | None = None
+    reduction: float | None = None    # linear_param_reduction of the pruned model
+    notes: list[str] = dataclasses.field(default_factory=list)
+    paths: dict = dataclasses.field(default_factory=dict)  # report files written
+    created_at: str = ""
+    created_by: str = f"sieve-edge {__version__}"
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+    @property
+    def failed_gates(self) -> list[dict]:
+        return [g for g in self.gates if g["status"] != "pass"]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["bundle_name"] = Path(self.bundle).name
+        d["paths"] = {k: str(v) for k, v in self.paths.items()}
+        return d
+
+    def message(self) -> str:
+        if self.passed:
+            return f"target {self.target}: every gate passed ({len(self.gates)} gates)"
+        bad = "; ".join(f"{g['gate']} {g['status'].upper()}: {g['detail']}" for g in self.failed_gates)
+        return f"target {self.target}: {self.status.upper()}: {bad or 'no gate could be checked'}"
+
+    def check(self) -> "ValidationReport":
+        """Raise ``GateFailure`` (exit 3) unless every gate passed; return self otherwise."""
+        if not self.passed:
+            raise GateFailure(self.message())
+        return self
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def apply_gates(measurement: dict | None, profile: TargetProfile, reference: dict | None,
+                not_run: dict[str, str] | None = None) -> tuple[list[dict], str]:
+    """Gates for every budget of ``profile``; keys of ``not_run`` are reported "not run: why"."""
+    from .runtime import evaluate_gates, overall_status
+
+    budget = {k: v for k, v in dataclasses.asdict(profile.budget).items() if v is not None}
+    if measurement is None:
+        why = (not_run or {}).get("*", "not measured")
+        gates = [{"gate": k.removeprefix("max_").replace("_", " "), "budget_key": k, "measured": None, "limit": v,
+                  "unit": "", "status": "not run", "detail": f"not run: {why}"} for k, v in budget.items()]
+        return gates, "not run"
+    gates = evaluate_gates(measurement, budget, reference)
+    for g in gates:
+        why = (not_run or {}).get(g["budget_key"])
+        if why:
+            g["status"], g["detail"] = "not run", f"not run: {why} (measured here: {g['detail']})"
+    return gates, overall_status(gates)
+
+
+def _child(bundle: Path, profile: TargetProfile, task, frame_file, limit, timeout, affinity) -> dict:
+    with tempfile.TemporaryDirectory(prefix="sieve-edge-validate-") as tmp:
+        out = Path(tmp) / "measurement.json"
+        cmd = [sys.executable, str(bundle / "runner.py"), str(bundle), "--json", str(out), "--no-gates",
+               "--target", str(profile.path), "--threads", str(profile.threads),
+               "--precision", profile.inference_precision]
+        cmd += ["--cpu-affinity", ",".join(map(str, affinity)) if affinity else "none"]
+        if limit:
+            cmd += ["--limit", str(limit)]
+        if task is not None:
+            cmd += ["--task", str(task), "--prompt-frame", str(frame_file)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(profile.threads), PYTHONDONTWRITEBYTECODE="1")
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise ArtifactError(f"the runner of {bundle} did not finish within {timeout} s on target "
+                                f"{profile.name}") from None
+        if proc.returncode != 0 or not out.is_file():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            raise ArtifactError(f"the runner of {bundle} failed on target {profile.name} "
+                                f"(exit {proc.returncode}): " + " | ".join(tail))
+        return json.loads(out.read_text(encoding="utf-8"))
+
+
+def validate(bundle, target, task=None, out=None, limit: int | None = None, timeout: float | None = 3600,
+             log=None) -> ValidationReport:
+    """Validate ``bundle`` on ``target`` (a profile name, path or TargetProfile) and write the reports.
+
+    task: another task TOML to score instead of the bundle's (no reference then: the metric
+    gate is "not run"). out: report folder (default ``BUNDLE/reports/<target>``). limit:
+    score only the first N test examples. Returns the report; call ``.check()`` to raise
+    ``GateFailure`` unless every gate passed.
+    """
+    from .bundle import read_bundle
+    from .report import model_card, write_reports
+    from .runtime import device_available
+
+    log = log or (lambda msg: None)
+    bundle = Path(bundle)
+    manifest = read_bundle(bundle)
+    profile = target if isinstance(target, TargetProfile) else load_profile(target)
+    needed = _FORMAT_RUNTIME.get(manifest.get("model_format"))
+    if profile.runtime != needed:
+        raise ArtifactError(f"bundle {bundle} holds a {manifest.get('model_format')} model (runtime {needed}); "
+                            f"target '{profile.name}' runs {profile.runtime}")
+    export = json.loads((bundle / manifest["model_dir"] / "export.json").read_text(encoding="utf-8"))
+    reference = json.loads((bundle / manifest["reference"]).read_text(encoding="utf-8"))
+    source = export.get("source") or {}
+    reduction = source.get("linear_param_reduction", 0.0 if not source.get("ranks") else None)
+    notes: list[str] = [f"inference precision hint requested: {profile.inference_precision}"]
+    not_run: dict[str, str] = {}
+    measurement = None
+    frame_tmp = None
+
+    if task is not None:
+        from transformers import AutoTokenizer
+
+        from .bundle import prompt_frame
+        from .tasks import load_task
+
+        spec = load_task(task)
+        frame = prompt_frame(spec, AutoTokenizer.from_pretrained(str(bundle / manifest["model_dir"])))
+        frame_tmp = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+        json.dump(frame, frame_tmp)
+        frame_tmp.close()
+        task = spec.path
+        reference = None
+        notes.append(f"task {spec.name} from {spec.path} instead of the bundle's; no dense reference for it")
+
+    try:
+        if not device_available(profile.runtime, profile.device):
+            not_run["*"] = f"device absent ({profile.device} for {profile.runtime} is not on this host)"
+            notes.append(f"not run: device absent: {profile.device}")
+        else:
+            arch = host_arch()
+            if profile.arch not in ("any", arch):
+                why = (f"measured on {arch}, target is {profile.arch}; run `python runner.py` in the bundle "
+                       f"on the device")
+                not_run.update({k: why for k in _HOST_GATES})
+                notes.append(f"latency and memory gates not run: {why}")
+            cpus = os.cpu_count() or 1
+            if profile.threads > cpus:
+                notes.append(f"the profile asks {profile.threads} threads, this host has {cpus} CPUs: "
+                             f"latency here is pessimistic")
+            affinity = None
+            if profile.cpu_affinity:
+                here = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+                affinity = [c for c in profile.cpu_affinity if c in here]
+                if len(affinity) < len(profile.cpu_affinity):
+                    notes.append(f"cpu_affinity {list(profile.cpu_affinity)}: only {affinity or 'none'} exist here")
+                    affinity = affinity or None
+            log(f"running {bundle}/runner.py for target {profile.name}")
+            measurement = _child(bundle, profile, task, frame_tmp.name if frame_tmp else None, limit, timeout,
+                                 affinity)
+            if limit:
+                notes.append(f"scored only the first {limit} test examples (--limit)")
+    finally:
+        if frame_tmp is not None:
+            os.unlink(frame_tmp.name)
+
+    gates, status = apply_gates(measurement, profile, reference, not_run)
+    report = ValidationReport(
+        target=profile.name, bundle=str(bundle.resolve()), status=status, gates=gates,
+        profile=profile.to_dict(), measurement=measurement, reference=reference, reduction=reduction,
+        notes=notes, created_at=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+    out = Path(out) if out is not None else bundle / "reports" / profile.name
+    others = _other_reports(out)
+    report.paths = write_reports(report.to_dict(), out, others)
+    if out.resolve().parent == (bundle / "reports").resolve():
+        _update_card(bundle, manifest, export, model_card)
+    return report
+
+
+def _other_reports(out: Path) -> list[dict]:
+    """report.json of sibling folders (other targets of the same bundle), for the latency plot."""
+    found = []
+    if out.parent.is_dir():
+        for p in sorted(out.parent.glob("*/report.json")):
+            if p.parent.resolve() != out.resolve():
+                try:
+                    found.append(json.loads(p.read_text(encoding="utf-8")))
+                except (OSError, json.JSONDecodeError):
+                    pass
+    return found
+
+
+def _update_card(bundle: Path, manifest: dict, export: dict, model_card) -> None:
+    reports = []
+    for p in sorted((bundle / "reports").glob("*/report.json")):
+        reports.append(json.loads(p.read_text(encoding="utf-8")))
+    reference = json.loads((bundle / manifest["reference"]).read_text(encoding="utf-8"))
+    text = model_card(manifest, export, reference, reports)
+    tmp = bundle / f"MODEL_CARD.md.tmp-{os.getpid()}"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, bundle / "MODEL_CARD.md")

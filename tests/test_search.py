@@ -1,0 +1,307 @@
+"""The search stage on a tiny tuned model and a tiny task: tolerance, determinism, resume, outputs, errors."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sieve_edge.errors import ArtifactError, BudgetError, InputError, TaskSpecError
+from sieve_edge.search import (CostTable, Ladder, LatencyObjective, ParamObjective, SearchConfig, bisect_largest,
+                               run_search, search_plan)
+from sieve_edge.tasks import load_task
+from tiny import make_model, make_tokenizer
+
+TESTS = Path(__file__).resolve().parent
+WORDS = {"positive": ["great", "charming", "moving", "film"], "negative": ["dull", "boring", "tedious", "mess"]}
+# Single-character answers are single tokens for the tiny tokenizer: the scorer's fast path.
+TASK_TOML = '''name = "tiny"
+kind = "classification"
+prompt = "Review: {text} Sentiment:"
+[labels]
+negative = "0"
+positive = "1"
+[data]
+train = "train.jsonl"
+test = "test.jsonl"
+'''
+
+
+def write_task(folder: Path, validation: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for split, n in (("train", 96), ("validation", 32), ("test", 32)):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                # mixed reviews: the majority decides, so a cut model has something to lose
+                k = rng.randint(1, 3)
+                label = rng.choice(sorted(WORDS))
+                other = "negative" if label == "positive" else "positive"
+                words = [rng.choice(WORDS[label]) for _ in range(k + 1)] + [rng.choice(WORDS[other]) for _ in range(k)]
+                rng.shuffle(words)
+                text = " ".join(words)
+                f.write(json.dumps({"text": text, "label": label}) + "\n")
+    toml = TASK_TOML + ('validation = "validation.jsonl"\n' if validation else "")
+    (folder / "tiny.toml").write_text(toml)
+    return folder / "tiny.toml"
+
+
+def small_config(**kw) -> SearchConfig:
+    base = dict(tolerance=0.05, population=6, generations=2, n_calibration=32, calibration_batch=16, multiple=2,
+                race_size=12, val_limit=None, batch_size=64, seed=0)
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """A tiny llama tuned on the tiny task (so that cutting it costs accuracy), saved as a folder."""
+    from sieve_edge.tune import tune
+
+    root = tmp_path_factory.mktemp("search")
+    task_path = write_task(root / "task")
+    task = load_task(task_path)
+    model, tok = make_model("llama"), make_tokenizer()
+    tune(model, tok, task, steps=30, lr=3e-3, progress=False)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    return root, task_path
+
+
+def load_tuned(root: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(root / "model").eval(), make_tokenizer()
+
+
+# ---------------------------------------------------------------- pure helpers
+
+def test_bisect_largest():
+    for n in range(1, 12):
+        for answer in range(n):
+            calls = []
+            got = bisect_largest(n, lambda i: calls.append(i) or i <= answer)
+            assert got == answer
+            assert len(calls) <= n.bit_length() + 1
+
+
+def test_latency_ladder_never_picks_a_rank_slower_than_dense():
+    class FakeTable(CostTable):
+        def __init__(self):
+            super().__init__(tokens=20)
+
+        def time(self, shape, rank):
+            m, n = shape
+            return m * n if rank is None else 1.5 * rank * (m + n)  # pairs carry 50% overhead
+
+    shapes = {"model.layers.0.mlp.up_proj": (64, 32), "model.layers.0.mlp.down_proj": (32, 64)}
+    objective = LatencyObjective(shapes, FakeTable())
+    ladder = Ladder(shapes, (1.0, 0.9, 0.7, 0.5, 0.3), 4, objective)
+    for name, ranks in ladder.ranks.items():
+        for r in ranks:
+            assert r is None or objective.table.faster(shapes[name], r)
+        assert ranks[1] is None and ranks[-1] is not None  # keep 0.9 is slower than dense: snapped
+    assert objective.gain(ladder.to_ranks((4, 4))) > 0
+    # parameters: every level below break-even is usable
+    assert all(r is not None for r in Ladder(shapes, (1.0, 0.9, 0.5), 4, ParamObjective(shapes)).ranks[
+        "model.layers.0.mlp.up_proj"][1:])
+
+
+def test_torch_cost_table_measures_once_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    from sieve_edge.search import make_cost_table
+
+    cfg = SearchConfig(objective="latency", latency_tokens=4)
+    table = make_cost_table(cfg, {(32, 16): {8}})
+    cache = tmp_path / "sieve-edge" / "cost-tables" / "torch.json"
+    assert json.loads(cache.read_text()).keys() == {"32x16:dense:4", "32x16:8:4"}
+    assert table.time((32, 16), None) > 0 and isinstance(table.faster((32, 16), 8), bool)
+    again = CostTable(4, "torch", cache)
+    assert again.entries == table.entries  # a second run reads, does not re-measure
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 1.0, -0.1, 1.5])
+def test_tolerance_outside_open_unit_interval(tolerance):
+    with pytest.raises(BudgetError, match=r"tolerance must be in \(0, 1\)"):
+        SearchConfig(tolerance=tolerance)
+
+
+@pytest.mark.parametrize("kw", [dict(strategy="random"), dict(objective="energy"), dict(ladder=(0.9, 0.5)),
+                                dict(ladder=(1.0, 0.5, 0.7)), dict(method="magic")])
+def test_bad_settings(kw):
+    with pytest.raises(InputError):
+        SearchConfig(**kw)
+
+
+def test_task_without_validation_split_fails_before_loading(tmp_path):
+    task = write_task(tmp_path / "task", validation=False)
+    with pytest.raises(TaskSpecError, match="no 'validation' split"):
+        run_search("no-such-model-is-loaded", task, tmp_path / "out", small_config())
+
+
+def test_cli_reports_bad_tolerance(tmp_path):
+    from click.testing import CliRunner
+
+    from sieve_edge.cli import main
+
+    res = CliRunner().invoke(main, ["search", "--model", "x", "--task", "x", "--tolerance", "1.5",
+                                    "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "tolerance must be in (0, 1)" in res.output
+
+
+# ---------------------------------------------------------------- on the tiny tuned model
+
+def test_budget_too_small_names_the_minimum(tuned):
+    root, task_path = tuned
+    model, tok = load_tuned(root)
+    with pytest.raises(BudgetError, match=r"too small.*took \d+ s; give at least --budget-minutes"):
+        search_plan(model, tok, load_task(task_path), small_config(), budget_minutes=1e-4)
+
+
+def test_ga_is_deterministic_and_within_tolerance(tuned):
+    root, task_path = tuned
+    task = load_task(task_path)
+    plans = []
+    for _ in range(2):
+        model, tok = load_tuned(root)
+        res = search_plan(model, tok, task, small_config(generations=1))
+        plans.append(res.plan.ranks)
+        assert res.dense_metric - res.metric <= res.tolerance_abs + 1e-12
+        assert res.plan.linear_param_reduction > 0.2
+        assert all(type(m).__name__ != "SearchLinear" for m in model.modules())  # restored
+    assert plans[0] == plans[1]
+
+
+def test_uniform_bisection(tuned):
+    root, task_path = tuned
+    model, tok = load_tuned(root)
+    res = search_plan(model, tok, load_task(task_path), small_config(strategy="uniform"))
+    keeps = set(res.levels.values()) - {1.0}
+    assert len(keeps) == 1  # one keep fraction for every matrix
+    assert res.dense_metric - res.metric <= res.tolerance_abs + 1e-12
+    assert res.evaluations <= 8
+
+    # decompositions made once by the caller (a benchmark) give the same search
+    from sieve_edge.calibrate import decompose_all
+    from sieve_edge.tasks import calibration_batches
+
+    model, tok = load_tuned(root)
+    cfg = small_config(strategy="uniform")
+    task = load_task(task_path)
+    decs = decompose_all(model, list(calibration_batches(task, tok, cfg.n_calibration, cfg.calibration_batch)),
+                         "output")
+    again = search_plan(model, tok, task, cfg, decompositions=decs)
+    assert again.plan.ranks == res.plan.ranks and again.metric == res.metric
+    with pytest.raises(InputError, match="cover every matrix"):
+        search_plan(model, tok, task, cfg, decompositions=({}, 0))
+
+
+_CHILD = r'''
+import sys, time
+sys.path.insert(0, {tests!r})
+from transformers import AutoModelForCausalLM
+from tiny import make_tokenizer
+from sieve_edge.search import SearchConfig, search_plan
+from sieve_edge.tasks import load_task
+cfg = SearchConfig(**{cfg!r})
+model = AutoModelForCausalLM.from_pretrained({model!r}).eval()
+def slow_log(line):
+    print(line, flush=True)
+    if line.startswith("generation"):
+        time.sleep(1.0)  # leaves the parent time to kill us between checkpoints
+search_plan(model, make_tokenizer(), load_task({task!r}), cfg, state_path={state!r}, log=slow_log)
+'''
+
+
+def test_sigkill_then_rerun_resumes_to_the_same_plan(tuned, tmp_path):
+    root, task_path = tuned
+    task = load_task(task_path)
+    cfg = small_config(generations=3)
+    model, tok = load_tuned(root)
+    uninterrupted = search_plan(model, tok, task, cfg)
+
+    state = tmp_path / "search_state.json"
+    fields = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+    script = _CHILD.format(tests=str(TESTS), cfg=fields, model=str(root / "model"), task=str(task_path),
+                           state=str(state))
+    env = dict(os.environ, SIEVE_EDGE_NO_PROGRESS="1")
+    child = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and child.poll() is None:
+            if state.is_file() and json.loads(state.read_text())["ga"]["generation"] >= 1:
+                break
+            time.sleep(0.1)
+        assert child.poll() is None, child.stdout.read().decode()[-2000:]
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    stopped_at = json.loads(state.read_text())["ga"]["generation"]
+    assert 1 <= stopped_at < 3
+
+    model, tok = load_tuned(root)
+    resumed = search_plan(model, tok, task, cfg, state_path=state)
+    assert resumed.resumed_from == stopped_at
+    assert resumed.plan.ranks == uninterrupted.plan.ranks
+    assert [h["best_fitness"] for h in resumed.history] == [h["best_fitness"] for h in uninterrupted.history]
+
+    # the state belongs to these settings: other settings refuse to resume from it
+    with pytest.raises(ArtifactError, match="other settings"):
+        search_plan(model, tok, task, small_config(generations=3, seed=1), state_path=state)
+
+
+def test_run_search_writes_the_output_folder(tuned, tmp_path):
+    from sieve_edge.checkpoint import load_checkpoint, read_manifest
+    from sieve_edge.plan import RankPlan
+
+    root, task_path = tuned
+    model, tok = load_tuned(root)
+    out = tmp_path / "out"
+    summary = run_search("tiny", task_path, out, small_config(heal_steps=3), model=model, tokenizer=tok)
+    for name in ("plan.json", "history.json", "search.json", "search_report.md", "frontier.png", "heatmap.png",
+                 "sieve_edge.json", "model.safetensors", "search_state.json"):
+        assert (out / name).is_file(), name
+    manifest = read_manifest(out)
+    plan = RankPlan.from_json(out / "plan.json")
+    assert manifest["ranks"] == plan.factorized
+    assert abs(manifest["linear_param_reduction"] - summary["linear_param_reduction"]) < 1e-5
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["generations"]) == 3 and all("median_fitness" in g for g in history["generations"])
+    report = (out / "search_report.md").read_text()
+    assert "Bottlenecks" in report and "kept densest" in report and "Healing" in report
+    assert summary["heal"]["steps"] == 3
+    assert summary["validation"]["dense"] - summary["validation"]["search"] <= summary["tolerance_abs"] + 1e-12
+    reloaded = load_checkpoint(out)
+    from sieve_edge.evaluate import evaluate
+    assert abs(evaluate(reloaded, tok, load_task(task_path), "test").value - summary["test"]["pruned"]) < 1e-9
+
+    # a finished search is not silently redone
+    with pytest.raises(ArtifactError, match="finished search"):
+        run_search("tiny", task_path, out, small_config(), model=model, tokenizer=tok)
+    assert not list(tmp_path.glob("out.*"))  # no staging folders left behind
+
+
+def test_cli_search_uniform(tuned, tmp_path):
+    from click.testing import CliRunner
+
+    from sieve_edge.cli import main
+
+    root, task_path = tuned
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(main, ["search", "--model", str(root / "model"), "--task", str(task_path),
+                                    "--tolerance", "0.05", "--strategy", "uniform", "--method", "output",
+                                    "--calibration", "16", "--race", "0", "--out", str(out), "--json"])
+    assert res.exit_code == 0, (res.output[-3000:], repr(res.exception))
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    assert summary["strategy"] == "uniform" and summary["method"] == "output"
+    # an `output` refit reuses the search's factors: it scores what the search scored
+    assert abs(summary["validation"]["refit"] - summary["validation"]["search"]) <= 1 / summary["validation"]["n"]
+    assert (out / "plan.json").is_file() and (out / "heatmap.png").is_file()

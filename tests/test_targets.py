@@ -1,0 +1,83 @@
+"""Target profiles: every shipped profile loads; every bad profile fails with file, key and allowed values."""
+import pytest
+
+from sieve_edge.errors import ProfileError
+from sieve_edge.targets import SCHEMA_VERSION, TARGETS_DIR, load_profile, shipped_profiles
+
+GOOD = """schema_version = 1
+name = "t"
+runtime = "openvino"
+device = "cpu"
+weights = "int8"
+inference_precision = "f32"
+threads = 2
+
+[budget]
+max_metric_drop = 0.02
+max_example_ms = 100.0
+"""
+
+
+def test_shipped_profiles_load():
+    names = shipped_profiles()
+    assert {"factory-pc", "kiosk", "arm64-panel"} <= set(names)
+    for name in names:
+        p = load_profile(name)
+        assert p.schema_version == SCHEMA_VERSION
+        assert p.name == name
+        assert p.budget.max_metric_drop is not None and p.budget.max_size_mb is not None
+    fp = load_profile("factory-pc")
+    assert (fp.runtime, fp.weights, fp.inference_precision, fp.threads, fp.arch) == ("openvino", "int8", "f32", 4, "x86_64")
+    kiosk = load_profile("kiosk")
+    assert (kiosk.runtime, kiosk.weights, kiosk.threads) == ("onnxruntime", "int8", 2)
+    assert kiosk.budget.max_peak_memory_mb < fp.budget.max_peak_memory_mb
+    arm = load_profile(TARGETS_DIR / "arm64-panel.toml")
+    assert (arm.runtime, arm.arch) == ("onnxruntime", "aarch64")
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    return path
+
+
+def test_good_profile_and_defaults(tmp_path):
+    p = load_profile(_write(tmp_path, GOOD))
+    assert p.budget.max_token_ms is None and p.cpu_affinity is None and p.arch == "any"
+    assert p.to_dict()["budget"]["max_example_ms"] == 100.0
+
+
+@pytest.mark.parametrize("edit, key, allowed", [
+    (lambda t: t + "colour = 'red'\n", "colour", "allowed keys"),
+    (lambda t: t + "max_bogus_ms = 3\n", "budget.max_bogus_ms", "budget.max_token_ms"),
+    (lambda t: t.replace('"openvino"', '"tensorrt"'), "runtime", "onnxruntime | openvino"),
+    (lambda t: t.replace("threads = 2", "threads = 0"), "threads", "an integer from 1 to 1024"),
+    (lambda t: t.replace("threads = 2", 'threads = "4"'), "threads", "an integer from 1 to 1024"),
+    (lambda t: t.replace("max_example_ms = 100.0", "max_example_ms = -5.0"), "budget.max_example_ms", "> 0"),
+    (lambda t: t.replace("max_metric_drop = 0.02", "max_metric_drop = -0.1"), "budget.max_metric_drop", ">= 0"),
+    (lambda t: t.replace("max_example_ms = 100.0", 'max_example_ms = "fast"'), "budget.max_example_ms", "> 0"),
+    (lambda t: t.replace('device = "cpu"', 'device = "tpu"'), "device", "cpu | gpu | npu"),
+    (lambda t: t.replace('weights = "int8"', 'weights = "int2"'), "weights", "fp32 | int8 | int4"),
+    (lambda t: t.replace('"f32"', '"fp64"'), "inference_precision", "f32 | bf16 | f16"),
+    (lambda t: t.replace("schema_version = 1", "schema_version = 2"), "schema_version", "the integer 1"),
+    (lambda t: t.replace("threads = 2", "threads = 2\ncpu_affinity = [0, 0]"), "cpu_affinity", "distinct"),
+    (lambda t: t.replace("threads = 2", "threads = 4\ncpu_affinity = [0, 1]"), "threads", "len(cpu_affinity)"),
+    (lambda t: t.replace('"openvino"', '"onnxruntime"').replace('"f32"', '"bf16"'), "inference_precision",
+     "allowed: f32"),
+    (lambda t: t.replace('name = "t"\n', ""), "name", "missing required"),
+])
+def test_bad_profiles(tmp_path, edit, key, allowed):
+    path = _write(tmp_path, edit(GOOD))
+    with pytest.raises(ProfileError) as e:
+        load_profile(path)
+    msg = str(e.value)
+    assert str(path) in msg and key in msg and allowed in msg, msg
+
+
+def test_unknown_name_lists_shipped(tmp_path):
+    with pytest.raises(ProfileError, match="factory-pc"):
+        load_profile("no-such-box")
+    with pytest.raises(ProfileError, match="does not exist"):
+        load_profile(tmp_path / "missing.toml")
+    with pytest.raises(ProfileError, match="not valid TOML"):
+        load_profile(_write(tmp_path, "name = \n"))
