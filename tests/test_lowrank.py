@@ -7,7 +7,15 @@ import torch
 from sieve_edge.lowrank import (breakeven_rank, decompose, decompose_sieve, keep_of_rank, output_error,
                                 rank_for_keep, round_rank, snr_db)
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """The math is float64; restore the default so other test files see float32."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def correlated(n, N, seed=0):
