@@ -20,7 +20,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/sieve-edge run --model smollm2-135m --task samples/tasks/sst2.toml \
-		--target targets/factory-pc.toml --out runs/smollm2-sst2-factory-pc
+		--target targets/factory-pc.toml --budget-minutes 10 --out runs/smollm2-sst2-factory-pc
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -89,6 +89,9 @@ def main() -> None:
                "drop": round(dense_acc - acc, 4), "seconds": round(seconds, 1)}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
+        partial = args.out.with_name(args.out.stem + ".partial.json")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"dense_metric": dense_acc, "n": scorer.n, "rows": rows}, indent=2))
 
     batches = calib(args.calibration)
     for method in args.methods:
@@ -135,6 +138,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
+    args.out.with_name(args.out.stem + ".partial.json").unlink(missing_ok=True)
     print(f"\ndense {task.metric}: {dense_acc:.4f} (n={scorer.n}, {args.task} validation)")
     print(table([r for r in rows if r["table"] == "methods"], ["method", "keep", "reduction", "metric", "drop"]))
     if args.sweep:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import architectures as arch
-from .errors import ArtifactError, TaskSpecError
+from .errors import TaskSpecError
 from .progress import log
 from .tasks import TaskSpec, example_sequences, load_examples, load_task, pad_id, right_pad, special_prefix
 
@@ -195,17 +195,9 @@ def tune(model, tokenizer, task: TaskSpec | str | Path, steps: int = 100, batch_
 
 def check_output(out: str | Path, force: bool = False) -> None:
     """Fail before a long run if ``out`` cannot receive a checkpoint."""
-    from .checkpoint import describe_folder
+    from .checkpoint import check_output as check
 
-    out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise ArtifactError(f"output {out} exists and is not a folder")
-        if any(out.iterdir()):
-            what = describe_folder(out)
-            if not (force and what == "checkpoint"):
-                hint = "; pass --force to replace it" if what == "checkpoint" else "; choose another --out"
-                raise ArtifactError(f"output folder {out} already holds {what or 'other files'}{hint}")
+    check(out, "checkpoint", force)
 
 
 def save_tuned(model, tokenizer, out: str | Path, *, base_model: str, task: str, steps: int, lora: bool,
