@@ -46,6 +46,8 @@ def tuned_model(work: Path, task: str, steps: int) -> Path:
 
 
 def table(rows: list[dict], cols: list[str]) -> str:
+    if not rows:
+        return "(no rows)"
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
     line = lambda vals: "| " + " | ".join(str(v).ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
     return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
@@ -57,7 +59,7 @@ def main() -> None:
     ap.add_argument("--task", default="sst2")
     ap.add_argument("--tune-steps", type=int, default=100)
     ap.add_argument("--keeps", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
-    ap.add_argument("--methods", nargs="+", default=["svd", "input-pca", "output", "sieve"])
+    ap.add_argument("--methods", nargs="*", default=["svd", "input-pca", "output", "sieve"])
     ap.add_argument("--calibration", type=int, default=512, help="calibration examples for the method table")
     ap.add_argument("--sweep", type=int, nargs="*", default=[128, 512, 2048],
                     help="calibration sizes for the output-method sweep (empty: skip)")

@@ -332,13 +332,9 @@ def main(argv=None) -> None:
 
 
 def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    from sieve_edge.export.microbench import cpu_name
+
+    return cpu_name()
 
 
 def format_table(result: dict) -> str:
