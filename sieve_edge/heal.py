@@ -17,6 +17,7 @@ import torch
 
 from .errors import TaskSpecError
 from .factorize import LowRankLinear
+from .tune import train_step
 
 
 @dataclass
@@ -80,13 +81,8 @@ def heal_(model, tokenizer, task, steps: int, *, lr: float = 1e-4, batch_size: i
                     labels[row, :len(lab)] = torch.tensor(lab, dtype=torch.long)
                 loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device),
                              use_cache=False).loss
-                if not math.isfinite(loss.item()):
-                    raise TaskSpecError(f"healing diverged at step {step} (loss {loss.item()}); lower --heal-lr")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                schedule.step()
+                train_step(loss, optimizer, schedule, params,
+                           f"healing diverged at step {step} (loss {{loss}}); lower --heal-lr")
                 losses.append(loss.item())
                 if log and (step == 1 or step == steps or step % max(1, steps // 5) == 0):
                     log(f"heal step {step}/{steps}  loss {loss.item():.4f}")

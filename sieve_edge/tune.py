@@ -114,6 +114,17 @@ def lora_targets(model) -> list[str]:
 
 # ---------------------------------------------------------------- the verb
 
+def train_step(loss, optimizer, schedule, params, diverged: str) -> None:
+    """One clipped optimizer step; a non-finite loss is an error (`diverged` names the fix, `{loss}` the value)."""
+    if not math.isfinite(loss.item()):
+        raise TaskSpecError(diverged.format(loss=loss.item()))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    schedule.step()
+
+
 def tune(model, tokenizer, task: TaskSpec | str | Path, steps: int = 100, batch_size: int = 16,
          lr: float | None = None, lora: bool = False, seed: int = 0, progress: bool = True,
          max_length: int = 256, weight_decay: float = 0.0, warmup: float = 0.1):
@@ -168,13 +179,8 @@ def tune(model, tokenizer, task: TaskSpec | str | Path, steps: int = 100, batch_
                 cursor += batch_size
                 ids, mask, labels = _collate([data[i] for i in idx], pad, device)
                 loss = trained(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
-                if not math.isfinite(loss.item()):
-                    raise TaskSpecError(f"tuning diverged at step {step} (loss {loss.item()}); lower --lr (was {lr})")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                schedule.step()
+                train_step(loss, optimizer, schedule, params,
+                           f"tuning diverged at step {step} (loss {{loss}}); lower --lr (was {lr})")
                 if progress and (step % every == 0 or step == steps or step == 1):
                     log(f"tune step {step}/{steps}  loss {loss.item():.4f}  "
                         f"lr {optimizer.param_groups[0]['lr']:.2e}  elapsed {time.monotonic() - start:.1f}s")
