@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -263,7 +262,9 @@ def main(argv=None) -> None:
 
     if args.one:
         res = run_variant(args.one[0], args.one[1], args)
-        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        from sieve_edge.runtime import peak_rss_mb  # VmHWM: ru_maxrss carries the parent's peak over exec
+
+        res["peak_rss_mb"] = peak_rss_mb()
         print("RESULT " + json.dumps(res))
         return
 

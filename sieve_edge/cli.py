@@ -304,9 +304,11 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @click.option("--task-head", is_flag=True, help="Export an LM head restricted to the label tokens.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Redo every stage, even those already done.")
+@click.option("--work", type=click.Path(file_okay=False), default=None,
+              help="Stage folder (default: OUT.work). Share it between targets to tune and search once.")
 @handle_errors
 def run(model, task, target, out, tune_steps, tolerance, strategy, method, budget_minutes, n_calibration,
-        val_limit, test_limit, heal_steps, task_head, seed, force):
+        val_limit, test_limit, heal_steps, task_head, seed, force, work):
     """tune? → calibrate → search → export → validate → bundle, in one command (rerun resumes)."""
     from .errors import GateFailure
     from .pipeline import run as run_pipeline
@@ -315,7 +317,7 @@ def run(model, task, target, out, tune_steps, tolerance, strategy, method, budge
     summary = run_pipeline(model, task, target, out, tune_steps=tune_steps, tolerance=tolerance,
                            strategy=strategy, method=method, budget_minutes=budget_minutes, seed=seed,
                            n_calibration=n_calibration, val_limit=val_limit, test_limit=test_limit,
-                           heal_steps=heal_steps, task_head=task_head, force=force, log=log)
+                           heal_steps=heal_steps, task_head=task_head, force=force, work=work, log=log)
     click.echo(summary.table())
     report = summary.report or {}
     md = (report.get("paths") or {}).get("markdown")

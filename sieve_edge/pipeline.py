@@ -94,12 +94,14 @@ def _verified_export(path: Path) -> bool:
 def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, tolerance: float | None = None,
         strategy: str = "ga", method: str = "sieve", budget_minutes: float | None = None, seed: int = 0,
         n_calibration: int = 512, val_limit: int | None = 300, test_limit: int | None = None,
-        heal_steps: int = 0, task_head: bool = False, force: bool = False,
+        heal_steps: int = 0, task_head: bool = False, force: bool = False, work=None,
         log: Callable[[str], None] | None = None) -> RunSummary:
     """Run every stage for one model, task and target; return the summary (report included).
 
     tolerance: allowed metric drop on the validation split (default: half the target's
     `max_metric_drop`). The caller decides what a failed gate means (`summary.report`).
+    work: the stage folder (default `OUT.work`); runs for several targets of one model and
+    task can share it, so tuning and search run once and only export onwards is redone.
     """
     from .checkpoint import describe_folder
     from .targets import load_profile
@@ -117,7 +119,9 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
     if tune_steps < 0:
         raise InputError(f"--tune-steps must be >= 0, got {tune_steps}")
     out = Path(out)
-    work = out.with_name(out.name + ".work")
+    work = out.with_name(out.name + ".work") if work is None else Path(work)
+    if work.resolve() == out.resolve() or out.resolve() in work.resolve().parents:
+        raise InputError(f"--work {work} must not be the bundle folder {out} or inside it")
     if out.exists() and any(out.iterdir()) and describe_folder(out) != "bundle":
         raise ArtifactError(f"output folder {out} already holds {describe_folder(out) or 'other files'}; "
                             "choose another --out")

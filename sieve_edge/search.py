@@ -54,6 +54,7 @@ class SearchConfig:
     population: int = 16
     generations: int = 12
     ladder: tuple[float, ...] = DEFAULT_LADDER
+    sensitivity_examples: int = 64  # validation examples for the task-sensitivity seeds; 0 = spectrum
     multiple: int = 8                # ranks rounded to this multiple (fast CPU kernels)
     n_calibration: int = 512         # calibration examples for the search decompositions and the refit
     calibration_batch: int = 16
@@ -83,8 +84,8 @@ class SearchConfig:
         for name in ("population", "n_calibration", "calibration_batch", "batch_size", "latency_tokens", "multiple"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.generations < 0 or self.race_size < 0 or self.heal_steps < 0:
-            raise InputError("generations, race_size and heal_steps must be >= 0")
+        if self.generations < 0 or self.race_size < 0 or self.heal_steps < 0 or self.sensitivity_examples < 0:
+            raise InputError("generations, race_size, heal_steps and sensitivity_examples must be >= 0")
         if self.val_limit is not None and self.val_limit < 1:
             raise InputError(f"val_limit must be >= 1 or None, got {self.val_limit}")
 
@@ -597,8 +598,26 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
             result = _uniform(config, shapes, objective, evaluator, store, saved, elapsed, out_of_budget,
                               progress_line)
         else:
+            def seed_costs() -> tuple[dict[str, list[float]], str]:
+                # The task's own sensitivity where it can be measured (single-token labels), else
+                # the spectrum error. Only needed for the initial population (not on resume).
+                if config.sensitivity_examples and getattr(scorer, "fast", False):
+                    from .sensitivity import label_fisher_kl
+
+                    from .factorize import set_ranks_
+
+                    set_ranks_(model, {})  # the estimate is taken at the dense model
+                    t0 = time.perf_counter()
+                    n = min(config.sensitivity_examples, scorer.n)
+                    subset = sorted({round(i * (scorer.n - 1) / max(n - 1, 1)) for i in range(n)})
+                    costs = label_fisher_kl(model, scorer, ladder.ranks, subset)
+                    say(f"search: task sensitivity (label Fisher) of {len(costs)} matrices on {len(subset)} "
+                        f"validation examples in {time.perf_counter() - t0:.0f} s")
+                    return costs, "label-Fisher KL"
+                return errors, "spectrum error"
+
             result = _genetic(config, ladder, evaluator, store, saved, elapsed, out_of_budget, progress_line,
-                              errors, say)
+                              seed_costs, objective, say)
         # the exact factors the search scored the chosen plan with (B (m, r), A (r, n), float32)
         factors = {}
         for name, r in result[0].items():
@@ -636,20 +655,10 @@ def _sensitivity(decs, shapes, multiple) -> dict[str, float]:
     return out
 
 
-def _error_genome(ladder: Ladder, decs_error: dict[str, list[float]], budget: float) -> Genome:
-    """Per matrix, the deepest level whose spectrum error stays within `budget`."""
-    genome = []
-    for name in ladder.names:
-        errs = decs_error[name]
-        level = 0
-        for i, e in enumerate(errs):
-            if e <= budget:
-                level = i
-        genome.append(level)
-    return tuple(genome)
+def _genetic(config, ladder, evaluator, store, saved, elapsed, out_of_budget, progress_line, seed_costs,
+             objective, say):
+    from .sensitivity import lagrangian_genomes
 
-
-def _genetic(config, ladder, evaluator, store, saved, elapsed, out_of_budget, progress_line, errors, say):
     def evaluate(genome: Genome) -> Evaluation:
         if out_of_budget(evaluator.dense_seconds):
             return SKIPPED  # no time left to score it: counts as infeasible
@@ -672,28 +681,31 @@ def _genetic(config, ladder, evaluator, store, saved, elapsed, out_of_budget, pr
             ga.cache[k] = evaluate(genome)
         return ga.cache[k]
 
-    # Seeds (replayed from the cache on resume): the best uniform level and the largest
-    # per-matrix spectrum-error budget, each found by bisection, plus a spread around it.
+    # Seeds (replayed from the cache on resume): the best uniform level, and the best trade of
+    # estimated task cost for gain (per matrix, the level maximizing gain - λ·cost, for a
+    # range of λ), the largest feasible one found by bisection, plus its neighbours.
     seeds: list[Genome] = []
     if ga.generation < 0:
         n_levels = len(ladder.keeps)
         u = bisect_largest(n_levels, lambda i: cached_eval(ladder.uniform(i)).feasible)
         seeds.append(ladder.uniform(u))
-        budgets = [10 ** (-4 + 3.5 * i / 15) for i in range(16)]  # 1e-4 .. ~0.3, log spaced
-        genomes = [_error_genome(ladder, errors, b) for b in budgets]
-        e = bisect_largest(len(budgets) + 1, lambda i: i == 0 or cached_eval(genomes[i - 1]).feasible)
+        costs, source = seed_costs()
+        gains = {name: [objective.gain({name: r}) for r in ladder.ranks[name]] for name in ladder.names}
+        costs = {name: [0.0 if r is None else c for r, c in zip(ladder.ranks[name], costs[name])]
+                 for name in ladder.names}
+        genomes = [g for g in lagrangian_genomes(costs, gains, ladder.names, n=24) if any(g)]
+        e = bisect_largest(len(genomes) + 1, lambda i: i == 0 or cached_eval(genomes[i - 1]).feasible)
         if e > 0:
             seeds.append(genomes[e - 1])
             seeds.extend(genomes[max(e - 3, 0): e - 1])
-            seeds.extend(genomes[e: e + 2])  # just beyond: infeasible but close, good parents
+        seeds.extend(genomes[e: e + 2])  # just beyond: infeasible but close, good parents
         if u + 1 < n_levels:
             seeds.append(ladder.uniform(u + 1))
         ga.seeds = list(dict.fromkeys(seeds))
         say(f"search: seeds: uniform keep {ladder.keeps[u]} "
-            f"({100 * cached_eval(ladder.uniform(u)).gain:.1f}%), spectrum budget "
-            f"{'-' if e == 0 else f'{budgets[e - 1]:.2g}'} "
-            f"({'-' if e == 0 else f'{100 * cached_eval(genomes[e - 1]).gain:.1f}%'}); "
-            f"{len(ga.cache)} evaluations")
+            f"({100 * cached_eval(ladder.uniform(u)).gain:.1f}%), best {source} trade "
+            f"{'-' if e == 0 else f'{100 * cached_eval(genomes[e - 1]).gain:.1f}%'} "
+            f"(step {e} of {len(genomes)}); {len(ga.cache)} evaluations")
 
     def checkpoint(g: GeneticSearch) -> None:
         rec = g.history[-1]

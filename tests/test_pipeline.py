@@ -70,3 +70,21 @@ def test_cli_run_exit_code_3_when_a_gate_fails(setup, tmp_path):
                                        "--out", str(tmp_path / "b"), "--strategy", "uniform", "--calibration", "32"])
     assert result.exit_code == 3, result.output
     assert "max_size_mb" in result.output or "size" in result.output
+
+
+def test_two_targets_share_one_work_folder(setup, tmp_path):
+    root, model_dir, task, _ = setup
+    work = tmp_path / "shared.work"
+    ov = write_profile(tmp_path / "t", "openvino", name="ov-target", max_metric_drop=1.0)
+    first = _run(setup, tmp_path / "ort-bundle", work=work)
+    assert first.report["status"] == "pass", first.stages[-1].detail
+    second = run(str(model_dir), str(task), str(ov), tmp_path / "ov-bundle", strategy="uniform", n_calibration=32,
+                 val_limit=None, work=work)
+    status = {s.name: s.status for s in second.stages}
+    assert status["search"] == "skipped (done)" and status["reference"] == "skipped (done)"
+    assert status["export"] == "done" and status["bundle"] == "done"
+    manifest = json.loads((tmp_path / "ov-bundle" / "bundle.json").read_text())
+    assert manifest["model_format"] == "openvino" and manifest["target_name"] == "ov-target"
+    assert (tmp_path / "ort-bundle" / "bundle.json").is_file()   # the first target's bundle is untouched
+    with pytest.raises(Exception, match="must not be the bundle folder"):
+        _run(setup, tmp_path / "x", work=tmp_path / "x" / "inside")

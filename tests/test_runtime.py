@@ -152,3 +152,18 @@ def test_runner_errors_exit_1(tmp_path):
         rt.Task(rt._read_toml(task), task)
     with pytest.raises(rt.RunnerError, match="no model.onnx"):
         rt.load_model(tiny_export("openvino"), "onnxruntime", 1)
+
+
+def test_peak_rss_is_the_runners_own_not_its_parents():
+    # Linux carries ru_maxrss over fork + exec: a runner started by a process that had loaded a
+    # model would report the parent's peak. Here the parent holds 400 MB; the child must not.
+    ballast = bytearray(400 * 2**20)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    code = "from sieve_edge.runtime import peak_rss_mb; print(peak_rss_mb())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(child.stdout) < 200, child.stdout
+    from sieve_edge.runtime import peak_rss_mb
+
+    assert peak_rss_mb() > 400   # and the parent does see its own
+    del ballast
