@@ -114,6 +114,7 @@ class SearchResult:
     frontier: list[dict] = field(default_factory=list)   # {gain, reduction, metric, feasible}
     levels: dict[str, float] = field(default_factory=dict)  # keep level per matrix
     sensitivity: dict[str, float] = field(default_factory=dict)  # spectrum error at keep 0.5
+    task_sensitivity: dict[str, float] = field(default_factory=dict)  # label-Fisher KL at keep 0.5 (GA)
     resumed_from: int | None = None   # generation a resumed search started from
     factors: dict = field(default_factory=dict, repr=False)  # name -> (B, A) the plan was scored with
 
@@ -594,6 +595,7 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
             say(f"{tag}: best {objective.name} reduction {g}, {task.metric} {mt}, "
                 f"{evals} evaluations, elapsed {elapsed() / 60:.1f} min{rem}")
 
+        extra: dict = {}
         if config.strategy == "uniform":
             result = _uniform(config, shapes, objective, evaluator, store, saved, elapsed, out_of_budget,
                               progress_line)
@@ -617,7 +619,7 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
                 return errors, "spectrum error"
 
             result = _genetic(config, ladder, evaluator, store, saved, elapsed, out_of_budget, progress_line,
-                              seed_costs, objective, say)
+                              seed_costs, objective, say, extra)
         # the exact factors the search scored the chosen plan with (B (m, r), A (r, n), float32)
         factors = {}
         for name, r in result[0].items():
@@ -640,6 +642,7 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
         metric=ev.metric, gain=ev.gain, tolerance_abs=tol_abs, evaluations=total,
         full_evaluations=sum(1 for f in frontier if f.get("full", True)), seconds=elapsed(),
         history=history, frontier=frontier, levels=levels, sensitivity=sensitivity, resumed_from=resumed_from,
+        task_sensitivity=extra.get("task_sensitivity", {}),
         factors=factors,
     )
 
@@ -656,7 +659,7 @@ def _sensitivity(decs, shapes, multiple) -> dict[str, float]:
 
 
 def _genetic(config, ladder, evaluator, store, saved, elapsed, out_of_budget, progress_line, seed_costs,
-             objective, say):
+             objective, say, extra):
     from .sensitivity import lagrangian_genomes
 
     def evaluate(genome: Genome) -> Evaluation:
@@ -672,6 +675,7 @@ def _genetic(config, ladder, evaluator, store, saved, elapsed, out_of_budget, pr
     resumed_from = None
     if saved is not None:
         ga.load_state_dict(saved["ga"])
+        extra["task_sensitivity"] = saved.get("task_sensitivity", {})
         resumed_from = ga.generation
         say(f"search: resuming after generation {ga.generation} ({len(ga.cache)} evaluations cached)")
 
@@ -690,6 +694,9 @@ def _genetic(config, ladder, evaluator, store, saved, elapsed, out_of_budget, pr
         u = bisect_largest(n_levels, lambda i: cached_eval(ladder.uniform(i)).feasible)
         seeds.append(ladder.uniform(u))
         costs, source = seed_costs()
+        if source == "label-Fisher KL":  # for the bottleneck report: each matrix at the level nearest keep 0.5
+            half = min(range(len(ladder.keeps)), key=lambda i: abs(ladder.keeps[i] - 0.5))
+            extra["task_sensitivity"] = {name: costs[name][half] for name in ladder.names}
         gains = {name: [objective.gain({name: r}) for r in ladder.ranks[name]] for name in ladder.names}
         costs = {name: [0.0 if r is None else c for r, c in zip(ladder.ranks[name], costs[name])]
                  for name in ladder.names}
@@ -709,7 +716,8 @@ def _genetic(config, ladder, evaluator, store, saved, elapsed, out_of_budget, pr
 
     def checkpoint(g: GeneticSearch) -> None:
         rec = g.history[-1]
-        store.save({"strategy": "ga", "elapsed": elapsed(), "ga": g.state_dict()})
+        store.save({"strategy": "ga", "elapsed": elapsed(), "ga": g.state_dict(),
+                    "task_sensitivity": extra.get("task_sensitivity", {})})
         progress_line(f"generation {g.generation}/{config.generations}", rec.best_gain, rec.best_metric,
                       rec.total_evaluations)
 
@@ -941,7 +949,7 @@ def _refit(model, tokenizer, task, plan, method, config: SearchConfig, progress:
 
 def bottlenecks(levels: dict[str, float], sensitivity: dict[str, float], n: int = 8
                 ) -> tuple[list[tuple[str, float, float]], list[tuple[str, float, float]]]:
-    """(kept densest, cut most): (name, keep, spectrum error at keep 0.5), ties broken by sensitivity."""
+    """(kept densest, cut most): (name, keep, sensitivity at keep 0.5), ties broken by sensitivity."""
     rows = [(name, keep, sensitivity.get(name, 0.0)) for name, keep in levels.items()]
     densest = sorted(rows, key=lambda r: (-r[1], -r[2], r[0]))[:n]
     cut = sorted(rows, key=lambda r: (r[1], r[2], r[0]))[:n]
@@ -980,14 +988,23 @@ def search_report(summary: dict, result: SearchResult, plan) -> str:
                   f"{h['loss_last']:.3f}; {'kept' if h['kept'] else 'discarded (it scored worse)'}.", ""]
     for note in s["notes"]:
         lines += [f"Note: {note}", ""]
-    densest, cut = bottlenecks(result.levels, result.sensitivity)
-    lines += ["## Bottlenecks", "",
-              "Matrices kept densest (the task's knowledge sits there) and cut most. "
-              "*Spectrum error* is the relative calibration output error the matrix alone would show at keep 0.5.",
-              "", "| kept densest | keep | spectrum error | | cut most | keep | spectrum error |",
-              "|---|---|---|---|---|---|---|"]
-    for (a, ka, ea), (b, kb, eb) in zip(densest, cut):
-        lines.append(f"| `{a}` | {ka:.2f} | {ea:.3f} | | `{b}` | {kb:.2f} | {eb:.3f} |")
+    task, spec = result.task_sensitivity, result.sensitivity
+    densest, cut = bottlenecks(result.levels, task or spec)
+    lines += ["## Bottlenecks", "", "Matrices kept densest (the task's knowledge sits there) and cut most. "
+              + ("*Task KL* is the label-Fisher estimate of KL(dense ‖ cut) of the label distribution with the "
+                 "matrix alone at keep 0.5 (`sensitivity.py`); " if task else "")
+              + "*spectrum error* is the relative calibration output error the matrix alone would show at keep 0.5.", ""]
+    if task:
+        lines += ["| kept densest | keep | task KL | spectrum error | | cut most | keep | task KL | spectrum error |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for (a, ka, ea), (b, kb, eb) in zip(densest, cut):
+            lines.append(f"| `{a}` | {ka:.2f} | {ea:.3g} | {spec.get(a, 0.0):.3f} | | `{b}` | {kb:.2f} | {eb:.3g} | "
+                         f"{spec.get(b, 0.0):.3f} |")
+    else:
+        lines += ["| kept densest | keep | spectrum error | | cut most | keep | spectrum error |",
+                  "|---|---|---|---|---|---|---|"]
+        for (a, ka, ea), (b, kb, eb) in zip(densest, cut):
+            lines.append(f"| `{a}` | {ka:.2f} | {ea:.3f} | | `{b}` | {kb:.2f} | {eb:.3f} |")
     by_type: dict[str, list[float]] = {}
     by_layer: dict[int, list[float]] = {}
     for name, keep in result.levels.items():

@@ -277,6 +277,7 @@ def test_run_search_writes_the_output_folder(tuned, tmp_path):
     assert len(history["generations"]) == 3 and all("median_fitness" in g for g in history["generations"])
     report = (out / "search_report.md").read_text()
     assert "Bottlenecks" in report and "kept densest" in report and "Healing" in report
+    assert "| task KL |" in report   # the GA measured the label-Fisher sensitivity (single-token labels)
     assert summary["heal"]["steps"] == 3
     assert summary["validation"]["dense"] - summary["validation"]["search"] <= summary["tolerance_abs"] + 1e-12
     reloaded = load_checkpoint(out)
