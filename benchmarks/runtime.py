@@ -11,9 +11,10 @@ ratios are to dense OpenVINO int8 through optimum-intel, all in one run. Exports
 
 Variants: torch fp32; optimum-intel (OVModelForCausalLM, Python loop); OpenVINO GenAI
 (LLMPipeline, C++ loop; decode and first token only); optimum ORTModelForCausalLM; and a
-plain onnxruntime loop (numpy, no optimum wrapper). OpenVINO runs with
-INFERENCE_PRECISION_HINT=f32 (what the export's check used; the CPU plugin would pick bf16
-on avx512_bf16 CPUs). The memory-bandwidth bound is measured read bandwidth divided by the
+plain onnxruntime loop (numpy, no optimum wrapper). OpenVINO runs with the hints a bundle
+ships with: INFERENCE_PRECISION_HINT=f32 (the CPU plugin would pick bf16 on avx512_bf16
+CPUs), f32 KV cache, and no dynamic int8 quantization of activations
+(--dynamic-quantization turns the plugin's default back on). The memory-bandwidth bound is measured read bandwidth divided by the
 bytes of weights read per token (the weights file of the int8 export).
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROMPT = "<|im_start|>user\nWrite a short story about a robot who learns to paint.<|im_end|>\n<|im_start|>assistant\n"
-OV_HINT = {"INFERENCE_PRECISION_HINT": "f32"}
+OV_HINT = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
 
 # name -> (runner, model kind, export format or None, weights)
 VARIANTS = {
@@ -257,8 +258,12 @@ def main(argv=None) -> None:
     p.add_argument("--metric-limit", type=int, default=100, help="task examples for the export's int8 metric")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(HERE / "results" / "runtime-smollm2.json"))
+    p.add_argument("--dynamic-quantization", action="store_true",
+                   help="OpenVINO: keep the CPU plugin's dynamic int8 activations (default: off, as bundles ship)")
     p.add_argument("--one", nargs=2, metavar=("RUNNER", "SOURCE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.dynamic_quantization:
+        OV_HINT.pop("DYNAMIC_QUANTIZATION_GROUP_SIZE")
 
     if args.one:
         res = run_variant(args.one[0], args.one[1], args)
@@ -286,7 +291,7 @@ def main(argv=None) -> None:
         print(f"running {name}", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, "--one", runner, source, "--model", args.model, "--task", args.task,
                "--repeats", str(args.repeats), "--decode", str(args.decode), "--examples", str(args.examples),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads)] + (["--dynamic-quantization"] if args.dynamic_quantization else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:

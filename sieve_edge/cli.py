@@ -158,13 +158,15 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
 @click.option("--heal-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Fine-tune the factors this many steps on the train split after the refit.")
 @click.option("--heal-lr", type=float, default=1e-4, show_default=True)
+@click.option("--weights", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="Score candidates as the export will compute: int8 simulates int8 weights (NNCF INT8_ASYM).")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Start over even if --out holds an unfinished or finished search.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (search.json) as JSON.")
 @handle_errors
 def search_command(model_spec, task_spec, tolerance, relative, method, strategy, objective, target, budget_minutes,
                    seed, population, generations, ladder, n_calibration, val_limit, race_size, test_limit, heal_steps,
-                   heal_lr, out, force, as_json):
+                   heal_lr, weights, out, force, as_json):
     """Search a keep level per matrix within an accuracy tolerance; write the refit checkpoint.
 
     Rerunning the same command after an interruption resumes from OUT/search_state.json.
@@ -182,7 +184,7 @@ def search_command(model_spec, task_spec, tolerance, relative, method, strategy,
     config = SearchConfig(tolerance=tolerance, relative=relative, method=method, strategy=strategy,
                           objective=objective, target=target, seed=seed, population=population,
                           generations=generations, ladder=levels, n_calibration=n_calibration, val_limit=val_limit,
-                          race_size=race_size, heal_steps=heal_steps, heal_lr=heal_lr)
+                          race_size=race_size, heal_steps=heal_steps, heal_lr=heal_lr, weights=weights)
     summary = run_search(model_spec, task_spec, out, config, budget_minutes=budget_minutes, force=force,
                          test_limit=test_limit, log=log)
     if as_json:

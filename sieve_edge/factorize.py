@@ -145,18 +145,88 @@ class SearchLinear(nn.Module):
         self.register_buffer("A", decomposition.right.to(device=w.device, dtype=w.dtype).contiguous(), persistent=False)
         self.register_buffer("Bt", decomposition.left.T.to(device=w.device, dtype=w.dtype).contiguous(), persistent=False)
         self.rank: int | None = None
+        self.int8 = False          # score as the export's int8 weights will compute (simulate_int8_)
+        self._qcache: dict = {}
 
     @property
     def max_rank(self) -> int:
         return self.A.shape[0]
 
+    def _quantized(self, what: str, dtype: torch.dtype) -> torch.Tensor:
+        # per-output-channel weights that do not depend on the rank: quantized once, kept as
+        # int8 codes (a quarter of the float32 memory), dequantized per call
+        if what not in self._qcache:
+            src = dense_weight(self.dense) if what == "dense" else self.A
+            self._qcache[what] = quantize_int8(src.detach())
+        return dequantize_int8(*self._qcache[what]).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rank is None:
-            return self.dense(x)
-        r = self.rank
-        y = (x @ self.A[:r].T) @ self.Bt[:r]
         bias = module_bias(self.dense)
+        if self.rank is None:
+            if not self.int8:
+                return self.dense(x)
+            y = x @ self._quantized("dense", x.dtype).T
+            return y if bias is None else y + bias
+        r = self.rank
+        if self.int8:
+            # first (r, in): per output row, as quantized once; second (out, r): its rows span
+            # only the first r directions, so their ranges (and scales) depend on r
+            second = dequantize_int8(*quantize_int8(self.Bt[:r].T)).to(x.dtype)
+            y = (x @ self._quantized("A", x.dtype)[:r].T) @ second.T
+        else:
+            y = (x @ self.A[:r].T) @ self.Bt[:r]
         return y if bias is None else y + bias
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int8 asymmetric per-output-channel quantization, as NNCF's ``INT8_ASYM`` weight
+    compression stores it (OpenVINO decompresses it before the MatMul): per row,
+    scale = (max - min) / 255 and an integer zero point. Returns (codes uint8, scale, zero)."""
+    w = w.float()
+    lo = w.amin(dim=-1, keepdim=True).clamp(max=0.0)
+    hi = w.amax(dim=-1, keepdim=True).clamp(min=0.0)
+    scale = ((hi - lo) / 255.0).clamp(min=torch.finfo(torch.float32).tiny)
+    zero = torch.round(-lo / scale).clamp(0, 255)
+    q = torch.clamp(torch.round(w / scale) + zero, 0, 255).to(torch.uint8)
+    return q, scale, zero
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q.float() - zero) * scale
+
+
+def fake_quant_int8(w: torch.Tensor) -> torch.Tensor:
+    """W after int8 asymmetric per-output-channel quantization and back (float32)."""
+    return dequantize_int8(*quantize_int8(w))
+
+
+def simulate_int8_(model: nn.Module, on: bool = True):
+    """Make a model carrying SearchLinear modules score as its int8 export will: every
+    SearchLinear (dense or any rank) and the input embedding / LM head rows are
+    fake-quantized. Returns a function that undoes it (the embedding is restored exactly)."""
+    modules = [m for m in model.modules() if isinstance(m, SearchLinear)]
+    for m in modules:
+        m.int8 = on
+    restore = []
+    if on:
+        seen = set()
+        for get in (model.get_input_embeddings, model.get_output_embeddings):
+            emb = get()
+            weight = getattr(emb, "weight", None) if emb is not None else None
+            if weight is None or id(weight) in seen:
+                continue  # tied: one tensor, quantized once
+            seen.add(id(weight))
+            original = weight.data
+            weight.data = fake_quant_int8(original).to(original.dtype)
+            restore.append((weight, original))
+
+    def undo():
+        for m in modules:
+            m.int8 = False
+        for weight, original in restore:
+            weight.data = original
+
+    return undo
 
 
 def attach_search_(model: nn.Module, decompositions: dict[str, Decomposition]) -> nn.Module:

@@ -165,11 +165,13 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
               _verified_checkpoint, do_tune)
         source = str(tuned)
 
-    # 2. search: per-matrix plan within the tolerance, refit with the sieve method
+    # 2. search: per-matrix plan within the tolerance, refit with the sieve method; candidates
+    # are scored in the target's int8 when it ships int8 (int4 is not simulated)
     searched = work / "search"
+    search_weights = "int8" if profile.weights == "int8" else "fp32"
     search_inputs = {"model": source, **task_id, "tolerance": tolerance, "strategy": strategy, "method": method,
                      "seed": seed, "calibration": n_calibration, "val_limit": val_limit, "heal_steps": heal_steps,
-                     "budget_minutes": budget_minutes}
+                     "budget_minutes": budget_minutes, "weights": search_weights}
 
     def do_search():
         import shutil
@@ -181,7 +183,8 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
             shutil.rmtree(searched)
 
         config = SearchConfig(tolerance=tolerance, method=method, strategy=strategy, seed=seed,
-                              n_calibration=n_calibration, val_limit=val_limit, heal_steps=heal_steps)
+                              n_calibration=n_calibration, val_limit=val_limit, heal_steps=heal_steps,
+                              weights=search_weights)
         res = run_search(source, spec, searched, config, budget_minutes=budget_minutes, force=False,
                          test_limit=test_limit, log=say)
         red = res.get("linear_param_reduction")

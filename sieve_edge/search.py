@@ -35,6 +35,7 @@ STATE_VERSION = 1
 DEFAULT_LADDER = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 STRATEGIES = ("ga", "uniform")
 OBJECTIVES = ("params", "latency")
+WEIGHTS = ("fp32", "int8")  # int8: candidates scored with simulated int8 weights (NNCF INT8_ASYM)
 UNIFORM_STEP = 0.025  # keep resolution of the uniform bisection
 # What a candidate scores when the budget ran out before it could be evaluated.
 SKIPPED = Evaluation(gain=0.0, metric=0.0, drop=1.0, feasible=False, proxy=0.0, full=False)
@@ -65,6 +66,7 @@ class SearchConfig:
     latency_tokens: int = 20         # prompt length the latency cost table is measured at
     heal_steps: int = 0
     heal_lr: float = 1e-4
+    weights: str = "fp32"            # precision candidates are scored in: int8 simulates the export's int8
 
     def __post_init__(self):
         if not (isinstance(self.tolerance, (int, float)) and 0.0 < self.tolerance < 1.0):
@@ -72,6 +74,8 @@ class SearchConfig:
                               f"got {self.tolerance}")
         if self.strategy not in STRATEGIES:
             raise InputError(f"strategy '{self.strategy}' is not allowed; choose one of {', '.join(STRATEGIES)}")
+        if self.weights not in WEIGHTS:
+            raise InputError(f"weights '{self.weights}' is not allowed; choose one of {', '.join(WEIGHTS)}")
         if self.objective not in OBJECTIVES:
             raise InputError(f"objective '{self.objective}' is not allowed; choose one of {', '.join(OBJECTIVES)}")
         from .lowrank import METHODS
@@ -115,6 +119,7 @@ class SearchResult:
     levels: dict[str, float] = field(default_factory=dict)  # keep level per matrix
     sensitivity: dict[str, float] = field(default_factory=dict)  # spectrum error at keep 0.5
     task_sensitivity: dict[str, float] = field(default_factory=dict)  # label-Fisher KL at keep 0.5 (GA)
+    dense_int8_metric: float | None = None  # validation metric of the dense model in simulated int8
     resumed_from: int | None = None   # generation a resumed search started from
     factors: dict = field(default_factory=dict, repr=False)  # name -> (B, A) the plan was scored with
 
@@ -519,7 +524,7 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
     from . import architectures as arch
     from .calibrate import decompose_all
     from .evaluate import make_scorer
-    from .factorize import attach_search_, detach_search_, linear_shapes
+    from .factorize import attach_search_, detach_search_, linear_shapes, simulate_int8_
     from .plan import RankPlan
     from .tasks import calibration_batches
 
@@ -570,6 +575,7 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
     scorer = make_scorer(tokenizer, task, "validation", limit=config.val_limit, batch_size=config.batch_size)
     attach_search_(model, decs)
     del decs  # the SearchLinear modules hold their own float32 copies of the bases
+    undo_int8 = None
     try:
         evaluator = CandidateEvaluator(model, scorer, objective, 0.0, config.race_size, config.race_z,
                                        higher_is_better=task.metric != "perplexity")
@@ -577,6 +583,18 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
         evaluator.tol = tol_abs
         say(f"search: dense validation {task.metric} {evaluator.dense_metric:.4f} on {scorer.n} examples "
             f"({evaluator.dense_seconds:.1f} s per full evaluation); tolerance {tol_abs:.4f}")
+        # The tolerance is against the float32 dense model (what the deployment gate compares
+        # with); with int8 weights every candidate, dense included, is scored as int8.
+        dense_ev = Evaluation(0.0, evaluator.dense_metric, 0.0, True, 0.0, True)
+        if config.weights == "int8":
+            undo_int8 = simulate_int8_(model)
+            dense_ev = evaluator({})
+            say(f"search: int8 weights alone (simulated): validation {task.metric} {dense_ev.metric:.4f}, drop "
+                f"{dense_ev.drop:+.4f} ({'within' if dense_ev.feasible else 'BEYOND'} the tolerance)")
+            if not dense_ev.feasible:
+                say("search: no plan can meet the tolerance in int8: the search keeps looking for the least "
+                    "harmful one, but expect the accuracy gate to fail; consider tuning first (--tune-steps), "
+                    "fp32 weights, or a larger budget")
         if budget is not None and elapsed() > budget:
             raise BudgetError(
                 f"budget of {budget_minutes:g} min is too small: calibration, decomposition and one evaluation "
@@ -595,12 +613,13 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
             say(f"{tag}: best {objective.name} reduction {g}, {task.metric} {mt}, "
                 f"{evals} evaluations, elapsed {elapsed() / 60:.1f} min{rem}")
 
-        extra: dict = {}
+        extra: dict = {"dense": dense_ev}
         if config.strategy == "uniform":
             result = _uniform(config, shapes, objective, evaluator, store, saved, elapsed, out_of_budget,
-                              progress_line)
+                              progress_line, dense_ev)
         else:
             def seed_costs() -> tuple[dict[str, list[float]], str]:
+                nonlocal undo_int8
                 # The task's own sensitivity where it can be measured (single-token labels), else
                 # the spectrum error. Only needed for the initial population (not on resume).
                 if config.sensitivity_examples and getattr(scorer, "fast", False):
@@ -608,11 +627,17 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
 
                     from .factorize import set_ranks_
 
-                    set_ranks_(model, {})  # the estimate is taken at the dense model
+                    set_ranks_(model, {})  # the estimate is taken at the dense float32 model
                     t0 = time.perf_counter()
                     n = min(config.sensitivity_examples, scorer.n)
                     subset = sorted({round(i * (scorer.n - 1) / max(n - 1, 1)) for i in range(n)})
-                    costs = label_fisher_kl(model, scorer, ladder.ranks, subset)
+                    if undo_int8 is not None:
+                        undo_int8()
+                    try:
+                        costs = label_fisher_kl(model, scorer, ladder.ranks, subset)
+                    finally:
+                        if undo_int8 is not None:
+                            undo_int8 = simulate_int8_(model)
                     say(f"search: task sensitivity (label Fisher) of {len(costs)} matrices on {len(subset)} "
                         f"validation examples in {time.perf_counter() - t0:.0f} s")
                     return costs, "label-Fisher KL"
@@ -627,6 +652,8 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
                 module = arch.get_module(model, name)
                 factors[name] = (module.Bt[:r].T.clone(), module.A[:r].clone())
     finally:
+        if undo_int8 is not None:
+            undo_int8()
         detach_search_(model)
     ranks, ev, history, frontier, levels, resumed_from = result
     plan = RankPlan(dict(shapes), ranks, config.method, config.multiple, levels)
@@ -643,6 +670,7 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
         full_evaluations=sum(1 for f in frontier if f.get("full", True)), seconds=elapsed(),
         history=history, frontier=frontier, levels=levels, sensitivity=sensitivity, resumed_from=resumed_from,
         task_sensitivity=extra.get("task_sensitivity", {}),
+        dense_int8_metric=dense_ev.metric if config.weights == "int8" else None,
         factors=factors,
     )
 
@@ -670,8 +698,8 @@ def _genetic(config, ladder, evaluator, store, saved, elapsed, out_of_budget, pr
     ga = GeneticSearch(len(ladder.names), len(ladder.keeps), lambda gs: [evaluate(g) for g in gs],
                        evaluator.tol, GAConfig(population=config.population, generations=config.generations,
                                                seed=config.seed, elite=min(2, config.population - 1)))
-    # the dense genome was scored when the evaluator measured the reference
-    ga.cache[key(ladder.uniform(0))] = Evaluation(0.0, evaluator.dense_metric, 0.0, True, 0.0, True)
+    # the dense genome was scored when the evaluator measured the reference (or in int8 after it)
+    ga.cache[key(ladder.uniform(0))] = extra["dense"]
     resumed_from = None
     if saved is not None:
         ga.load_state_dict(saved["ga"])
@@ -740,7 +768,7 @@ def _genetic(config, ladder, evaluator, store, saved, elapsed, out_of_budget, pr
     return ranks, ev, history, frontier, levels, resumed_from
 
 
-def _uniform(config, shapes, objective, evaluator, store, saved, elapsed, out_of_budget, progress_line):
+def _uniform(config, shapes, objective, evaluator, store, saved, elapsed, out_of_budget, progress_line, dense_ev):
     """Bisection on one keep fraction for every matrix (the baseline)."""
     from .lowrank import rank_for_keep
 
@@ -764,7 +792,8 @@ def _uniform(config, shapes, objective, evaluator, store, saved, elapsed, out_of
                 return False  # out of time: treat the untested level as too deep
             t0 = time.perf_counter()
             memo[k] = asdict(evaluator(ranks_of(keeps[i])))
-            best = max((v for v in memo.values() if v["feasible"] and v["full"]), key=lambda v: v["gain"])
+            best = max((v for v in memo.values() if v["feasible"] and v["full"]), key=lambda v: v["gain"],
+                       default=memo[f"{1.0:.6f}"])
             history.append({"generation": len(history) + 1, "keep": keeps[i], "feasible": memo[k]["feasible"],
                             "metric": memo[k]["metric"], "best_gain": best["gain"], "best_metric": best["metric"],
                             "best_fitness": best["gain"], "median_fitness": memo[k]["gain"],
@@ -773,7 +802,7 @@ def _uniform(config, shapes, objective, evaluator, store, saved, elapsed, out_of
             progress_line(f"bisection step {len(history)} (keep {keeps[i]})", best["gain"], best["metric"], len(memo))
         return memo[k]["feasible"]
 
-    memo.setdefault(f"{1.0:.6f}", asdict(Evaluation(0.0, evaluator.dense_metric, 0.0, True, 0.0, True)))
+    memo.setdefault(f"{1.0:.6f}", asdict(dense_ev))
     i = bisect_largest(n, feasible)
     keep = keeps[i]
     ev = Evaluation(**memo[f"{keep:.6f}"])
@@ -899,8 +928,9 @@ def run_search(model_spec, task_spec, out, config: SearchConfig = SearchConfig()
         "tolerance": config.tolerance, "relative": config.relative, "tolerance_abs": result.tolerance_abs,
         "seed": config.seed, "linear_param_reduction": plan.linear_param_reduction,
         "objective_gain": result.gain,
-        "validation": {"dense": result.dense_metric, "search": result.metric, "refit": val_refit,
-                       "final": val_final, "n": val_scorer.n},
+        "weights": config.weights,
+        "validation": {"dense": result.dense_metric, "dense_int8": result.dense_int8_metric, "search": result.metric,
+                       "refit": val_refit, "final": val_final, "n": val_scorer.n},
         "test": {"dense": dense_test, "pruned": test_metric, "drop": sign * (dense_test - test_metric),
                  "n": test_scorer.n},
         "evaluations": result.evaluations, "full_evaluations": result.full_evaluations,
@@ -972,6 +1002,12 @@ def search_report(summary: dict, result: SearchResult, plan) -> str:
         f"the rest rejected by racing), {len(result.history)} generations/steps, "
         f"{s['search_seconds'] / 60:.1f} min searching, {s['total_seconds'] / 60:.1f} min in all"
         + (f"; resumed after step {s['resumed_from']}" if s["resumed_from"] is not None else ""),
+    ]
+    if s.get("weights") == "int8":
+        lines += [f"- candidates were scored with **simulated int8 weights** (as the int8 export computes): the dense "
+                  f"model alone scores {s['validation']['dense_int8']:.4f} that way; the *search* column is int8, "
+                  "the others float32"]
+    lines += [
         "",
         "| | dense | search (output factors) | refit | final |",
         "|---|---|---|---|---|",

@@ -52,6 +52,7 @@ class TargetProfile:
     device: str = "cpu"               # cpu | gpu | npu
     weights: str = "int8"             # weight precision of the exported model
     inference_precision: str = "f32"  # OpenVINO INFERENCE_PRECISION_HINT (CPU default is bf16 on avx512_bf16)
+    dynamic_quantization: bool = False  # OpenVINO CPU: int8 activations for int8/int4-weight MatMuls
     threads: int = 1
     description: str = ""
     arch: str = "any"                 # CPU architecture the budgets were set for
@@ -80,6 +81,7 @@ _TOP = {
     "device": (lambda v: v in DEVICES, " | ".join(DEVICES)),
     "weights": (lambda v: v in WEIGHTS, " | ".join(WEIGHTS)),
     "inference_precision": (lambda v: v in PRECISIONS, " | ".join(PRECISIONS)),
+    "dynamic_quantization": (lambda v: isinstance(v, bool), "true | false"),
     "arch": (lambda v: v in ARCHES, " | ".join(ARCHES)),
     "threads": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1024,
                 "an integer from 1 to 1024"),
@@ -138,6 +140,9 @@ def parse_profile(data: dict, path: str | Path = "<profile>") -> TargetProfile:
     if runtime == "onnxruntime" and precision != "f32":
         raise ProfileError(f"{path}: 'inference_precision' = {precision!r} is not valid with runtime "
                            f"'onnxruntime' (its CPU provider has no precision hint); allowed: f32")
+    if runtime == "onnxruntime" and data.get("dynamic_quantization"):
+        raise ProfileError(f"{path}: 'dynamic_quantization' = true is an OpenVINO setting, not valid with runtime "
+                           "'onnxruntime' (its int8 export chooses its own quantization); allowed: false")
     affinity = data.get("cpu_affinity")
     if affinity is not None and data["threads"] > len(affinity):
         raise ProfileError(f"{path}: 'threads' = {data['threads']} exceeds the {len(affinity)} CPU(s) "
@@ -145,6 +150,7 @@ def parse_profile(data: dict, path: str | Path = "<profile>") -> TargetProfile:
     return TargetProfile(
         name=data["name"], runtime=runtime, device=data.get("device", "cpu"),
         weights=data.get("weights", "int8"), inference_precision=precision,
+        dynamic_quantization=bool(data.get("dynamic_quantization", False)),
         threads=data["threads"], description=data.get("description", ""),
         arch=data.get("arch", "any"),
         cpu_affinity=tuple(affinity) if affinity is not None else None,

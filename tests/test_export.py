@@ -379,3 +379,45 @@ def test_int8_choice_prefers_no_drop_then_fidelity():
     no_task = {"dynamic": {"torch": None, "exported": None, "prediction_agreement": 1.0, "mean_kl_vs_torch": 2e-5},
                "nbits8": {"torch": None, "exported": None, "prediction_agreement": 1.0, "mean_kl_vs_torch": 3e-6}}
     assert _choose(no_task) == "nbits8"
+
+
+@pytest.mark.parametrize("rank", [None, 32])
+def test_search_int8_simulation_matches_openvino_int8(rank, tok, task_file, tmp_path):
+    """What the search scores with --weights int8 is what the OpenVINO int8 export computes."""
+    import copy
+
+    from sieve_edge.architectures import get_module, linear_names
+    from sieve_edge.factorize import attach_search_, dense_weight, factorize_, set_ranks_, simulate_int8_
+    from sieve_edge.lowrank import decompose_svd
+
+    dense = _big_dense()
+    decs = {name: decompose_svd(dense_weight(get_module(dense, name))) for name in linear_names(dense)}
+    exported_model = copy.deepcopy(dense)
+    if rank is not None:
+        factorize_(exported_model, {name: d.factors(rank) for name, d in decs.items()})
+    out = export_model(exported_model, "openvino", "int8", tmp_path / "int8", tokenizer=tok, task=str(task_file)).path
+    ids = torch.tensor([[3, 17, 29, 4, 11, 8, 21, 5]])
+    from sieve_edge.export.openvino import load  # with the hints a bundle ships (f32, no dynamic int8)
+
+    ov_logits = torch.as_tensor(load(out)(input_ids=ids, attention_mask=torch.ones_like(ids)).logits)
+
+    sim = attach_search_(copy.deepcopy(dense), decs)
+    set_ranks_(sim, {name: rank for name in decs})
+    with torch.no_grad():
+        fp32_logits = sim(input_ids=ids).logits
+        undo = simulate_int8_(sim)
+        int8_logits = sim(input_ids=ids).logits
+        undo()
+        assert _max_diff(sim(input_ids=ids).logits, fp32_logits) == 0.0   # undone exactly
+    off_fp32, off_sim = _max_diff(fp32_logits, ov_logits), _max_diff(int8_logits, ov_logits)
+    assert off_sim < 0.1 * off_fp32, (off_sim, off_fp32)
+
+
+def _big_dense():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(make_tokenizer()), hidden_size=128, intermediate_size=256,
+                         num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                         max_position_embeddings=128, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()

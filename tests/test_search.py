@@ -179,6 +179,20 @@ def test_ga_is_deterministic_and_within_tolerance(tuned):
     assert plans[0] == plans[1]
 
 
+def test_int8_search_scores_candidates_as_int8(tuned):
+    root, task_path = tuned
+    task = load_task(task_path)
+    model, tok = load_tuned(root)
+    before = model.get_input_embeddings().weight.detach().clone()
+    res = search_plan(model, tok, task, small_config(generations=1, weights="int8"))
+    assert res.dense_int8_metric is not None
+    assert res.dense_metric - res.metric <= res.tolerance_abs + 1e-12   # the plan holds in int8
+    assert torch.equal(model.get_input_embeddings().weight, before)    # simulation undone
+    assert all(type(m).__name__ != "SearchLinear" for m in model.modules())
+    with pytest.raises(InputError, match="weights"):
+        small_config(weights="int4")
+
+
 def test_uniform_bisection(tuned):
     root, task_path = tuned
     model, tok = load_tuned(root)

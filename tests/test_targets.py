@@ -81,3 +81,21 @@ def test_unknown_name_lists_shipped(tmp_path):
         load_profile(tmp_path / "missing.toml")
     with pytest.raises(ProfileError, match="not valid TOML"):
         load_profile(_write(tmp_path, "name = \n"))
+
+
+def test_dynamic_quantization_key(tmp_path):
+    from sieve_edge.errors import ProfileError
+    from sieve_edge.targets import load_profile
+
+    base = 'schema_version = 1\nname = "x"\nthreads = 1\n'
+    ov = tmp_path / "ov.toml"
+    ov.write_text(base + 'runtime = "openvino"\ndynamic_quantization = true\n')
+    assert load_profile(ov).dynamic_quantization is True
+    ort = tmp_path / "ort.toml"
+    ort.write_text(base + 'runtime = "onnxruntime"\ndynamic_quantization = true\n')
+    with pytest.raises(ProfileError, match="dynamic_quantization.*OpenVINO"):
+        load_profile(ort)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(base + 'runtime = "openvino"\ndynamic_quantization = "yes"\n')
+    with pytest.raises(ProfileError, match="true \\| false"):
+        load_profile(bad)
