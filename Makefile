@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine (Python 3.10+ and pip):
-#   make demo   install, then prune + export + validate + bundle SmolLM2-135M for sst2 on factory-pc
+#   make demo   install, then tune + prune + export + bundle + validate SmolLM2-135M for sst2 on factory-pc (~25 min)
 #   make test   install, then run the unit tests (offline, tiny random models)
 PY ?= python3
 VENV := .venv
@@ -20,7 +20,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/sieve-edge run --model smollm2-135m --task samples/tasks/sst2.toml \
-		--target targets/factory-pc.toml --budget-minutes 10 --out runs/smollm2-sst2-factory-pc
+		--target targets/factory-pc.toml --tune-steps 100 --budget-minutes 8 --out runs/smollm2-sst2-factory-pc
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -20,6 +20,7 @@ bytes of weights read per token (the weights file of the int8 export).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -57,7 +58,8 @@ def pruned_checkpoint(args) -> Path:
     """A searched checkpoint (--pruned), or uniform keep --keep with the 'output' method."""
     if args.pruned:
         return Path(args.pruned)
-    path = Path(args.work) / f"pruned-keep{args.keep}"
+    ident = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    path = Path(args.work) / f"pruned-keep{args.keep}-{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
     if (path / "sieve_edge.json").exists():
         return path
     from sieve_edge.checkpoint import build_manifest, save_checkpoint
@@ -72,12 +74,18 @@ def pruned_checkpoint(args) -> Path:
     return path
 
 
+def folder_of(args, source: str, kind: str, fmt: str, weights: str) -> Path:
+    """The export folder names its source, so another --model or --pruned never reuses a stale one."""
+    ident = str(Path(source).resolve()) if Path(source).exists() else source
+    return Path(args.work) / f"{kind}-{hashlib.sha256(ident.encode()).hexdigest()[:8]}-{fmt}-{weights}"
+
+
 def export_folder(args, kind: str, fmt: str, weights: str) -> Path:
     from sieve_edge.export import export_model
 
-    out = Path(args.work) / f"{kind}-{fmt}-{weights}"
+    source = args.model if kind == "dense" else str(pruned_checkpoint(args))
+    out = folder_of(args, source, kind, fmt, weights)
     if not (out / "export.json").exists():
-        source = args.model if kind == "dense" else str(pruned_checkpoint(args))
         export_model(source, fmt, weights, out, task=args.task, metric_limit=args.metric_limit, force=True,
                      log=lambda m: print(f"  [{kind} {fmt} {weights}] {m}", file=sys.stderr, flush=True))
     return out
@@ -321,7 +329,8 @@ def main(argv=None) -> None:
     bw = read_bandwidth_gbs()
     bound = {}
     for kind in ("dense", "pruned"):
-        folder = Path(args.work) / f"{kind}-openvino-int8"
+        source = args.model if kind == "dense" else (args.pruned or str(pruned_checkpoint(args)))
+        folder = folder_of(args, source, kind, "openvino", "int8")
         if (folder / "openvino_model.bin").exists():
             b = weight_bytes(folder)
             bound[kind] = {"weights_bytes_per_token": b, "tok_s": bw * 1e9 / b}

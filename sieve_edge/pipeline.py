@@ -231,7 +231,9 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
                     card_info={"pipeline": f"sieve-edge run (work folder {work.name})"}, log=say)
         return ""
 
-    stage("bundle", {"export": export_inputs, "reference": str(reference), "target": profile.name}, out,
+    target_id = {"target": profile.name,
+                 "target_sha": hashlib.sha256(Path(profile.path).read_bytes()).hexdigest()[:16] if profile.path else None}
+    stage("bundle", {"export": export_inputs, "reference": str(reference), **target_id}, out,
           lambda p: (p / "bundle.json").is_file(), do_bundle)
 
     # 6. validate on this machine, per the profile, in a child process (always rerun: it is the check)

@@ -623,9 +623,8 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
                 # The task's own sensitivity where it can be measured (single-token labels), else
                 # the spectrum error. Only needed for the initial population (not on resume).
                 if config.sensitivity_examples and getattr(scorer, "fast", False):
-                    from .sensitivity import label_fisher_kl
-
                     from .factorize import set_ranks_
+                    from .sensitivity import label_fisher_kl
 
                     set_ranks_(model, {})  # the estimate is taken at the dense float32 model
                     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ try:  # Python >= 3.11
 except ModuleNotFoundError:  # pragma: no cover - 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest; every version up to it is read (2 added dynamic_quantization)
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 
 RUNTIMES = ("onnxruntime", "openvino")
@@ -73,8 +73,8 @@ def _is_number(v) -> bool:
 
 
 _TOP = {
-    "schema_version": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v == SCHEMA_VERSION,
-                       f"the integer {SCHEMA_VERSION}"),
+    "schema_version": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= SCHEMA_VERSION,
+                       f"an integer from 1 to {SCHEMA_VERSION}"),
     "name": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
     "description": (lambda v: isinstance(v, str), "a string"),
     "runtime": (lambda v: v in RUNTIMES, " | ".join(RUNTIMES)),
@@ -140,6 +140,9 @@ def parse_profile(data: dict, path: str | Path = "<profile>") -> TargetProfile:
     if runtime == "onnxruntime" and precision != "f32":
         raise ProfileError(f"{path}: 'inference_precision' = {precision!r} is not valid with runtime "
                            f"'onnxruntime' (its CPU provider has no precision hint); allowed: f32")
+    if "dynamic_quantization" in data and data["schema_version"] < 2:
+        raise ProfileError(f"{path}: 'dynamic_quantization' needs schema_version = 2 (this file says "
+                           f"{data['schema_version']}); allowed: set schema_version = 2, or drop the key")
     if runtime == "onnxruntime" and data.get("dynamic_quantization"):
         raise ProfileError(f"{path}: 'dynamic_quantization' = true is an OpenVINO setting, not valid with runtime "
                            "'onnxruntime' (its int8 export chooses its own quantization); allowed: false")

@@ -23,7 +23,7 @@ def test_shipped_profiles_load():
     assert {"factory-pc", "kiosk", "arm64-panel"} <= set(names)
     for name in names:
         p = load_profile(name)
-        assert p.schema_version == SCHEMA_VERSION
+        assert 1 <= p.schema_version <= SCHEMA_VERSION
         assert p.name == name
         assert p.budget.max_metric_drop is not None and p.budget.max_size_mb is not None
     fp = load_profile("factory-pc")
@@ -59,7 +59,7 @@ def test_good_profile_and_defaults(tmp_path):
     (lambda t: t.replace('device = "cpu"', 'device = "tpu"'), "device", "cpu | gpu | npu"),
     (lambda t: t.replace('weights = "int8"', 'weights = "int2"'), "weights", "fp32 | int8 | int4"),
     (lambda t: t.replace('"f32"', '"fp64"'), "inference_precision", "f32 | bf16 | f16"),
-    (lambda t: t.replace("schema_version = 1", "schema_version = 2"), "schema_version", "the integer 1"),
+    (lambda t: t.replace("schema_version = 1", "schema_version = 3"), "schema_version", "an integer from 1 to 2"),
     (lambda t: t.replace("threads = 2", "threads = 2\ncpu_affinity = [0, 0]"), "cpu_affinity", "distinct"),
     (lambda t: t.replace("threads = 2", "threads = 4\ncpu_affinity = [0, 1]"), "threads", "len(cpu_affinity)"),
     (lambda t: t.replace('"openvino"', '"onnxruntime"').replace('"f32"', '"bf16"'), "inference_precision",
@@ -87,7 +87,11 @@ def test_dynamic_quantization_key(tmp_path):
     from sieve_edge.errors import ProfileError
     from sieve_edge.targets import load_profile
 
-    base = 'schema_version = 1\nname = "x"\nthreads = 1\n'
+    base = 'schema_version = 2\nname = "x"\nthreads = 1\n'
+    old = tmp_path / "old.toml"
+    old.write_text(base.replace("= 2", "= 1") + 'runtime = "openvino"\ndynamic_quantization = true\n')
+    with pytest.raises(ProfileError, match="needs schema_version = 2"):
+        load_profile(old)
     ov = tmp_path / "ov.toml"
     ov.write_text(base + 'runtime = "openvino"\ndynamic_quantization = true\n')
     assert load_profile(ov).dynamic_quantization is True
