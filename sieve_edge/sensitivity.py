@@ -54,16 +54,14 @@ def label_fisher_kl(model, scorer, ranks: dict[str, Sequence[int | None]], subse
     want = {name: list(rs) for name, rs in ranks.items()}
     totals = {name: torch.zeros(len(rs), dtype=torch.float64) for name, rs in want.items()}
     weight = {"p": None}  # (B,) weight of the current backward: p_c of each example
-    saved: dict[str, torch.Tensor] = {}
     hooks = []
 
     def on_forward(name):
         def hook(module, args, output):
-            x = args[0].detach()
-            saved[name] = x
+            x = args[0].detach()  # held by the gradient hook below, freed with the graph
 
-            def on_grad(delta, name=name, module=module):
-                _accumulate(name, module, saved[name], delta.detach())
+            def on_grad(delta, name=name, module=module, x=x):
+                _accumulate(name, module, x, delta.detach())
 
             if output.requires_grad:
                 output.register_hook(on_grad)
@@ -114,7 +112,6 @@ def label_fisher_kl(model, scorer, ranks: dict[str, Sequence[int | None]], subse
                     direction[:, cls] += 1.0                                        # e_c - p
                     weight["p"] = prob[:, cls]
                     (direction.to(z.dtype) * z).sum().backward(retain_graph=cls + 1 < n_labels)
-            saved.clear()
             if progress is not None:
                 progress(min(start + batch_size, len(rows)), len(rows))
     finally:
