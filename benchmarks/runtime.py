@@ -80,10 +80,14 @@ def folder_of(args, source: str, kind: str, fmt: str, weights: str) -> Path:
     return Path(args.work) / f"{kind}-{hashlib.sha256(ident.encode()).hexdigest()[:8]}-{fmt}-{weights}"
 
 
+def source_of(args, kind: str) -> str:
+    return args.model if kind == "dense" else str(pruned_checkpoint(args))
+
+
 def export_folder(args, kind: str, fmt: str, weights: str) -> Path:
     from sieve_edge.export import export_model
 
-    source = args.model if kind == "dense" else str(pruned_checkpoint(args))
+    source = source_of(args, kind)
     out = folder_of(args, source, kind, fmt, weights)
     if not (out / "export.json").exists():
         export_model(source, fmt, weights, out, task=args.task, metric_limit=args.metric_limit, force=True,
@@ -329,8 +333,7 @@ def main(argv=None) -> None:
     bw = read_bandwidth_gbs()
     bound = {}
     for kind in ("dense", "pruned"):
-        source = args.model if kind == "dense" else (args.pruned or str(pruned_checkpoint(args)))
-        folder = folder_of(args, source, kind, "openvino", "int8")
+        folder = folder_of(args, source_of(args, kind), kind, "openvino", "int8")
         if (folder / "openvino_model.bin").exists():
             b = weight_bytes(folder)
             bound[kind] = {"weights_bytes_per_token": b, "tok_s": bw * 1e9 / b}

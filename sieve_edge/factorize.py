@@ -171,7 +171,9 @@ class SearchLinear(nn.Module):
         if self.int8:
             # first (r, in): per output row, as quantized once; second (out, r): its rows span
             # only the first r directions, so their ranges (and scales) depend on r
-            second = dequantize_int8(*quantize_int8(self.Bt[:r].T)).to(x.dtype)
+            if self._qcache.get("second_rank") != r:  # a candidate scores many batches at one rank
+                self._qcache["second_rank"], self._qcache["second"] = r, quantize_int8(self.Bt[:r].T)
+            second = dequantize_int8(*self._qcache["second"]).to(x.dtype)
             y = (x @ self._quantized("A", x.dtype)[:r].T) @ second.T
         else:
             y = (x @ self.A[:r].T) @ self.Bt[:r]
@@ -200,25 +202,23 @@ def fake_quant_int8(w: torch.Tensor) -> torch.Tensor:
     return dequantize_int8(*quantize_int8(w))
 
 
-def simulate_int8_(model: nn.Module, on: bool = True):
+def simulate_int8_(model: nn.Module):
     """Make a model carrying SearchLinear modules score as its int8 export will: every
     SearchLinear (dense or any rank) and the input embedding / LM head rows are
     fake-quantized. Returns a function that undoes it (the embedding is restored exactly)."""
     modules = [m for m in model.modules() if isinstance(m, SearchLinear)]
     for m in modules:
-        m.int8 = on
-    restore = []
-    if on:
-        seen = set()
-        for get in (model.get_input_embeddings, model.get_output_embeddings):
-            emb = get()
-            weight = getattr(emb, "weight", None) if emb is not None else None
-            if weight is None or id(weight) in seen:
-                continue  # tied: one tensor, quantized once
-            seen.add(id(weight))
-            original = weight.data
-            weight.data = fake_quant_int8(original).to(original.dtype)
-            restore.append((weight, original))
+        m.int8 = True
+    restore, seen = [], set()
+    for get in (model.get_input_embeddings, model.get_output_embeddings):
+        emb = get()
+        weight = getattr(emb, "weight", None) if emb is not None else None
+        if weight is None or id(weight) in seen:
+            continue  # tied: one tensor, quantized once
+        seen.add(id(weight))
+        original = weight.data
+        weight.data = fake_quant_int8(original).to(original.dtype)
+        restore.append((weight, original))
 
     def undo():
         for m in modules:

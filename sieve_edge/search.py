@@ -613,7 +613,7 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
             say(f"{tag}: best {objective.name} reduction {g}, {task.metric} {mt}, "
                 f"{evals} evaluations, elapsed {elapsed() / 60:.1f} min{rem}")
 
-        extra: dict = {"dense": dense_ev}
+        extra: dict = {}  # what the GA reports besides its result (task sensitivity)
         if config.strategy == "uniform":
             result = _uniform(config, shapes, objective, evaluator, store, saved, elapsed, out_of_budget,
                               progress_line, dense_ev)
@@ -643,7 +643,7 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
                 return errors, "spectrum error"
 
             result = _genetic(config, ladder, evaluator, store, saved, elapsed, out_of_budget, progress_line,
-                              seed_costs, objective, say, extra)
+                              seed_costs, objective, say, dense_ev, extra)
         # the exact factors the search scored the chosen plan with (B (m, r), A (r, n), float32)
         factors = {}
         for name, r in result[0].items():
@@ -686,7 +686,7 @@ def _sensitivity(decs, shapes, multiple) -> dict[str, float]:
 
 
 def _genetic(config, ladder, evaluator, store, saved, elapsed, out_of_budget, progress_line, seed_costs,
-             objective, say, extra):
+             objective, say, dense_ev, extra):
     from .sensitivity import lagrangian_genomes
 
     def evaluate(genome: Genome) -> Evaluation:
@@ -698,7 +698,7 @@ def _genetic(config, ladder, evaluator, store, saved, elapsed, out_of_budget, pr
                        evaluator.tol, GAConfig(population=config.population, generations=config.generations,
                                                seed=config.seed, elite=min(2, config.population - 1)))
     # the dense genome was scored when the evaluator measured the reference (or in int8 after it)
-    ga.cache[key(ladder.uniform(0))] = extra["dense"]
+    ga.cache[key(ladder.uniform(0))] = dense_ev
     resumed_from = None
     if saved is not None:
         ga.load_state_dict(saved["ga"])
