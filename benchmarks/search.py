@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "search.json")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows already in --out that this run does not redo (same task, strategy, tolerance)")
     p.add_argument("--no-cross", dest="cross", action="store_false",
                    help="skip the uci_* cross-dataset scores of the sst2 plans")
     p.add_argument("--quick", action="store_true",
@@ -88,13 +90,15 @@ def tuned_model(args, task_name: str):
     folder = args.work / f"tuned-{task_name}-{args.tune_steps}"
     if (folder / "sieve_edge.json").is_file():
         return load_model(str(folder)), tok, str(folder)
-    from sieve_edge.tune import save_tuned, tune
+    from sieve_edge.tune import DEFAULT_LR, save_tuned, tune
 
+    # The same recipe as `sieve-edge run --tune-steps N` (full fine-tuning, its default rate).
+    lr = DEFAULT_LR[False]
     model = load_model(args.model)
     t0 = time.perf_counter()
-    tune(model, tok, task_name, steps=args.tune_steps, lr=3e-5, batch_size=16, seed=args.seed)
+    tune(model, tok, task_name, steps=args.tune_steps, lr=lr, batch_size=16, seed=args.seed)
     save_tuned(model, tok, folder, base_model=args.model, task=task_name, steps=args.tune_steps, lora=False,
-               lr=3e-5, batch_size=16, seed=args.seed, force=True)
+               lr=lr, batch_size=16, seed=args.seed, force=True)
     print(f"tuned {task_name} in {time.perf_counter() - t0:.0f} s -> {folder}", file=sys.stderr)
     return model, tok, str(folder)
 
@@ -107,6 +111,7 @@ def main(argv=None) -> int:
 
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
+    kept = _previous_rows(args) if args.merge else []
     started = time.perf_counter()
     for task_name in args.tasks.split(","):
         dense, tok, spec = tuned_model(args, task_name)
@@ -138,7 +143,8 @@ def main(argv=None) -> int:
                        "test_dense": summary["test"]["dense"], "test_pruned": summary["test"]["pruned"],
                        "test_drop": summary["test"]["drop"], "evaluations": summary["evaluations"],
                        "search_minutes": summary["search_seconds"] / 60,
-                       "total_minutes": (time.perf_counter() - t0) / 60, "out": str(out)}
+                       "total_minutes": (time.perf_counter() - t0) / 60, "out": str(out),
+                       "model": spec, "tune_steps": args.tune_steps, "budget_minutes": args.budget_minutes}
                 if cross_dense:
                     from sieve_edge.checkpoint import load_checkpoint
 
@@ -148,11 +154,37 @@ def main(argv=None) -> int:
                                     for n in CROSS}
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-                _write(args, rows, started)
+                _write(args, _merged(kept, rows), started)
         del dense, decompositions
+    rows = _merged(kept, rows)
     _write(args, rows, started)
     print(table(rows))
     return 0
+
+
+def _previous_rows(args) -> list[dict]:
+    """Rows of an earlier --out, each carrying the settings it ran with (older files kept them file-wide)."""
+    if not args.out.is_file():
+        return []
+    old = json.loads(args.out.read_text())
+    settings = old.get("settings", {})
+    rows = []
+    for row in old.get("rows", []):
+        row = dict(row)
+        row.setdefault("model", settings.get("model"))
+        row.setdefault("tune_steps", settings.get("tune_steps"))
+        row.setdefault("budget_minutes", settings.get("budget_minutes"))
+        rows.append(row)
+    return rows
+
+
+def _merged(kept: list[dict], rows: list[dict]) -> list[dict]:
+    """kept rows not redone by this run, then this run's rows, in benchmark order."""
+    key = lambda r: (r["task"], r["strategy"], r["tolerance"])  # noqa: E731
+    redone = {key(r) for r in rows}
+    order = {name: i for i, name in enumerate(("sst2", "sms_spam", "snips"))}
+    merged = [r for r in kept if key(r) not in redone] + rows
+    return sorted(merged, key=lambda r: (order.get(r["task"], 99), r["tolerance"], list(STRATEGIES).index(r["strategy"])))
 
 
 def _write(args, rows, started) -> None:

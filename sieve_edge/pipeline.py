@@ -131,16 +131,19 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
         ledger.data["stages"] = {}
     summary = RunSummary(bundle=str(out))
 
-    def stage(name: str, inputs: dict, output: Path, verify: Callable[[Path], bool], body: Callable[[], str]):
-        if ledger.done(name, inputs) and verify(output):
+    def stage(name: str, inputs: dict, output: Path, verify: Callable[[Path], bool], body: Callable[[], str],
+              key: str | None = None):
+        # key: the ledger entry, when one stage keeps several outputs side by side (one per format)
+        key = key or name
+        if ledger.done(key, inputs) and verify(output):
             summary.stages.append(StageRecord(name, "skipped (done)", 0.0, str(output)))
             say(f"[{name}] already done: {output}")
             return
-        ledger.forget(name)
+        ledger.forget(key)
         say(f"[{name}] running ...")
         t0 = time.perf_counter()
         detail = body()
-        ledger.mark(name, inputs)
+        ledger.mark(key, inputs)
         summary.stages.append(StageRecord(name, "done", time.perf_counter() - t0, str(output), detail or ""))
         say(f"[{name}] done in {time.perf_counter() - t0:.0f} s {detail or ''}")
 
@@ -194,8 +197,9 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
           lambda p: _verified_checkpoint(p) and (p / "search.json").is_file(), do_search)
 
     # 3. export for the target's runtime and weight precision
-    exported = work / "export"
+    # one folder per format and weight precision, so targets sharing --work keep their exports
     fmt = {"onnxruntime": "onnx", "openvino": "openvino"}[profile.runtime]
+    exported = work / f"export-{fmt}-{profile.weights}"
     export_inputs = {"search": search_inputs, "format": fmt, "weights": profile.weights, "task_head": task_head}
 
     def do_export():
@@ -206,7 +210,7 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
                            force=True, log=say)
         return f"{fmt} {res.manifest.get('weights', profile.weights)}"
 
-    stage("export", export_inputs, exported, _verified_export, do_export)
+    stage("export", export_inputs, exported, _verified_export, do_export, key=exported.name)
 
     # 4. the dense model's metric on the test split: what the accuracy gate compares against
     reference = work / "reference.json"
@@ -234,7 +238,7 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
     target_id = {"target": profile.name,
                  "target_sha": hashlib.sha256(Path(profile.path).read_bytes()).hexdigest()[:16] if profile.path else None}
     stage("bundle", {"export": export_inputs, "reference": str(reference), **target_id}, out,
-          lambda p: (p / "bundle.json").is_file(), do_bundle)
+          lambda p: (p / "bundle.json").is_file(), do_bundle, key=f"bundle {out.resolve()}")
 
     # 6. validate on this machine, per the profile, in a child process (always rerun: it is the check)
     from .validate import validate

@@ -43,7 +43,7 @@ def test_run_then_rerun_skips_done_stages_and_redoes_broken_ones(setup):
     assert [s.status for s in second.stages[:-1]] == ["skipped (done)"] * 4
 
     # a half-written export (a listed file missing) is redone, and what depends on it is not skipped wrongly
-    export = root / "bundle.work" / "export"
+    export = root / "bundle.work" / "export-onnx-fp32"
     listed = json.loads((export / "export.json").read_text())["files"]
     (export / sorted(listed)[0]).unlink()
     third = _run(setup, out)
@@ -86,5 +86,8 @@ def test_two_targets_share_one_work_folder(setup, tmp_path):
     manifest = json.loads((tmp_path / "ov-bundle" / "bundle.json").read_text())
     assert manifest["model_format"] == "openvino" and manifest["target_name"] == "ov-target"
     assert (tmp_path / "ort-bundle" / "bundle.json").is_file()   # the first target's bundle is untouched
+    # each format keeps its export: going back to the first target redoes nothing but validation
+    again = _run(setup, tmp_path / "ort-bundle", work=work)
+    assert [s.status for s in again.stages[:-1]] == ["skipped (done)"] * 4
     with pytest.raises(Exception, match="must not be the bundle folder"):
         _run(setup, tmp_path / "x", work=tmp_path / "x" / "inside")
