@@ -144,7 +144,8 @@ def main(argv=None) -> int:
                        "test_drop": summary["test"]["drop"], "evaluations": summary["evaluations"],
                        "search_minutes": summary["search_seconds"] / 60,
                        "total_minutes": (time.perf_counter() - t0) / 60, "out": str(out),
-                       "model": spec, "tune_steps": args.tune_steps, "budget_minutes": args.budget_minutes}
+                       "model": spec, "tune_steps": args.tune_steps, "budget_minutes": args.budget_minutes,
+                       "method": summary["method"], "notes": summary["notes"]}
                 if cross_dense:
                     from sieve_edge.checkpoint import load_checkpoint
 
@@ -174,6 +175,10 @@ def _previous_rows(args) -> list[dict]:
         row.setdefault("model", settings.get("model"))
         row.setdefault("tune_steps", settings.get("tune_steps"))
         row.setdefault("budget_minutes", settings.get("budget_minutes"))
+        saved = Path(row["out"]) / "search.json"
+        if "method" not in row and saved.is_file():   # rows from before the method was recorded
+            summary = json.loads(saved.read_text())
+            row["method"], row["notes"] = summary["method"], summary["notes"]
         rows.append(row)
     return rows
 
@@ -203,7 +208,9 @@ def table(rows) -> str:
     lines = ["| task | strategy | tol | removed | val dense → final | test dense → pruned (drop) | evals | min |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['task']} | {r['strategy']} | {r['tolerance']:g} | {100 * r['reduction']:.1f}% | "
+        # a sieve refit that missed the tolerance keeps the output factors the search scored
+        fell_back = " (kept output)" if r["strategy"].endswith("sieve") and r.get("method") == "output" else ""
+        lines.append(f"| {r['task']} | {r['strategy']}{fell_back} | {r['tolerance']:g} | {100 * r['reduction']:.1f}% | "
                      f"{r['val_dense']:.3f} → {r['val_final']:.3f} | {r['test_dense']:.3f} → {r['test_pruned']:.3f} "
                      f"({100 * r['test_drop']:+.1f} pt) | {r['evaluations']} | {r['total_minutes']:.1f} |")
     cross = [r for r in rows if r.get("cross")]

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -131,10 +132,11 @@ def test_int8_smaller_and_reported(fmt, tok, task_file, tmp_path):
     int8 = export_model(model, fmt, "int8", tmp_path / "int8", tokenizer=tok, task=str(task_file))
     fp32_bytes = 4 * sum(p.numel() for p in model.parameters())  # what an fp32 export stores (once)
     ratio = fp32_bytes / _weights_bytes(int8.path, fmt)
-    # 4 bytes -> 1 byte per weight plus scales and graph. ONNX int8 quantizes the MatMuls only
-    # and keeps the token embedding (Gather, 24% of this model's weights) in fp32; NNCF
-    # compresses the embedding too. Measured on this model: ONNX 1.43x, OpenVINO above 3x.
-    assert ratio > (1.3 if fmt == "onnx" else 3.0), ratio
+    # 4 bytes -> 1 byte per weight plus scales and graph, the token embedding included. NNCF:
+    # above 3x. ONNX: 2.0x measured; this model's tied table is stored twice (uint8 lookup rows
+    # and the head's MatMulNBits), and ~100 KB of its ~340 KB is graph. What matters is that
+    # no weight stays fp32 (before the table rewrites: 1.43x, the table fp32).
+    assert ratio > (1.8 if fmt == "onnx" else 3.0), ratio
     fid = int8.manifest["fidelity"]
     assert fid["fp32"]["misses"] == []  # the fp32 graph is checked before quantizing
     assert fid["int8"]["torch"] is not None and fid["int8"]["exported"] is not None
@@ -144,6 +146,14 @@ def test_int8_smaller_and_reported(fmt, tok, task_file, tmp_path):
         assert set(q["candidates"]) == {"dynamic", "nbits8"} and q["chosen"] in q["candidates"]
         for c in q["candidates"].values():
             assert {"exported", "prediction_agreement", "mean_kl_vs_torch", "bytes"} <= set(c)
+            assert c["settings"]["gather_tables"] == ["model.embed_tokens.weight"]
+            assert c["settings"]["untied_heads"] == ["model.embed_tokens.weight"]
+        import onnx
+        from onnx import TensorProto
+
+        stored = onnx.load(str(int8.path / "model.onnx")).graph.initializer
+        largest_fp32 = max(int(np.prod(t.dims)) for t in stored if t.data_type == TensorProto.FLOAT)
+        assert largest_fp32 < model.config.vocab_size * 8, largest_fp32   # scales only
         _ort(int8.path)  # loads through optimum
     else:
         _ov(int8.path)
@@ -216,6 +226,45 @@ def test_microbench_cache_and_break_even(tmp_path, monkeypatch):
                                     cache=cache) is expected
     # above the parameter break-even (r(m+n) >= mn) a pair is never kept, without measuring
     assert mb.faster_than_dense((64, 32), 24, 1, "onnxruntime", "fp32", threads=1, cache=cache) is False
+
+
+def test_quantize_gathers_rewrites_lookup_tables_only(tmp_path):
+    # A lookup table read only by Gather becomes uint8 rows dequantized after the lookup, with
+    # the values factorize.quantize_int8 gives; a table a MatMul also reads stays fp32.
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sieve_edge.export.onnx import quantize_gathers
+    from sieve_edge.factorize import fake_quant_int8
+
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(50, 40)).astype(np.float32)
+    table[3] = np.abs(table[3])              # a row with no negative value: zero point 0
+    shared = rng.normal(size=(50, 40)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["looked"], axis=0),
+         helper.make_node("Gather", ["table", "ids"], ["again"], axis=0),
+         helper.make_node("Gather", ["shared", "ids"], ["row"], axis=0),
+         helper.make_node("MatMul", ["x", "shared"], ["proj"])],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3]),
+              helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 50])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("looked", "again", "row", "proj")],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(shared, "shared")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert quantize_gathers(model) == ["table"]
+    kinds = {t.name: t.data_type for t in model.graph.initializer}
+    assert kinds["table.uint8"] == TensorProto.UINT8 and kinds["shared"] == TensorProto.FLOAT and "table" not in kinds
+    path = tmp_path / "g.onnx"
+    path.write_bytes(model.SerializeToString())
+    ids = np.array([[0, 3, 49], [7, 7, 1]], dtype=np.int64)
+    x = rng.normal(size=(1, 50)).astype(np.float32)
+    looked, again, row, proj = ort.InferenceSession(str(path)).run(None, {"ids": ids, "x": x})
+    expected = fake_quant_int8(torch.from_numpy(table)).numpy()[ids]
+    np.testing.assert_allclose(looked, expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(looked, again)
+    np.testing.assert_array_equal(row, shared[ids])
+    np.testing.assert_allclose(proj, x @ shared, rtol=1e-5, atol=1e-5)
+    assert 0 < np.abs(looked - table[ids]).max() <= (table.max(1) - np.minimum(table.min(1), 0)).max() / 255
 
 
 # ---------------------------------------------------------------------------- fidelity misses

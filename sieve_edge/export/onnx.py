@@ -9,6 +9,13 @@ int8 has two candidates, both measured on the task by ``export_model`` and chose
 - ``nbits8``: ``MatMulNBits`` with 8-bit blockwise weights (symmetric, block 32) and
   activations quantized per block (``accuracy_level`` 4, the only fast 8-bit kernel).
 int4 is ``MatMulNBits`` 4-bit (symmetric, block 32).
+Two graph rewrites come first and last. optimum exports tied embeddings once (Gather reads
+the table, the LM head is ``MatMul(x, Transpose(table))``), and both quantizers take only a
+constant MatMul input and skip Gather at 8 bits, so the head and the embedding of a tied
+model stayed fp32 (SmolLM2: 113 MB, read in full every token). ``untie_transposed_tables``
+gives the head its own constant before quantizing; ``quantize_gathers`` stores the lookup
+table as uint8 rows with a scale and zero point each, dequantized after the lookup (NNCF's
+``INT8_ASYM``, as OpenVINO does).
 """
 from __future__ import annotations
 
@@ -66,12 +73,21 @@ def quantize(src: Path, dst: Path, method: str) -> dict:
     if method == "dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        import onnx
+
+        model = onnx.load(str(src))
+        untied = untie_transposed_tables(model)
         quantize_dynamic(
-            str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
+            model, str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
             weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True},
         )
+        del model
+        model = onnx.load(str(dst))
+        gathers = quantize_gathers(model)
+        replace_with(model, dst)
         return {"method": "dynamic", "op": "MatMulInteger/DynamicQuantizeLinear", "weight_type": "QInt8",
-                "per_channel": True, "activations": "uint8 per tensor at run time"}
+                "per_channel": True, "activations": "uint8 per tensor at run time", "untied_heads": untied,
+                "gather_tables": gathers}
     if method in ("nbits8", "nbits4"):
         bits = 8 if method == "nbits8" else 4
         try:
@@ -80,14 +96,118 @@ def quantize(src: Path, dst: Path, method: str) -> dict:
             raise BackendMissingError(getattr(e, "name", None) or "onnx_ir", INSTALL) from e
         import onnx
 
-        quant = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=NBITS_BLOCK, is_symmetric=True,
+        model = onnx.load(str(src))
+        untied = untie_transposed_tables(model)
+        quant = MatMulNBitsQuantizer(model, bits=bits, block_size=NBITS_BLOCK, is_symmetric=True,
                                      accuracy_level=NBITS_ACCURACY_LEVEL)
         quant.process()
+        gathers = quantize_gathers(quant.model.model)
         _save(quant.model.model, dst)
         return {"method": method, "op": "MatMulNBits", "bits": bits, "block_size": NBITS_BLOCK,
                 "symmetric": True, "accuracy_level": NBITS_ACCURACY_LEVEL,
-                "activations": "int8 per block at run time (accuracy_level 4)"}
+                "activations": "int8 per block at run time (accuracy_level 4)", "untied_heads": untied,
+                "gather_tables": gathers}
     raise ValueError(f"unknown ONNX quantization method '{method}'")
+
+
+def replace_with(model_proto, path: Path) -> None:
+    """Write ``model_proto`` over ``path`` (external data included) through a sibling folder."""
+    import shutil
+
+    tmp = path.parent / f".rewrite-{path.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _save(model_proto, tmp / path.name)
+    replace(tmp / path.name, path)
+    shutil.rmtree(tmp)
+
+
+def untie_transposed_tables(model_proto) -> list[str]:
+    """Replace every Transpose of a 2-D fp32 initializer by a transposed constant.
+
+    The LM head of a tied model then reads a constant MatMul input, which the weight
+    quantizers can take; the table itself is left to its other readers (the Gather).
+    Returns the initializers whose transpose was materialized."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model_proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    untied, keep = [], []
+    for node in graph.node:
+        table = inits.get(node.input[0]) if node.op_type == "Transpose" else None
+        perm = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "perm"), [1, 0])
+        if table is None or table.data_type != TensorProto.FLOAT or len(table.dims) != 2 or list(perm) != [1, 0]:
+            keep.append(node)
+            continue
+        w = np.ascontiguousarray(numpy_helper.to_array(table).T)
+        graph.initializer.append(numpy_helper.from_array(w, node.output[0]))
+        untied.append(table.name)
+    if untied:
+        graph.ClearField("node")
+        graph.node.extend(keep)
+    return untied
+
+
+def quantize_gathers(model_proto, min_elements: int = 1024) -> list[str]:
+    """Store every large fp32 table that only Gather reads (the token embedding) as uint8.
+
+    Per row, scale = (max - min) / 255 and an integer zero point (asymmetric, the formula of
+    ``factorize.quantize_int8``, so the search's int8 simulation holds here too); the lookup
+    becomes Gather(codes), Gather(scale), Gather(zero), then (codes - zero) * scale. A table
+    any other op reads (a tied head MatMul) is left alone. Returns the tables rewritten.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model_proto.graph
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in set(node.input):
+            readers.setdefault(name, []).append(i)
+    outputs = {o.name for o in graph.output}
+
+    def gather_axis0_only(name: str) -> bool:
+        nodes = [graph.node[i] for i in readers.get(name, [])]
+        return bool(nodes) and name not in outputs and all(
+            n.op_type == "Gather" and n.input[0] == name and name not in n.input[1:]
+            and all(a.name != "axis" or helper.get_attribute_value(a) == 0 for a in n.attribute)
+            for n in nodes)
+
+    tables = [t for t in graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2
+              and t.dims[0] * t.dims[1] >= min_elements and gather_axis0_only(t.name)]
+    after: dict[int, list] = {}   # index of a Gather node -> the dequantize nodes that follow it
+    for table in tables:
+        w = numpy_helper.to_array(table).astype(np.float32)
+        lo = np.minimum(w.min(axis=1, keepdims=True), 0.0)
+        hi = np.maximum(w.max(axis=1, keepdims=True), 0.0)
+        scale = np.maximum((hi - lo) / 255.0, np.finfo(np.float32).tiny).astype(np.float32)
+        zero = np.clip(np.round(-lo / scale), 0, 255).astype(np.float32)
+        codes = np.clip(np.round(w / scale) + zero, 0, 255).astype(np.uint8)
+        name = table.name
+        graph.initializer.remove(table)
+        graph.initializer.extend([numpy_helper.from_array(codes, f"{name}.uint8"),
+                                  numpy_helper.from_array(scale, f"{name}.scale"),
+                                  numpy_helper.from_array(zero, f"{name}.zero")])
+        for k, i in enumerate(readers[name]):
+            node = graph.node[i]
+            out, ids, tag = node.output[0], node.input[1], f"{name}.dq{k}"
+            node.input[0], node.output[0] = f"{name}.uint8", f"{tag}.codes"
+            after[i] = [
+                helper.make_node("Gather", [f"{name}.scale", ids], [f"{tag}.scale"], axis=0, name=f"{tag}/scale"),
+                helper.make_node("Gather", [f"{name}.zero", ids], [f"{tag}.zero"], axis=0, name=f"{tag}/zero"),
+                helper.make_node("Cast", [f"{tag}.codes"], [f"{tag}.float"], to=TensorProto.FLOAT, name=f"{tag}/cast"),
+                helper.make_node("Sub", [f"{tag}.float", f"{tag}.zero"], [f"{tag}.centered"], name=f"{tag}/sub"),
+                helper.make_node("Mul", [f"{tag}.centered", f"{tag}.scale"], [out], name=f"{tag}/mul"),
+            ]
+    if after:
+        nodes = []
+        for i, node in enumerate(graph.node):
+            nodes.append(node)
+            nodes.extend(after.get(i, []))
+        graph.ClearField("node")
+        graph.node.extend(nodes)
+    return [t.name for t in tables]
 
 
 def load(folder: Path, file_name: str = MODEL_FILE):
@@ -101,8 +221,27 @@ def load(folder: Path, file_name: str = MODEL_FILE):
 
 
 def replace(src: Path, dst: Path) -> None:
-    """Move the ONNX file ``src`` (and its external data, if any) over ``dst``."""
-    os.replace(src, dst)
+    """Move the ONNX file ``src`` (and its external data, if any) over ``dst``.
+
+    External data is renamed with it, and the graph's references to it rewritten, since
+    ``_save`` names the data file after the model file."""
     data = src.with_name(src.name + "_data")
-    if data.exists():
-        os.replace(data, dst.with_name(dst.name + "_data"))
+    if not data.exists():
+        os.replace(src, dst)
+        return
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=False)
+    for tensor in _external_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == data.name:
+                entry.value = dst.name + "_data"
+    os.replace(data, dst.with_name(dst.name + "_data"))
+    onnx.save_model(model, str(dst))
+    src.unlink()
+
+
+def _external_tensors(model):
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    return [t for t in _get_all_tensors(model) if uses_external_data(t)]
