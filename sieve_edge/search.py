@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import ArtifactError, BudgetError, InputError, TaskSpecError
-from .ga import Evaluation, GAConfig, GeneticSearch, Genome, key
+from .ga import Evaluation, GAConfig, GeneticSearch, Genome, key, unkey
 
 STATE_FORMAT = "sieve-edge/search-state"
 STATE_VERSION = 1
@@ -37,8 +37,10 @@ STRATEGIES = ("ga", "uniform")
 OBJECTIVES = ("params", "latency")
 WEIGHTS = ("fp32", "int8")  # int8: candidates scored with simulated int8 weights (NNCF INT8_ASYM)
 UNIFORM_STEP = 0.025  # keep resolution of the uniform bisection
-# What a candidate scores when the budget ran out before it could be evaluated.
-SKIPPED = Evaluation(gain=0.0, metric=0.0, drop=1.0, feasible=False, proxy=0.0, full=False)
+
+
+class _BudgetSpent(Exception):
+    """No time is left to score the next GA candidate: the generation in progress is dropped."""
 
 
 @dataclass(frozen=True)
@@ -662,7 +664,7 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
         "validation_metric": ev.metric, "objective_gain": ev.gain, "seed": config.seed,
         "search_method": search_method, "calibration_tokens": tokens, "validation_examples": scorer.n,
     }
-    total = len(frontier) if config.strategy == "uniform" else history[-1]["total_evaluations"] if history else 0
+    total = len(frontier)  # every candidate scored, the dense model included
     return SearchResult(
         plan=plan, strategy=config.strategy, objective=config.objective, dense_metric=evaluator.dense_metric,
         metric=ev.metric, gain=ev.gain, tolerance_abs=tol_abs, evaluations=total,
@@ -687,14 +689,26 @@ def _sensitivity(decs, shapes, multiple) -> dict[str, float]:
 
 def _genetic(config, ladder, evaluator, store, saved, elapsed, out_of_budget, progress_line, seed_costs,
              objective, say, dense_ev, extra):
-    from .sensitivity import lagrangian_genomes
-
     def evaluate(genome: Genome) -> Evaluation:
+        # Out of time: stop rather than score the rest as infeasible. A made-up result would be
+        # cached (and checkpointed) as if measured, a resume with a larger budget would never
+        # score those genomes, and the frontier and evaluation counts would include them.
         if out_of_budget(evaluator.dense_seconds):
-            return SKIPPED  # no time left to score it: counts as infeasible
+            raise _BudgetSpent
         return evaluator(ladder.to_ranks(genome))
 
-    ga = GeneticSearch(len(ladder.names), len(ladder.keeps), lambda gs: [evaluate(g) for g in gs],
+    def evaluate_all(genomes: list[Genome]) -> list[Evaluation]:
+        done: list[Evaluation] = []
+        try:
+            for g in genomes:
+                done.append(evaluate(g))
+        except _BudgetSpent:
+            for g, ev in zip(genomes, done):  # measured before the time ran out: keep them
+                ga.cache[key(g)] = ev
+            raise
+        return done
+
+    ga = GeneticSearch(len(ladder.names), len(ladder.keeps), evaluate_all,
                        evaluator.tol, GAConfig(population=config.population, generations=config.generations,
                                                seed=config.seed, elite=min(2, config.population - 1)))
     # the dense genome was scored when the evaluator measured the reference (or in int8 after it)
@@ -712,9 +726,35 @@ def _genetic(config, ladder, evaluator, store, saved, elapsed, out_of_budget, pr
             ga.cache[k] = evaluate(genome)
         return ga.cache[k]
 
-    # Seeds (replayed from the cache on resume): the best uniform level, and the best trade of
-    # estimated task cost for gain (per matrix, the level maximizing gain - λ·cost, for a
-    # range of λ), the largest feasible one found by bisection, plus its neighbours.
+    try:
+        best = _run_genetic(ga, config, ladder, cached_eval, seed_costs, objective, say, extra, store, elapsed,
+                            out_of_budget, progress_line, evaluator)
+    except _BudgetSpent:
+        # the budget ran out inside the seeding or a generation: the last checkpoint stands, and
+        # the plan is the best one fully scored so far (the GA's best, or a seed)
+        say("search: budget spent; keeping the best plan scored so far")
+        scored = [(unkey(k), e) for k, e in ga.cache.items() if e.feasible and e.full]
+        best = max(scored, key=lambda ge: (ge[1].gain, -ge[1].proxy, ge[0]))[0] if scored else None
+    if best is None:  # cannot happen with a deterministic evaluator: dense is feasible
+        best = (0,) * len(ladder.names)
+    ev = ga.evaluation(best)
+    history = [asdict(r) for r in ga.history]
+    frontier = [dict(gain=e.gain, metric=e.metric, feasible=e.feasible, full=e.full, proxy=e.proxy)
+                for _, e in sorted(ga.cache.items())]
+    ranks = ladder.to_ranks(best)
+    levels = {name: ladder.keeps[g] if ranks[name] is not None else 1.0 for name, g in zip(ladder.names, best)}
+    return ranks, ev, history, frontier, levels, resumed_from
+
+
+def _run_genetic(ga, config, ladder, cached_eval, seed_costs, objective, say, extra, store, elapsed, out_of_budget,
+                 progress_line, evaluator):
+    """Seed the GA (first run only) and run it; returns its best feasible genome.
+
+    Seeds (replayed from the cache on resume): the best uniform level, and the best trade of
+    estimated task cost for gain (per matrix, the level maximizing gain - λ·cost, for a
+    range of λ), the largest feasible one found by bisection, plus its neighbours."""
+    from .sensitivity import lagrangian_genomes
+
     seeds: list[Genome] = []
     if ga.generation < 0:
         n_levels = len(ladder.keeps)
@@ -749,22 +789,14 @@ def _genetic(config, ladder, evaluator, store, saved, elapsed, out_of_budget, pr
                       rec.total_evaluations)
 
     def should_stop(g: GeneticSearch) -> bool:
-        recent = [r.seconds for r in g.history[-3:]] or [0.0]
+        # a generation costs about what the recent ones did (and at least one full evaluation)
+        recent = [r.seconds for r in g.history[-3:]] + [evaluator.dense_seconds]
         if out_of_budget(max(recent)):
             say(f"search: stopping after generation {g.generation}: the next one would exceed the budget")
             return True
         return False
 
-    best = ga.run(on_generation=checkpoint, should_stop=should_stop)
-    if best is None:  # cannot happen with a deterministic evaluator: dense is feasible
-        best = (0,) * len(ladder.names)
-    ev = ga.evaluation(best)
-    history = [asdict(r) for r in ga.history]
-    frontier = [dict(gain=e.gain, metric=e.metric, feasible=e.feasible, full=e.full, proxy=e.proxy)
-                for _, e in sorted(ga.cache.items())]
-    ranks = ladder.to_ranks(best)
-    levels = {name: ladder.keeps[g] if ranks[name] is not None else 1.0 for name, g in zip(ladder.names, best)}
-    return ranks, ev, history, frontier, levels, resumed_from
+    return ga.run(on_generation=checkpoint, should_stop=should_stop)
 
 
 def _uniform(config, shapes, objective, evaluator, store, saved, elapsed, out_of_budget, progress_line, dense_ev):

@@ -165,6 +165,37 @@ def test_budget_too_small_names_the_minimum(tuned):
         search_plan(model, tok, load_task(task_path), small_config(), budget_minutes=1e-4)
 
 
+def test_budget_running_out_mid_search_stops_without_made_up_results(tuned, monkeypatch):
+    # A clock that moves only when a candidate is scored (10 s each): the 2-minute budget runs
+    # out inside the search. What it returns must be what was measured: no candidate scored
+    # as "infeasible" for lack of time, a count of real evaluations, a feasible plan.
+    import types
+
+    import sieve_edge.search as S
+
+    clock = {"t": 0.0, "calls": 0}
+    fake_time = types.SimpleNamespace(**{n: getattr(time, n) for n in dir(time) if not n.startswith("_")})
+    fake_time.perf_counter = lambda: clock["t"]
+    monkeypatch.setattr(S, "time", fake_time)
+    original = S.CandidateEvaluator.__call__
+
+    def timed(self, ranks):
+        clock["t"] += 10.0
+        clock["calls"] += 1
+        return original(self, ranks)
+
+    monkeypatch.setattr(S.CandidateEvaluator, "__call__", timed)
+    root, task_path = tuned
+    model, tok = load_tuned(root)
+    res = search_plan(model, tok, load_task(task_path), small_config(generations=20), budget_minutes=2.0)
+    assert 0 < clock["calls"] <= 2 * 60 / 10 + 1              # the last one starts at the 2-minute mark
+    assert res.evaluations == clock["calls"] + 1          # the dense reference is scored outside __call__
+    assert len(res.frontier) == res.evaluations
+    assert all(f["metric"] > 0 for f in res.frontier)     # nothing made up (a skipped one scored 0)
+    assert res.dense_metric - res.metric <= res.tolerance_abs + 1e-12
+    assert len(res.history) < 20
+
+
 def test_ga_is_deterministic_and_within_tolerance(tuned):
     root, task_path = tuned
     task = load_task(task_path)
