@@ -105,6 +105,8 @@ def tuned_model(args, task_name: str):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import torch
+
     from sieve_edge.evaluate import evaluate
     from sieve_edge.progress import log
     from sieve_edge.search import SearchConfig, run_search
@@ -145,7 +147,8 @@ def main(argv=None) -> int:
                        "search_minutes": summary["search_seconds"] / 60,
                        "total_minutes": (time.perf_counter() - t0) / 60, "out": str(out),
                        "model": spec, "tune_steps": args.tune_steps, "budget_minutes": args.budget_minutes,
-                       "method": summary["method"], "notes": summary["notes"]}
+                       "method": summary["method"], "notes": summary["notes"],
+                       "calibration": args.calibration, "threads": torch.get_num_threads()}
                 if cross_dense:
                     from sieve_edge.checkpoint import load_checkpoint
 
@@ -168,13 +171,15 @@ def _previous_rows(args) -> list[dict]:
     if not args.out.is_file():
         return []
     old = json.loads(args.out.read_text())
-    settings = old.get("settings", {})
     rows = []
     for row in old.get("rows", []):
         row = dict(row)
-        row.setdefault("model", settings.get("model"))
-        row.setdefault("tune_steps", settings.get("tune_steps"))
-        row.setdefault("budget_minutes", settings.get("budget_minutes"))
+        # a merged file keeps each invocation under "runs" (by task); a plain one has it file-wide
+        run = old.get("runs", {}).get(row["task"]) or old
+        settings, machine = run.get("settings") or {}, run.get("machine") or {}
+        for name in ("model", "tune_steps", "budget_minutes", "calibration"):
+            row.setdefault(name, settings.get(name))
+        row.setdefault("threads", machine.get("threads"))
         saved = Path(row["out"]) / "search.json"
         if "method" not in row and saved.is_file():   # rows from before the method was recorded
             summary = json.loads(saved.read_text())
