@@ -58,8 +58,7 @@ def pruned_checkpoint(args) -> Path:
     """A searched checkpoint (--pruned), or uniform keep --keep with the 'output' method."""
     if args.pruned:
         return Path(args.pruned)
-    ident = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
-    path = Path(args.work) / f"pruned-keep{args.keep}-{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
+    path = Path(args.work) / f"pruned-keep{args.keep}-{source_hash(args.model)}"
     if (path / "sieve_edge.json").exists():
         return path
     from sieve_edge.checkpoint import build_manifest, save_checkpoint
@@ -74,10 +73,15 @@ def pruned_checkpoint(args) -> Path:
     return path
 
 
+def source_hash(source: str) -> str:
+    """8 hex digits naming a model folder (by absolute path) or an alias / hub id."""
+    ident = str(Path(source).resolve()) if Path(source).exists() else source
+    return hashlib.sha256(ident.encode()).hexdigest()[:8]
+
+
 def folder_of(args, source: str, kind: str, fmt: str, weights: str) -> Path:
     """The export folder names its source, so another --model or --pruned never reuses a stale one."""
-    ident = str(Path(source).resolve()) if Path(source).exists() else source
-    return Path(args.work) / f"{kind}-{hashlib.sha256(ident.encode()).hexdigest()[:8]}-{fmt}-{weights}"
+    return Path(args.work) / f"{kind}-{source_hash(source)}-{fmt}-{weights}"
 
 
 def source_of(args, kind: str) -> str:

@@ -152,13 +152,15 @@ def untie_transposed_tables(model_proto) -> list[str]:
 def quantize_gathers(model_proto, min_elements: int = 1024) -> list[str]:
     """Store every large fp32 table that only Gather reads (the token embedding) as uint8.
 
-    Per row, scale = (max - min) / 255 and an integer zero point (asymmetric, the formula of
-    ``factorize.quantize_int8``, so the search's int8 simulation holds here too); the lookup
+    Per row, scale = (max - min) / 255 and an integer zero point (``factorize.quantize_int8``,
+    so the search's int8 simulation holds here too); the lookup
     becomes Gather(codes), Gather(scale), Gather(zero), then (codes - zero) * scale. A table
     any other op reads (a tied head MatMul) is left alone. Returns the tables rewritten.
     """
-    import numpy as np
+    import torch
     from onnx import TensorProto, helper, numpy_helper
+
+    from ..factorize import quantize_int8
 
     graph = model_proto.graph
     readers: dict[str, list[int]] = {}
@@ -178,12 +180,7 @@ def quantize_gathers(model_proto, min_elements: int = 1024) -> list[str]:
               and t.dims[0] * t.dims[1] >= min_elements and gather_axis0_only(t.name)]
     after: dict[int, list] = {}   # index of a Gather node -> the dequantize nodes that follow it
     for table in tables:
-        w = numpy_helper.to_array(table).astype(np.float32)
-        lo = np.minimum(w.min(axis=1, keepdims=True), 0.0)
-        hi = np.maximum(w.max(axis=1, keepdims=True), 0.0)
-        scale = np.maximum((hi - lo) / 255.0, np.finfo(np.float32).tiny).astype(np.float32)
-        zero = np.clip(np.round(-lo / scale), 0, 255).astype(np.float32)
-        codes = np.clip(np.round(w / scale) + zero, 0, 255).astype(np.uint8)
+        codes, scale, zero = (t.numpy() for t in quantize_int8(torch.from_numpy(numpy_helper.to_array(table))))
         name = table.name
         graph.initializer.remove(table)
         graph.initializer.extend([numpy_helper.from_array(codes, f"{name}.uint8"),
