@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default="sst2,sms_spam,snips")
     p.add_argument("--tolerances", default="0.01,0.05")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--only", default=None, metavar="STRATEGY@TOL,...",
+                   help="run just these rows per task, e.g. ga-sieve@0.01,uniform-sieve@0.05 "
+                        "(instead of every --strategies x --tolerances pair)")
     p.add_argument("--tune-steps", type=int, default=600, help="0 = search the zero-shot model")
     p.add_argument("--calibration", type=int, default=1024)
     p.add_argument("--val-limit", type=int, default=300)
@@ -67,7 +70,24 @@ def parse_args(argv=None):
         args.race, args.population, args.generations, args.budget_minutes = 32, 6, 2, 10.0
         if args.out == ROOT / "benchmarks" / "results" / "search.json":
             args.out = ROOT / "benchmarks" / "results" / "search_quick.json"
+    args.pairs = _pairs(p, args)
     return args
+
+
+def _pairs(parser, args) -> list[tuple[float, str]]:
+    """(tolerance, strategy) pairs to run per task, in benchmark order."""
+    if args.only is None:
+        return [(float(t), s) for t in args.tolerances.split(",") for s in args.strategies.split(",")]
+    pairs = []
+    for item in args.only.split(","):
+        label, _, tol = item.partition("@")
+        try:
+            pairs.append((float(tol), label))
+        except ValueError:
+            parser.error(f"--only: {item!r} is not STRATEGY@TOLERANCE (e.g. ga-sieve@0.01)")
+        if label not in STRATEGIES:
+            parser.error(f"--only: unknown strategy {label!r}; valid: {', '.join(STRATEGIES)}")
+    return pairs
 
 
 def cross_task(work: Path, name: str) -> Path:
@@ -129,36 +149,35 @@ def main(argv=None) -> int:
         batches = list(calibration_batches(load_task(task_name), tok, args.calibration, 16))
         decompositions = decompose_all(dense, batches, "output")
         print(f"decomposed {len(decompositions[0])} matrices in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        for tol in (float(t) for t in args.tolerances.split(",")):
-            for label in args.strategies.split(","):
-                cfg = SearchConfig(tolerance=tol, seed=args.seed, population=args.population,
-                                   generations=args.generations, n_calibration=args.calibration,
-                                   val_limit=args.val_limit, race_size=args.race, **STRATEGIES[label])
-                out = args.work / f"search-{task_name}-{label}-{tol:g}{'-quick' if args.quick else ''}"
-                t0 = time.perf_counter()
-                summary = run_search(spec, task_name, out, cfg, budget_minutes=args.budget_minutes, force=True,
-                                     test_limit=args.test_limit, log=log, model=copy.deepcopy(dense),
-                                     tokenizer=tok, decompositions=decompositions)
-                row = {"task": task_name, "strategy": label, "tolerance": tol,
-                       "reduction": summary["linear_param_reduction"],
-                       "val_dense": summary["validation"]["dense"], "val_final": summary["validation"]["final"],
-                       "test_dense": summary["test"]["dense"], "test_pruned": summary["test"]["pruned"],
-                       "test_drop": summary["test"]["drop"], "evaluations": summary["evaluations"],
-                       "search_minutes": summary["search_seconds"] / 60,
-                       "total_minutes": (time.perf_counter() - t0) / 60, "out": str(out),
-                       "model": spec, "tune_steps": args.tune_steps, "budget_minutes": args.budget_minutes,
-                       "method": summary["method"], "notes": summary["notes"],
-                       "calibration": args.calibration, "threads": torch.get_num_threads()}
-                if cross_dense:
-                    from sieve_edge.checkpoint import load_checkpoint
+        for tol, label in args.pairs:
+            cfg = SearchConfig(tolerance=tol, seed=args.seed, population=args.population,
+                               generations=args.generations, n_calibration=args.calibration,
+                               val_limit=args.val_limit, race_size=args.race, **STRATEGIES[label])
+            out = args.work / f"search-{task_name}-{label}-{tol:g}{'-quick' if args.quick else ''}"
+            t0 = time.perf_counter()
+            summary = run_search(spec, task_name, out, cfg, budget_minutes=args.budget_minutes, force=True,
+                                 test_limit=args.test_limit, log=log, model=copy.deepcopy(dense),
+                                 tokenizer=tok, decompositions=decompositions)
+            row = {"task": task_name, "strategy": label, "tolerance": tol,
+                   "reduction": summary["linear_param_reduction"],
+                   "val_dense": summary["validation"]["dense"], "val_final": summary["validation"]["final"],
+                   "test_dense": summary["test"]["dense"], "test_pruned": summary["test"]["pruned"],
+                   "test_drop": summary["test"]["drop"], "evaluations": summary["evaluations"],
+                   "search_minutes": summary["search_seconds"] / 60,
+                   "total_minutes": (time.perf_counter() - t0) / 60, "out": str(out),
+                   "model": spec, "tune_steps": args.tune_steps, "budget_minutes": args.budget_minutes,
+                   "method": summary["method"], "notes": summary["notes"],
+                   "calibration": args.calibration, "threads": torch.get_num_threads()}
+            if cross_dense:
+                from sieve_edge.checkpoint import load_checkpoint
 
-                    pruned = load_checkpoint(out)
-                    row["cross"] = {n: {"dense": cross_dense[n],
-                                        "pruned": evaluate(pruned, tok, cross_task(args.work, n), "test").value}
-                                    for n in CROSS}
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
-                _write(args, _merged(kept, rows), started)
+                pruned = load_checkpoint(out)
+                row["cross"] = {n: {"dense": cross_dense[n],
+                                    "pruned": evaluate(pruned, tok, cross_task(args.work, n), "test").value}
+                                for n in CROSS}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            _write(args, _merged(kept, rows), started)
         del dense, decompositions
     rows = _merged(kept, rows)
     _write(args, rows, started)
