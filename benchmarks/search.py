@@ -58,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "search.json")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows already in --out that this run does not redo (same task, strategy, tolerance)")
+    p.add_argument("--combine", nargs="+", type=Path, metavar="FILE",
+                   help="run nothing: merge the rows of these result files into --out (a later file's row "
+                        "replaces an earlier one of the same task, strategy and tolerance) and print the table")
     p.add_argument("--no-cross", dest="cross", action="store_false",
                    help="skip the uci_* cross-dataset scores of the sst2 plans")
     p.add_argument("--quick", action="store_true",
@@ -125,6 +128,10 @@ def tuned_model(args, task_name: str):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.combine:
+        rows = combine(args.combine, args.out)
+        print(table(rows))
+        return 0
     import torch
 
     from sieve_edge.evaluate import evaluate
@@ -185,16 +192,46 @@ def main(argv=None) -> int:
     return 0
 
 
+def combine(files: list[Path], out: Path) -> list[dict]:
+    """Merge benchmark result files into `out`; `runs` lists each file's settings and the rows it gave."""
+    rows, runs = [], []
+    for f in files:
+        if not f.is_file():
+            raise SystemExit(f"--combine: {f} does not exist")
+        doc = json.loads(f.read_text())
+        mine = _rows_of(doc)
+        if "runs" in doc and isinstance(doc["runs"], list):   # an earlier combined file: keep its history
+            runs.extend(doc["runs"])
+        elif "runs" in doc:                                    # per-task runs of an older merged file
+            runs.extend({"file": f"{f.name} ({task})", **run} for task, run in doc["runs"].items())
+        else:
+            runs.append({"file": f.name, "settings": doc.get("settings"), "machine": doc.get("machine"),
+                         "minutes": doc.get("minutes"),
+                         "rows": [f"{r['task']} {r['strategy']} {r['tolerance']:g}" for r in mine]})
+        rows = _merged(rows, mine)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"benchmark": "search", "quick": False, "rows": rows, "runs": runs,
+                               "merged_by": "benchmarks/search.py --combine " + " ".join(f.name for f in files)},
+                              indent=2))
+    tmp.replace(out)
+    return rows
+
+
 def _previous_rows(args) -> list[dict]:
     """Rows of an earlier --out, each carrying the settings it ran with (older files kept them file-wide)."""
     if not args.out.is_file():
         return []
-    old = json.loads(args.out.read_text())
+    return _rows_of(json.loads(args.out.read_text()))
+
+
+def _rows_of(old: dict) -> list[dict]:
     rows = []
     for row in old.get("rows", []):
         row = dict(row)
-        # a merged file keeps each invocation under "runs" (by task); a plain one has it file-wide
-        run = old.get("runs", {}).get(row["task"]) or old
+        # an older merged file keeps each invocation under "runs" (by task); a plain one has it file-wide
+        runs = old.get("runs")
+        run = (runs.get(row["task"]) if isinstance(runs, dict) else None) or old
         settings, machine = run.get("settings") or {}, run.get("machine") or {}
         for name in ("model", "tune_steps", "budget_minutes", "calibration"):
             row.setdefault(name, settings.get(name))
@@ -228,15 +265,21 @@ def _write(args, rows, started) -> None:
     }, indent=2))
 
 
+def _budget(row) -> str:
+    return "-" if row.get("budget_minutes") is None else f"{row['budget_minutes']:g}"
+
+
 def table(rows) -> str:
-    lines = ["| task | strategy | tol | removed | val dense → final | test dense → pruned (drop) | evals | min |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | strategy | tol | removed | val dense → final | test dense → pruned (drop) | evals "
+             "| search min (budget) | row min |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         # a sieve refit that missed the tolerance keeps the output factors the search scored
         fell_back = " (kept output)" if r["strategy"].endswith("sieve") and r.get("method") == "output" else ""
         lines.append(f"| {r['task']} | {r['strategy']}{fell_back} | {r['tolerance']:g} | {100 * r['reduction']:.1f}% | "
                      f"{r['val_dense']:.3f} → {r['val_final']:.3f} | {r['test_dense']:.3f} → {r['test_pruned']:.3f} "
-                     f"({100 * r['test_drop']:+.1f} pt) | {r['evaluations']} | {r['total_minutes']:.1f} |")
+                     f"({100 * r['test_drop']:+.1f} pt) | {r['evaluations']} | {r['search_minutes']:.1f} "
+                     f"({_budget(r)}) | {r['total_minutes']:.1f} |")
     cross = [r for r in rows if r.get("cross")]
     if cross:
         lines += ["", "| sst2 plan | " + " | ".join(CROSS) + " |", "|---|" + "---|" * len(CROSS)]
