@@ -270,7 +270,7 @@ class _OvModel:
     runtime = "openvino"
 
     def __init__(self, model_dir: Path, threads: int, precision: str, device: str,
-                 dynamic_quantization: bool = False):
+                 dynamic_quantization: bool = False, cache_capacity: int | None = None):
         try:
             import openvino as ov
         except ImportError:
@@ -290,6 +290,11 @@ class _OvModel:
             # else int8 activations for compressed-weight MatMuls, even with the f32 hint: on
             # SmolLM2 int8 / sst2 that flipped 4.0% of 300 predictions instead of 1.7%
             config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0
+        if cache_capacity is not None:
+            # the CPU plugin keeps compiled kernels and buffers per input shape (default 5000
+            # entries); every prompt length and KV length is a new shape, so its memory grows
+            # with the lengths seen: see docs/TARGETS.md (runtime_cache_capacity)
+            config["CPU_RUNTIME_CACHE_CAPACITY"] = int(cache_capacity)
         compiled = core.compile_model(model, device.upper(), config)
         self.request = compiled.create_infer_request()
         self.version = ov.get_version()
@@ -301,6 +306,8 @@ class _OvModel:
                 self.settings[key] = value.to_string() if hasattr(value, "to_string") else str(value)
             except Exception:  # noqa: BLE001 - a property a plugin does not expose
                 pass
+        # an internal plugin property: accepted (and range-checked) at compile time, not readable back
+        self.settings["CPU_RUNTIME_CACHE_CAPACITY"] = "plugin default" if cache_capacity is None else str(cache_capacity)
         self.settings["inference_precision"] = self.settings.get("INFERENCE_PRECISION_HINT", precision)
         self._beam = np.zeros(1, dtype=np.int32)
         self.reset()
@@ -326,10 +333,11 @@ def _maybe_json(path: Path) -> dict:
 
 
 def load_model(model_dir, runtime: str, threads: int, precision: str = "f32", device: str = "cpu",
-               dynamic_quantization: bool = False):
+               dynamic_quantization: bool = False, cache_capacity: int | None = None):
     """The exported model in ``runtime``. OpenVINO: ``precision`` is its inference precision
     hint; with f32 the KV cache is f32 too, and the CPU plugin's dynamic int8 quantization of
-    activations (on by default for int8/int4 weights) is off unless ``dynamic_quantization``."""
+    activations (on by default for int8/int4 weights) is off unless ``dynamic_quantization``;
+    ``cache_capacity`` bounds the CPU plugin's per-shape kernel cache (None: its default)."""
     model_dir = Path(model_dir)
     if runtime == "onnxruntime":
         if not (model_dir / "model.onnx").is_file():
@@ -338,7 +346,7 @@ def load_model(model_dir, runtime: str, threads: int, precision: str = "f32", de
     if runtime == "openvino":
         if not (model_dir / "openvino_model.xml").is_file():
             raise RunnerError(f"{model_dir}: no openvino_model.xml for runtime openvino (is this an ONNX export?)")
-        return _OvModel(model_dir, threads, precision, device, dynamic_quantization)
+        return _OvModel(model_dir, threads, precision, device, dynamic_quantization, cache_capacity)
     raise RunnerError(f"unknown runtime '{runtime}'; allowed: onnxruntime | openvino")
 
 
@@ -702,7 +710,8 @@ def run_bundle(bundle, limit: int | None = None, task_path=None, frame_path=None
     device = target.get("device", "cpu")
     t0 = time.perf_counter()
     model = load_model(model_dir, runtime, threads, precision, device,
-                       dynamic_quantization=bool(target.get("dynamic_quantization", False)))
+                       dynamic_quantization=bool(target.get("dynamic_quantization", False)),
+                       cache_capacity=target.get("runtime_cache_capacity"))
     load_s = time.perf_counter() - t0
     m = run_task(model, model_dir, task, export, limit=limit, warmup=warmup, decode_tokens=decode_tokens)
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None

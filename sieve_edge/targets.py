@@ -18,7 +18,7 @@ try:  # Python >= 3.11
 except ModuleNotFoundError:  # pragma: no cover - 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-SCHEMA_VERSION = 2  # the newest; every version up to it is read (2 added dynamic_quantization)
+SCHEMA_VERSION = 3  # the newest; every version up to it is read (2 added dynamic_quantization, 3 runtime_cache_capacity)
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 
 RUNTIMES = ("onnxruntime", "openvino")
@@ -53,6 +53,7 @@ class TargetProfile:
     weights: str = "int8"             # weight precision of the exported model
     inference_precision: str = "f32"  # OpenVINO INFERENCE_PRECISION_HINT (CPU default is bf16 on avx512_bf16)
     dynamic_quantization: bool = False  # OpenVINO CPU: int8 activations for int8/int4-weight MatMuls
+    runtime_cache_capacity: int | None = None  # OpenVINO CPU: per-shape kernels kept (None = plugin default)
     threads: int = 1
     description: str = ""
     arch: str = "any"                 # CPU architecture the budgets were set for
@@ -82,6 +83,8 @@ _TOP = {
     "weights": (lambda v: v in WEIGHTS, " | ".join(WEIGHTS)),
     "inference_precision": (lambda v: v in PRECISIONS, " | ".join(PRECISIONS)),
     "dynamic_quantization": (lambda v: isinstance(v, bool), "true | false"),
+    "runtime_cache_capacity": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                               "an integer >= 0 (0 = keep no per-shape kernels)"),
     "arch": (lambda v: v in ARCHES, " | ".join(ARCHES)),
     "threads": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1024,
                 "an integer from 1 to 1024"),
@@ -143,6 +146,14 @@ def parse_profile(data: dict, path: str | Path = "<profile>") -> TargetProfile:
     if "dynamic_quantization" in data and data["schema_version"] < 2:
         raise ProfileError(f"{path}: 'dynamic_quantization' needs schema_version = 2 (this file says "
                            f"{data['schema_version']}); allowed: set schema_version = 2, or drop the key")
+    for key, version in (("runtime_cache_capacity", 3),):
+        if key in data and data["schema_version"] < version:
+            raise ProfileError(f"{path}: '{key}' needs schema_version = {version} (this file says "
+                               f"{data['schema_version']}); allowed: set schema_version = {version}, or drop the key")
+    if "runtime_cache_capacity" in data and (runtime != "openvino" or data.get("device", "cpu") != "cpu"):
+        raise ProfileError(f"{path}: 'runtime_cache_capacity' is a setting of OpenVINO's CPU plugin, not valid with "
+                           f"runtime '{runtime}' on device '{data.get('device', 'cpu')}'; allowed: drop the key, "
+                           "or runtime = \"openvino\" with device = \"cpu\"")
     if runtime == "onnxruntime" and data.get("dynamic_quantization"):
         raise ProfileError(f"{path}: 'dynamic_quantization' = true is an OpenVINO setting, not valid with runtime "
                            "'onnxruntime' (its int8 export chooses its own quantization); allowed: false")
@@ -154,6 +165,7 @@ def parse_profile(data: dict, path: str | Path = "<profile>") -> TargetProfile:
         name=data["name"], runtime=runtime, device=data.get("device", "cpu"),
         weights=data.get("weights", "int8"), inference_precision=precision,
         dynamic_quantization=bool(data.get("dynamic_quantization", False)),
+        runtime_cache_capacity=data.get("runtime_cache_capacity"),
         threads=data["threads"], description=data.get("description", ""),
         arch=data.get("arch", "any"),
         cpu_affinity=tuple(affinity) if affinity is not None else None,

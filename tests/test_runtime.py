@@ -167,3 +167,24 @@ def test_peak_rss_is_the_runners_own_not_its_parents():
 
     assert peak_rss_mb() > 400   # and the parent does see its own
     del ballast
+
+
+def test_openvino_runtime_cache_capacity_is_applied_and_changes_no_output(monkeypatch):
+    import openvino as ov
+
+    configs = []
+    compile_model = ov.Core.compile_model
+
+    def spy(self, model, device, config):
+        configs.append(dict(config))
+        return compile_model(self, model, device, config)   # the plugin rejects keys it does not know
+
+    monkeypatch.setattr(ov.Core, "compile_model", spy)
+    default = rt.load_model(tiny_export("openvino"), "openvino", 1)
+    bounded = rt.load_model(tiny_export("openvino"), "openvino", 1, cache_capacity=0)
+    assert "CPU_RUNTIME_CACHE_CAPACITY" not in configs[0] and configs[1]["CPU_RUNTIME_CACHE_CAPACITY"] == 0
+    assert (bounded.settings["CPU_RUNTIME_CACHE_CAPACITY"], default.settings["CPU_RUNTIME_CACHE_CAPACITY"]) == \
+        ("0", "plugin default")
+    for ids in ([3, 5, 7], [2, 4, 6, 8, 10]):   # two prompt lengths: two shapes
+        default.reset(), bounded.reset()
+        np.testing.assert_array_equal(default.forward(ids), bounded.forward(ids))

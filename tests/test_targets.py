@@ -59,7 +59,7 @@ def test_good_profile_and_defaults(tmp_path):
     (lambda t: t.replace('device = "cpu"', 'device = "tpu"'), "device", "cpu | gpu | npu"),
     (lambda t: t.replace('weights = "int8"', 'weights = "int2"'), "weights", "fp32 | int8 | int4"),
     (lambda t: t.replace('"f32"', '"fp64"'), "inference_precision", "f32 | bf16 | f16"),
-    (lambda t: t.replace("schema_version = 1", "schema_version = 3"), "schema_version", "an integer from 1 to 2"),
+    (lambda t: t.replace("schema_version = 1", "schema_version = 4"), "schema_version", "an integer from 1 to 3"),
     (lambda t: t.replace("threads = 2", "threads = 2\ncpu_affinity = [0, 0]"), "cpu_affinity", "distinct"),
     (lambda t: t.replace("threads = 2", "threads = 4\ncpu_affinity = [0, 1]"), "threads", "len(cpu_affinity)"),
     (lambda t: t.replace('"openvino"', '"onnxruntime"').replace('"f32"', '"bf16"'), "inference_precision",
@@ -81,6 +81,28 @@ def test_unknown_name_lists_shipped(tmp_path):
         load_profile(tmp_path / "missing.toml")
     with pytest.raises(ProfileError, match="not valid TOML"):
         load_profile(_write(tmp_path, "name = \n"))
+
+
+def test_runtime_cache_capacity_key(tmp_path):
+    from sieve_edge.errors import ProfileError
+    from sieve_edge.targets import load_profile
+
+    base = 'schema_version = 3\nname = "x"\nthreads = 1\n'
+    ov = tmp_path / "ov.toml"
+    ov.write_text(base + 'runtime = "openvino"\nruntime_cache_capacity = 0\n')
+    assert load_profile(ov).runtime_cache_capacity == 0
+    cases = {
+        "needs schema_version = 3": base.replace("= 3", "= 2") + 'runtime = "openvino"\nruntime_cache_capacity = 8\n',
+        "runtime 'onnxruntime'": base + 'runtime = "onnxruntime"\nruntime_cache_capacity = 8\n',
+        "device 'gpu'": base + 'runtime = "openvino"\ndevice = "gpu"\nruntime_cache_capacity = 8\n',
+        "integer >= 0": base + 'runtime = "openvino"\nruntime_cache_capacity = -1\n',
+    }
+    for message, text in cases.items():
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(ProfileError, match=message):
+            load_profile(bad)
+    assert load_profile(_write(tmp_path, base + 'runtime = "openvino"\n')).runtime_cache_capacity is None
 
 
 def test_dynamic_quantization_key(tmp_path):
