@@ -306,7 +306,7 @@ class _OvModel:
                 self.settings[key] = value.to_string() if hasattr(value, "to_string") else str(value)
             except Exception:  # noqa: BLE001 - a property a plugin does not expose
                 pass
-        # an internal plugin property: accepted (and range-checked) at compile time, not readable back
+        # an internal plugin property: known to compile_model (which rejects unknown keys), not readable back
         self.settings["CPU_RUNTIME_CACHE_CAPACITY"] = "plugin default" if cache_capacity is None else str(cache_capacity)
         self.settings["inference_precision"] = self.settings.get("INFERENCE_PRECISION_HINT", precision)
         self._beam = np.zeros(1, dtype=np.int32)
@@ -326,6 +326,20 @@ class _OvModel:
         self.request.infer(feeds)
         self.length += t
         return self.request.get_tensor("logits").data[0].copy()
+
+
+def _cache_capacity(target: dict) -> int | None:
+    """The profile's `runtime_cache_capacity` (runner.py reads profiles unchecked: check it here)."""
+    value = target.get("runtime_cache_capacity")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise RunnerError(f"target profile: 'runtime_cache_capacity' = {value!r} is not valid; "
+                          "allowed: an integer >= 0")
+    if target.get("runtime") != "openvino" or target.get("device", "cpu") != "cpu":
+        raise RunnerError("target profile: 'runtime_cache_capacity' is a setting of OpenVINO's CPU plugin; "
+                          "allowed only with runtime = \"openvino\" and device = \"cpu\"")
+    return value
 
 
 def _maybe_json(path: Path) -> dict:
@@ -711,7 +725,7 @@ def run_bundle(bundle, limit: int | None = None, task_path=None, frame_path=None
     t0 = time.perf_counter()
     model = load_model(model_dir, runtime, threads, precision, device,
                        dynamic_quantization=bool(target.get("dynamic_quantization", False)),
-                       cache_capacity=target.get("runtime_cache_capacity"))
+                       cache_capacity=_cache_capacity(target))
     load_s = time.perf_counter() - t0
     m = run_task(model, model_dir, task, export, limit=limit, warmup=warmup, decode_tokens=decode_tokens)
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None

@@ -185,6 +185,12 @@ def test_openvino_runtime_cache_capacity_is_applied_and_changes_no_output(monkey
     assert "CPU_RUNTIME_CACHE_CAPACITY" not in configs[0] and configs[1]["CPU_RUNTIME_CACHE_CAPACITY"] == 0
     assert (bounded.settings["CPU_RUNTIME_CACHE_CAPACITY"], default.settings["CPU_RUNTIME_CACHE_CAPACITY"]) == \
         ("0", "plugin default")
+    # runner.py reads a --target TOML unchecked: the key is checked where it is used
+    assert rt._cache_capacity({"runtime": "openvino", "runtime_cache_capacity": 16}) == 16
+    for bad in ({"runtime": "openvino", "runtime_cache_capacity": "16"},
+                {"runtime": "onnxruntime", "runtime_cache_capacity": 16}):
+        with pytest.raises(rt.RunnerError, match="runtime_cache_capacity"):
+            rt._cache_capacity(bad)
     for ids in ([3, 5, 7], [2, 4, 6, 8, 10]):   # two prompt lengths: two shapes
         default.reset(), bounded.reset()
         np.testing.assert_array_equal(default.forward(ids), bounded.forward(ids))
