@@ -79,9 +79,19 @@ def source_hash(source: str) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:8]
 
 
+def export_code_hash() -> str:
+    """8 hex digits of the exporter's source (sieve_edge/export/*.py, factorize.py)."""
+    pkg = HERE.parent / "sieve_edge"
+    h = hashlib.sha256()
+    for path in sorted((pkg / "export").glob("*.py")) + [pkg / "factorize.py"]:
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:8]
+
+
 def folder_of(args, source: str, kind: str, fmt: str, weights: str) -> Path:
-    """The export folder names its source, so another --model or --pruned never reuses a stale one."""
-    return Path(args.work) / f"{kind}-{source_hash(source)}-{fmt}-{weights}"
+    """The export folder names its source and the exporter's code, so another --model or
+    --pruned, or a changed exporter, never reuses a stale export."""
+    return Path(args.work) / f"{kind}-{source_hash(source)}-{export_code_hash()}-{fmt}-{weights}"
 
 
 def source_of(args, kind: str) -> str:
