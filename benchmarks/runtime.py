@@ -20,6 +20,7 @@ bytes of weights read per token (the weights file of the int8 export).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -79,6 +80,7 @@ def source_hash(source: str) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:8]
 
 
+@functools.lru_cache(maxsize=None)
 def export_code_hash() -> str:
     """8 hex digits of the exporter's source (sieve_edge/export/*.py, factorize.py)."""
     pkg = HERE.parent / "sieve_edge"

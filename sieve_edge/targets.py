@@ -94,6 +94,7 @@ _TOP = {
     "budget": (lambda v: isinstance(v, dict), "a table [budget]"),
 }
 _REQUIRED = ("schema_version", "name", "runtime", "threads")
+_SINCE = {"dynamic_quantization": 2, "runtime_cache_capacity": 3}  # key -> schema_version that added it
 _BUDGET = {
     "max_metric_drop": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (metric units)"),
     **{k: (lambda v: _is_number(v) and v > 0, "a number > 0")
@@ -143,10 +144,7 @@ def parse_profile(data: dict, path: str | Path = "<profile>") -> TargetProfile:
     if runtime == "onnxruntime" and precision != "f32":
         raise ProfileError(f"{path}: 'inference_precision' = {precision!r} is not valid with runtime "
                            f"'onnxruntime' (its CPU provider has no precision hint); allowed: f32")
-    if "dynamic_quantization" in data and data["schema_version"] < 2:
-        raise ProfileError(f"{path}: 'dynamic_quantization' needs schema_version = 2 (this file says "
-                           f"{data['schema_version']}); allowed: set schema_version = 2, or drop the key")
-    for key, version in (("runtime_cache_capacity", 3),):
+    for key, version in _SINCE.items():
         if key in data and data["schema_version"] < version:
             raise ProfileError(f"{path}: '{key}' needs schema_version = {version} (this file says "
                                f"{data['schema_version']}); allowed: set schema_version = {version}, or drop the key")
