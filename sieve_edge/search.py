@@ -732,7 +732,11 @@ def _genetic(config, ladder, evaluator, store, saved, elapsed, out_of_budget, pr
     except _BudgetSpent:
         # the budget ran out inside the seeding or a generation: the last checkpoint stands, and
         # the plan is the best one fully scored so far (the GA's best, or a seed)
-        say("search: budget spent; keeping the best plan scored so far")
+        say("search: budget spent; keeping the best plan scored so far"
+            + (" (the budget ended before the first generation)" if ga.generation < 0 else ""))
+        # the measured candidates are saved, so a rerun with a larger budget replays them
+        store.save({"strategy": "ga", "elapsed": elapsed(), "ga": ga.state_dict(),
+                    "task_sensitivity": extra.get("task_sensitivity", {})})
         scored = [(unkey(k), e) for k, e in ga.cache.items() if e.feasible and e.full]
         best = max(scored, key=lambda ge: (ge[1].gain, -ge[1].proxy, ge[0]))[0] if scored else None
     if best is None:  # cannot happen with a deterministic evaluator: dense is feasible
@@ -992,7 +996,8 @@ def run_search(model_spec, task_spec, out, config: SearchConfig = SearchConfig()
         heatmap_png(result.levels, staging / "heatmap.png",
                     f"{task.name}: keep per matrix ({100 * plan.linear_param_reduction:.1f}% removed)")
         (staging / "search_report.md").write_text(search_report(summary, result, plan))
-        shutil.copy2(out / "search_state.json", staging / "search_state.json")
+        if (out / "search_state.json").is_file():  # none when no candidate was scored
+            shutil.copy2(out / "search_state.json", staging / "search_state.json")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

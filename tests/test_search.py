@@ -196,6 +196,35 @@ def test_budget_running_out_mid_search_stops_without_made_up_results(tuned, monk
     assert len(res.history) < 20
 
 
+def test_budget_ending_before_the_first_generation_still_writes_a_plan(tuned, tmp_path, monkeypatch):
+    # A slow box: every candidate costs 60 s, the 3-minute budget ends while the GA is still
+    # seeding. The stage must finish (best measured plan, state file for a resume), not crash.
+    import types
+
+    import sieve_edge.search as S
+
+    clock = {"t": 0.0}
+    fake_time = types.SimpleNamespace(**{n: getattr(time, n) for n in dir(time) if not n.startswith("_")})
+    fake_time.perf_counter = lambda: clock["t"]
+    monkeypatch.setattr(S, "time", fake_time)
+    original = S.CandidateEvaluator.__call__
+
+    def slow(self, ranks):
+        clock["t"] += 60.0
+        return original(self, ranks)
+
+    monkeypatch.setattr(S.CandidateEvaluator, "__call__", slow)
+    root, task_path = tuned
+    model, tok = load_tuned(root)
+    out = tmp_path / "out"
+    summary = run_search("tiny", task_path, out, small_config(), model=model, tokenizer=tok, budget_minutes=3.0)
+    assert summary["generations"] == 0
+    assert (out / "plan.json").is_file() and (out / "search_state.json").is_file()
+    state = json.loads((out / "search_state.json").read_text())
+    assert state["ga"]["generation"] == -1 and state["ga"]["cache"]
+    assert summary["validation"]["dense"] - summary["validation"]["search"] <= summary["tolerance_abs"] + 1e-12
+
+
 def test_ga_is_deterministic_and_within_tolerance(tuned):
     root, task_path = tuned
     task = load_task(task_path)
