@@ -161,7 +161,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None,
         raise ArtifactError(f"{path / 'config.json'}: cannot be read as a model config "
                             f"({' '.join(str(e).split())[:300]})") from None
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     arch.get_arch(model)
     ranks = {n: int(r) for n, r in manifest.get("ranks", {}).items()}
     for name in ranks:

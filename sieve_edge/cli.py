@@ -120,7 +120,7 @@ def eval_command(model_spec, task_spec, split, limit, batch_size, as_json, trust
 @main.command("tune")
 @click.option("--model", "model_spec", required=True, help="Folder, checkpoint, GGUF file, alias or hub id.")
 @click.option("--task", "task_spec", required=True, help="Task TOML path, or a sample task name.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output checkpoint folder.")
+@click.option("--out", required=True, help="Output checkpoint folder.")
 @click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -158,13 +158,13 @@ def tune_command(model_spec, task_spec, out, steps, batch_size, lr, lora, seed, 
 @click.option("--method", type=click.Choice(["svd", "input-pca", "output", "sieve"]), default="sieve",
               show_default=True)
 @click.option("--keep", type=float, help="One keep fraction of the dense parameters for every matrix.")
-@click.option("--plan", "plan_file", type=click.Path(dir_okay=False), help="A plan.json (per-matrix ranks).")
+@click.option("--plan", "plan_file", help="A plan.json (per-matrix ranks).")
 @click.option("--calibration", "n_calibration", type=int, default=512, show_default=True,
               help="Calibration examples from the task's calibration split.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available).")
-@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, help="Output checkpoint folder.")
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the checkpoint manifest as JSON.")
 @handle_errors

@@ -169,8 +169,12 @@ def check_room(out, expected_bytes: int | None) -> None:
     except OSError:
         return  # no way to ask: the write itself will tell
     if free < need:
-        raise ArtifactError(f"output '{out}' needs about {need / 2**20:,.0f} MB, but the disk holding '{where}' "
-                            f"has {free / 2**20:,.0f} MB free; free some space or choose another --out")
+        raise ArtifactError(f"output '{out}' needs about {_size(need)}, but the disk holding '{where}' "
+                            f"has {_size(free)} free; free some space or choose another --out")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.0f} MB" if n >= 10 * 2**20 else f"{n / 2**20:.2f} MB"
 
 
 def check_output(out, kind: str, *, force: bool = False, expected_bytes: int | None = None,

@@ -127,6 +127,8 @@ class RankPlan:
     @classmethod
     def from_json(cls, path: str | Path) -> "RankPlan":
         path = Path(path)
+        if path.is_dir():
+            raise InputError(f"plan '{path}' is a folder; pass the plan.json file inside it")
         if not path.is_file():
             raise InputError(f"plan file not found: {path}")
         try:
