@@ -135,6 +135,19 @@ def clean_leftovers(out) -> list[Path]:
     return removed
 
 
+def clean_temp_files(folder) -> list[Path]:
+    """Remove ``NAME.tmp-<pid>`` files of dead processes in ``folder`` (a killed atomic write's temp file)."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            head, sep, pid = p.name.rpartition(".tmp-")
+            if sep and head and pid.isdigit() and p.is_file() and not pid_alive(int(pid)):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
 def _existing_ancestor(path: Path) -> Path:
     for p in (path, *path.parents):
         if os.path.lexists(p):

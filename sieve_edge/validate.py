@@ -145,7 +145,7 @@ def validate(bundle, target, task=None, out=None, limit: int | None = None, time
     from .report import model_card, write_reports
     from .runtime import device_available
 
-    from .outputs import check_output
+    from .outputs import check_output, clean_temp_files
 
     log = log or (lambda msg: None)
     bundle = Path(bundle)
@@ -153,6 +153,8 @@ def validate(bundle, target, task=None, out=None, limit: int | None = None, time
     profile = target if isinstance(target, TargetProfile) else load_profile(target)
     out = Path(out) if out is not None else bundle / "reports" / profile.name
     check_output(out, "reports", force=True)  # writable, and not a folder of other things, before the run
+    for folder in (out, bundle / "reports"):      # temp files of a validate that was killed mid-write
+        clean_temp_files(folder)
     needed = _FORMAT_RUNTIME.get(manifest.get("model_format"))
     if profile.runtime != needed:
         raise ArtifactError(f"bundle {bundle} holds a {manifest.get('model_format')} model (runtime {needed}); "
@@ -248,6 +250,8 @@ def _update_card(bundle: Path, manifest: dict, export: dict, model_card) -> None
         reports.append(json.loads(p.read_text(encoding="utf-8")))
     reference = json.loads((bundle / manifest["reference"]).read_text(encoding="utf-8"))
     text = model_card(manifest, export, reference, reports)
-    tmp = bundle / f"MODEL_CARD.md.tmp-{os.getpid()}"
+    # the temp file lives in reports/ (which bundle verification skips): one left by a killed
+    # validate beside MODEL_CARD.md would be an unrecorded file that fails the bundle's check
+    tmp = bundle / "reports" / f".MODEL_CARD.md.tmp-{os.getpid()}"
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, bundle / "MODEL_CARD.md")

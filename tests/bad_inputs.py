@@ -119,11 +119,16 @@ def add_auto_map(folder: Path, file: str = "config.json", marker: Path | None = 
     data = json.loads((folder / file).read_text())
     cls = "AutoConfig" if file == "config.json" else "AutoTokenizer"
     data["auto_map"] = {cls: "custom_code.CustomThing" if cls == "AutoConfig" else ["custom_code.CustomThing", None]}
+    if cls == "AutoConfig":
+        # a model type transformers does not know: only the folder's code can build its config
+        # (for a known type transformers would quietly use its own class and never ask)
+        data["model_type"] = "sieve_custom"
     (folder / file).write_text(json.dumps(data))
     marker = marker or folder / "CUSTOM_CODE_RAN"
     (folder / "custom_code.py").write_text(
         f"import pathlib\npathlib.Path({str(marker)!r}).write_text('the folder code ran')\n"
-        "from transformers import LlamaConfig\n\n\nclass CustomThing(LlamaConfig):\n    model_type = 'llama'\n")
+        "from transformers import LlamaConfig\n\n\n"
+        "class CustomThing(LlamaConfig):\n    model_type = 'sieve_custom'\n")
     return marker
 
 

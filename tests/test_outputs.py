@@ -191,7 +191,9 @@ def test_validate_never_runs_the_bundles_own_runner(tmp_path):
     b = shutil.copytree(test_bundle.tiny_bundle("onnx"), tmp_path / "b")
     marker = tmp_path / "BUNDLE_RUNNER_RAN"
     text = (b / "runner.py").read_text()
-    (b / "runner.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n" + text)
+    (b / "runner.py").write_text(text.replace("\nimport argparse\n", f"\nimport argparse\nimport pathlib\n"
+                                              f"pathlib.Path({str(marker)!r}).write_text('ran')\n", 1))
+    assert str(marker) in (b / "runner.py").read_text()
     B.rehash(b)
     report = validate(b, test_bundle.write_profile(tmp_path, "onnxruntime"))
     assert report.status == "pass", report.message()
