@@ -271,8 +271,9 @@ def make_bundle(export_dir, task, target, out, reference=None, card_info: dict |
 
             try:
                 m = run_bundle(partial, decode_tokens=0)
-            except RunnerError as e:
-                raise ArtifactError(f"measuring the dense reference of {export_dir} failed: {e}") from None
+            except RunnerError as e:  # name the user's file, not its copy in the partial folder
+                why = str(e).replace(str(partial / "model"), str(export_dir))
+                raise ArtifactError(f"measuring the dense reference of {export_dir} failed: {why}") from None
             reference = {"metric": m["metric"], "value": m["value"], "split": "test", "n": m["n_examples"],
                          "measured_with": f"this bundle's dense model, {m['runtime']} {m['runtime_version']} "
                                           f"({m['inference_precision']})", "measured_at": _now(),

@@ -292,6 +292,16 @@ def build_cases(root: Path, bundles: dict[str, Path] | None = None, export: Path
                                                "--out", out("bundle-custom")],
         ["custom-export/tokenizer_config.json", "auto_map"], outputs=(marker, out("bundle-custom")))
 
+    broken = shutil.copytree(export, m / "corrupt-export")
+    (broken / "model.onnx").write_bytes(b"\x08\x07garbage, not a protobuf graph" * 10)
+    manifest = json.loads((broken / "export.json").read_text())  # sizes as if exported so
+    manifest["files"] = {f.name: f.stat().st_size for f in sorted(broken.iterdir())
+                         if f.is_file() and f.name != "export.json"}
+    (broken / "export.json").write_text(json.dumps(manifest))
+    add("export-corrupt-model-onnx", "model", ["bundle", "--export", broken, "--task", task, "--target", profile,
+                                               "--out", out("bundle-corrupt")],
+        ["corrupt-export/model.onnx", "onnxruntime cannot load"], outputs=(out("bundle-corrupt"),))
+
     # --- plans (prune --plan)
     pl = root / "plans"
     pl.mkdir()
@@ -369,6 +379,12 @@ def build_cases(root: Path, bundles: dict[str, Path] | None = None, export: Path
     rehash(x)
     validate_case("test-data-not-utf8", x, ["task/test.jsonl:1", "UTF-8"])
     add("runner-test-data-not-utf8", "runner", [x], ["task/test.jsonl:1", "UTF-8"], tool="runner")
+    x = bundle_copy("custom-tokenizer")
+    marker = add_auto_map(x / "model", "tokenizer_config.json", marker=root / "BUNDLE_CUSTOM_CODE_RAN")
+    rehash(x)  # as if the bundle had been built from such an export
+    add("bundle-auto-map-validate-task", "bundle", ["validate", "--bundle", x, "--target", profile, "--task", task,
+                                                    "--out", root / "out" / "reports-custom"],
+        ["model/tokenizer_config.json", "auto_map"], outputs=(marker, root / "out" / "reports-custom"))
     x = bundle_copy("runner-flipped")
     flip_bit(x / "model" / "model.onnx")
     add("runner-model-bit-flipped", "runner", [x], ["model/model.onnx", "modified"], tool="runner")

@@ -30,11 +30,12 @@ CASE_IDS = [
     "model-missing", "model-not-a-model", "model-unsupported-architecture", "model-truncated-safetensors",
     "model-garbage-safetensors-header", "checkpoint-truncated-safetensors", "gguf-empty", "gguf-cut-30-bytes",
     "gguf-cut-1-mb", "auto-map-plain-folder", "auto-map-checkpoint", "auto-map-export-tokenizer",
+    "export-corrupt-model-onnx",
     "plan-list", "plan-shapes-as-strings", "plan-rank-too-large", "plan-keep-above-one", "plan-keep-zero",
     "plan-unknown-matrix", "plan-malformed-json", "plan-not-utf8",
     "bundle-file-deleted", "bundle-model-bit-flipped", "bundle-runner-edited-same-size", "bundle-extra-model-file",
     "bundle-not-a-bundle", "bundle-corrupt-bundle-json", "bundle-corrupt-model-onnx", "bundle-corrupt-openvino-ir",
-    "bundle-test-data-not-utf8", "runner-test-data-not-utf8", "runner-model-bit-flipped", "runner-module-dropped-in",
+    "bundle-test-data-not-utf8", "bundle-auto-map-validate-task", "runner-test-data-not-utf8", "runner-model-bit-flipped", "runner-module-dropped-in",
     "bundle-runner-module-dropped-in",
     "out-existing-file", "out-under-a-file", "out-folder-of-other-things", "out-validate-reports-under-a-file",
     "out-read-only-filesystem", "out-disk-full",
@@ -212,3 +213,33 @@ def test_a_good_plan_file_prunes(cases, tmp_path):
                                        "--calibration", "4", "--out", str(tmp_path / "pruned")])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "pruned" / "sieve_edge.json").read_text())["ranks"]
+
+
+# ---------------------------------------------------------------- the benchmark's bookkeeping
+
+
+def test_robustness_benchmark_digest_ignores_timestamps_only(tmp_path):
+    import importlib.util
+    import shutil
+
+    import test_bundle
+
+    spec = importlib.util.spec_from_file_location("bench_robustness", REPO / "benchmarks" / "robustness.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    b = shutil.copytree(test_bundle.tiny_bundle("onnx"), tmp_path / "b")
+    digest = bench.bundle_digest(b)
+    ref = json.loads((b / "reference.json").read_text())
+    ref["measured_at"] = "2000-01-01T00:00:00Z"
+    (b / "reference.json").write_text(json.dumps(ref))
+    manifest = json.loads((b / "bundle.json").read_text())
+    manifest["created_at"] = "2000-01-01T00:00:00Z"
+    (b / "bundle.json").write_text(json.dumps(manifest))
+    assert bench.bundle_digest(b) == digest
+    B.flip_bit(b / "model" / "model.onnx")
+    B.rehash(b)
+    assert bench.bundle_digest(b) != digest
+    (tmp_path / f"x.partial-{B.dead_pid()}").mkdir()
+    (tmp_path / "report.json.tmp-12").write_text("")
+    assert sorted(Path(p).name for p in bench.leftovers_under(tmp_path)) == ["report.json.tmp-12",
+                                                                            next(tmp_path.glob("x.partial-*")).name]
