@@ -122,7 +122,7 @@ def clean_leftovers(out) -> list[Path]:
         if pid == os.getpid():
             continue  # our own, handled by the writer
         if pid_alive(pid):
-            raise ArtifactError(f"output '{out}' is being written by process {pid} ('{path.name}'); "
+            raise ArtifactError(f"output '{out}' is in use: process {pid} is writing it ('{path.name}'); "
                                 "wait for it to finish or stop it, then rerun")
         if what == "old" and not out.exists() and not os.path.lexists(out):
             os.replace(path, out)

@@ -139,6 +139,9 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
 
 BUNDLE_MUTABLE = ("MODEL_CARD.md",)  # rewritten by `sieve-edge validate` (its table of targets)
 BUNDLE_OUTPUT_DIRS = ("reports",)    # written by `sieve-edge validate`
+# An unrecorded file is refused where something could load it: in the folders the runner
+# reads (model, task) and anywhere when it is code; others (a `--json out.json`) are left be.
+_CODE_SUFFIXES = (".py", ".pyc", ".pyd", ".pth", ".so", ".dll", ".dylib")
 
 
 def file_sha256(path: Path) -> str:
@@ -152,9 +155,9 @@ def file_sha256(path: Path) -> str:
 def verify_bundle(bundle, manifest: dict | None = None) -> None:
     """Check the bundle's files against the sha256 that ``bundle.json`` records, before anything is loaded.
 
-    A recorded file that is missing or differs, or a file that ``bundle.json`` does not record
-    (outside ``reports/``; ``MODEL_CARD.md`` is rewritten by validate), is a RunnerError naming
-    it. This checks integrity (a bad copy, a flipped bit, an edited file), not authenticity:
+    A recorded file that is missing or differs is a RunnerError naming it; so is a file that
+    ``bundle.json`` does not record inside the model or task folder, or one that is code
+    (``.py``, ``.so``, ...) anywhere (``reports/`` and ``MODEL_CARD.md`` are written by validate). This checks integrity (a bad copy, a flipped bit, an edited file), not authenticity:
     whoever can edit the bundle can edit ``bundle.json`` too, so compare ``bundle.json``'s
     own sha256 with the one ``sieve-edge bundle`` printed.
     """
@@ -175,12 +178,14 @@ def verify_bundle(bundle, manifest: dict | None = None) -> None:
             problems.append(f"{name} is missing")
         elif file_sha256(f) != digest:
             problems.append(f"{name} was modified (its sha256 differs from bundle.json's)")
+    read_dirs = {str(manifest.get("model_dir", "model")).strip("/"), "task"}
     for f in sorted(bundle.rglob("*")):
         rel = f.relative_to(bundle).as_posix()
-        if f.is_dir() or rel == "bundle.json" or rel in hashes or rel in BUNDLE_MUTABLE \
-                or rel.split("/", 1)[0] in BUNDLE_OUTPUT_DIRS:
+        top = rel.split("/", 1)[0]
+        if f.is_dir() or rel == "bundle.json" or rel in hashes or rel in BUNDLE_MUTABLE or top in BUNDLE_OUTPUT_DIRS:
             continue
-        problems.append(f"{rel} is not part of the bundle (bundle.json does not record it)")
+        if (top in read_dirs and "/" in rel) or f.suffix.lower() in _CODE_SUFFIXES:
+            problems.append(f"{rel} is not part of the bundle (bundle.json does not record it)")
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise RunnerError(f"bundle {bundle} does not match its bundle.json: {'; '.join(problems[:3])}{more}; "

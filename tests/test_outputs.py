@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import struct
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -25,7 +26,7 @@ def test_dead_writers_leftovers_are_cleaned_and_live_ones_refused(tmp_path):
     (tmp_path / f"other.partial-{dead}").mkdir()              # another output's: not ours to touch
     live = tmp_path / f"ckpt.partial-{os.getppid()}"
     live.mkdir()
-    with pytest.raises(ArtifactError, match=f"being written by process {os.getppid()}"):
+    with pytest.raises(ArtifactError, match=f"in use: process {os.getppid()} is writing it"):
         check_output(out, "checkpoint")
     live.rmdir()
     assert check_output(out, "checkpoint") == out
@@ -178,7 +179,16 @@ def test_validate_output_and_the_card_do_not_break_verification(tmp_path):
     (b / "reports" / "kiosk").mkdir(parents=True)
     (b / "reports" / "kiosk" / "report.json").write_text("{}")
     (b / "MODEL_CARD.md").write_text("rewritten by validate")
+    (b / "result.json").write_text("{}")  # `python runner.py --json result.json` run inside the bundle
     verify_bundle(b)
+    from sieve_edge.runtime import RunnerError
+
+    for extra in ("task/more.jsonl", "sitecustomize.py", "reports/../evil.pth"):
+        f = b / extra
+        f.write_text("")
+        with pytest.raises(RunnerError, match=f"{Path(extra).name} is not part of the bundle"):
+            verify_bundle(b)
+        f.unlink()
 
 
 def test_validate_never_runs_the_bundles_own_runner(tmp_path):
