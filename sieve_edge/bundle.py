@@ -25,10 +25,11 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ArtifactError, InputError, TaskSpecError
+from .runtime import BUNDLE_MUTABLE
 from .targets import TargetProfile, load_profile
 
 BUNDLE_FORMAT = "sieve-edge/bundle"
-BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FORMAT_VERSION = 2  # 2: bundle.json records the sha256 of every file (runtime.verify_bundle)
 _SENTINEL = "\u2063SIEVE_EDGE_TEXT\u2063"  # invisible separator: survives chat templates untouched
 _FORMAT_RUNTIME = {"onnx": "onnxruntime", "openvino": "openvino"}
 _MODEL_FILES = {"onnx": ("model.onnx",), "openvino": ("openvino_model.xml", "openvino_model.bin")}
@@ -36,21 +37,31 @@ _MODEL_FILES = {"onnx": ("model.onnx",), "openvino": ("openvino_model.xml", "ope
 
 def read_export(export_dir) -> dict:
     """``export.json`` of an export folder, checked complete against its ``files`` sizes."""
+    from .outputs import refuse_leftover
+
     export_dir = Path(export_dir)
+    refuse_leftover(export_dir, "export folder")
     path = export_dir / "export.json"
     if not path.is_file():
         raise ArtifactError(f"{export_dir}: not an export folder (no export.json); run `sieve-edge export` first")
     try:
         export = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"{path}: not UTF-8 text (byte {e.start}): a corrupt export.json") from None
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(export, dict):
+        raise ArtifactError(f"{path}: must be a JSON object, got {type(export).__name__}")
     fmt = export.get("format")
     if fmt not in _MODEL_FILES:
         raise ArtifactError(f"{path}: 'format' = {fmt!r}; allowed: {', '.join(_MODEL_FILES)}")
     for name in _MODEL_FILES[fmt] + ("tokenizer.json", "config.json"):
         if not (export_dir / name).is_file():
             raise ArtifactError(f"{export_dir}: missing {name} for a {fmt} export")
-    for name, size in (export.get("files") or {}).items():
+    files = export.get("files") or {}
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{path}: 'files' must be a table of file name -> size in bytes")
+    for name, size in files.items():
         f = export_dir / name
         if not f.is_file() or f.stat().st_size != size:
             raise ArtifactError(f"{export_dir}: file {name} is missing or not the size export.json records "
@@ -146,17 +157,19 @@ def task_fingerprint(spec) -> str:
     return h.hexdigest()
 
 
-def dense_reference(model, task, limit: int | None = None) -> dict:
+def dense_reference(model, task, limit: int | None = None, trust_remote_code: bool = False) -> dict:
     """Measure the dense model's metric on the task's test split with torch (sieve_edge.evaluate)."""
     from .evaluate import evaluate
     from .models import load_model, load_tokenizer
     from .tasks import load_task
 
     spec = load_task(task)
-    m = load_model(model)
-    tok = load_tokenizer(model)
+    tok = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    m = load_model(model, trust_remote_code=trust_remote_code)
     result = evaluate(m, tok, spec, "test", limit=limit)
-    return {"metric": result.metric, "value": result.value, "split": "test", "n": result.n, "model": str(model),
+    # a local model is named by its folder or file name: a bundle carries no path of the machine that built it
+    name = Path(str(model)).name if os.path.exists(str(model)) else str(model)
+    return {"metric": result.metric, "value": result.value, "split": "test", "n": result.n, "model": name,
             "measured_with": "torch (sieve_edge.evaluate), float32", "measured_at": _now(),
             "task_fingerprint": task_fingerprint(spec)}
 
@@ -171,7 +184,7 @@ def _is_dense(export: dict) -> bool:
 
 
 def make_bundle(export_dir, task, target, out, reference=None, card_info: dict | None = None,
-                force: bool = False, log=None) -> Path:
+                force: bool = False, log=None, trust_remote_code: bool = False) -> Path:
     """Build the bundle folder ``out`` from an export folder, a task and a target profile.
 
     reference: the dense model's test metric (a dict or a JSON file with ``metric`` and
@@ -179,9 +192,14 @@ def make_bundle(export_dir, task, target, out, reference=None, card_info: dict |
     own model with the runner; when None for a pruned or quantized model, reference.json records that none was
     given and the metric gate of ``validate`` reports "not run" (never a pass).
     card_info: extra lines for the model card (e.g. {"calibration": "1024 train phrases"}).
+    trust_remote_code: let transformers run custom code the export folder's tokenizer names
+    (refused otherwise, before transformers is asked).
     """
     from transformers import AutoTokenizer
 
+    from .filechecks import check_model_folder
+    from .outputs import check_output, dir_bytes
+    from .runtime import RunnerError
     from .tasks import load_examples, load_task
 
     log = log or (lambda msg: None)
@@ -201,13 +219,16 @@ def make_bundle(export_dir, task, target, out, reference=None, card_info: dict |
             raise ArtifactError(f"output folder '{out}' exists and is not a bundle (no bundle.json)")
         if not force:
             raise ArtifactError(f"bundle '{out}' already exists; pass --force to replace it")
+    check_output(out, "bundle", force=force, expected_bytes=dir_bytes(export_dir))  # leftovers, writable, room
     reference = load_reference(reference)
     fingerprint = task_fingerprint(spec)
     if reference is not None and reference.get("task_fingerprint", fingerprint) != fingerprint:
         raise InputError(f"the reference was measured on another version of task '{spec.name}' (its prompt, "
                          f"labels or test data differ from {spec.path}); measure it again (--reference-model)")
 
-    tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
+    check_model_folder(export_dir, trust_remote_code, "export folder")
+    # trust_remote_code explicit: left out, transformers asks on stdin whether to run custom code
+    tokenizer = AutoTokenizer.from_pretrained(str(export_dir), trust_remote_code=trust_remote_code)
     examples = load_examples(spec, "test")
     frame = prompt_frame(spec, tokenizer, [ex.text for ex in examples[:8]])
 
@@ -238,14 +259,21 @@ def make_bundle(export_dir, task, target, out, reference=None, card_info: dict |
             "task_spec": tomllib.loads((partial / task_file).read_text(encoding="utf-8")),
             "target_profile": tomllib.loads(Path(profile.path).read_text(encoding="utf-8")),
             "card_info": card_info or {},
-            "task_data": {split: str(path) for split, path in spec.data.items()},
+            # where the data came from, without the builder's paths: only the test split ships
+            "task_data": {split: ("task/test.jsonl" if split == "test" else
+                                  f"{Path(path).name} (sha256 {_sha256(Path(path))[:16]}, not bundled)")
+                          for split, path in spec.data.items()},
         }
         _write_json(partial / "bundle.json", manifest)
         if reference is None and _is_dense(export) and export.get("weights", "fp32") == "fp32":
             log("measuring the dense reference with the runner")
             from .runtime import run_bundle
 
-            m = run_bundle(partial, decode_tokens=0)
+            try:
+                m = run_bundle(partial, decode_tokens=0)
+            except RunnerError as e:  # name the user's file, not its copy in the partial folder
+                why = str(e).replace(str(partial / "model"), str(export_dir))
+                raise ArtifactError(f"measuring the dense reference of {export_dir} failed: {why}") from None
             reference = {"metric": m["metric"], "value": m["value"], "split": "test", "n": m["n_examples"],
                          "measured_with": f"this bundle's dense model, {m['runtime']} {m['runtime_version']} "
                                           f"({m['inference_precision']})", "measured_at": _now(),
@@ -256,8 +284,11 @@ def make_bundle(export_dir, task, target, out, reference=None, card_info: dict |
                                  "the metric-drop gate cannot be checked"}
         _write_json(partial / "reference.json", reference)
         _write_card(partial, manifest, export, reference, spec)
-        manifest["files"] = {str(f.relative_to(partial)): f.stat().st_size
-                             for f in sorted(partial.rglob("*")) if f.is_file() and f.name != "bundle.json"}
+        shipped = [f for f in sorted(partial.rglob("*")) if f.is_file() and f.name != "bundle.json"]
+        manifest["files"] = {f.relative_to(partial).as_posix(): f.stat().st_size for f in shipped}
+        # what runner.py and validate check before loading anything (MODEL_CARD.md: validate rewrites it)
+        manifest["sha256"] = {f.relative_to(partial).as_posix(): _sha256(f) for f in shipped
+                              if f.relative_to(partial).as_posix() not in BUNDLE_MUTABLE}
         _write_json(partial / "bundle.json", manifest)
         _replace(partial, out)
     except BaseException:
@@ -265,6 +296,12 @@ def make_bundle(export_dir, task, target, out, reference=None, card_info: dict |
         raise
     log(f"bundle written to {out}")
     return out
+
+
+def _sha256(path: Path) -> str:
+    from .runtime import file_sha256
+
+    return file_sha256(path)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -290,16 +327,33 @@ def _replace(partial: Path, out: Path) -> None:
 
 
 def read_bundle(bundle) -> dict:
-    """``bundle.json`` of a bundle folder, checked complete against its ``files`` sizes."""
+    """``bundle.json`` of a bundle folder, after checking every file against its sha256
+    (``runtime.verify_bundle``: missing, modified or extra files are an ``ArtifactError``)."""
+    from .outputs import refuse_leftover
+    from .runtime import RunnerError, verify_bundle
+
     bundle = Path(bundle)
+    refuse_leftover(bundle, "bundle")
     path = bundle / "bundle.json"
     if not path.is_file():
         raise ArtifactError(f"{bundle}: not a bundle (no bundle.json); build one with `sieve-edge bundle`")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"{path}: not UTF-8 text (byte {e.start}): a corrupt bundle.json; rebuild the "
+                            "bundle") from None
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e}): a corrupt bundle.json; rebuild the bundle") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: must be a JSON object, got {type(manifest).__name__}; rebuild the bundle")
     if manifest.get("format") != BUNDLE_FORMAT:
         raise ArtifactError(f"{path}: format {manifest.get('format')!r} is not {BUNDLE_FORMAT}")
-    for name, size in (manifest.get("files") or {}).items():
-        f = bundle / name
-        if not f.is_file() or (f.stat().st_size != size and name != "MODEL_CARD.md"):
-            raise ArtifactError(f"{bundle}: {name} is missing or changed since the bundle was made")
+    missing = [k for k in ("model_dir", "model_format", "task", "test_data", "target", "prompt_frame", "reference")
+               if not isinstance(manifest.get(k), str)]
+    if missing:
+        raise ArtifactError(f"{path}: missing or non-string key(s) {', '.join(missing)}; rebuild the bundle")
+    try:
+        verify_bundle(bundle, manifest)
+    except RunnerError as e:
+        raise ArtifactError(str(e)) from None
     return manifest

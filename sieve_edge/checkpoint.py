@@ -18,6 +18,7 @@ from . import __version__
 from . import architectures as arch
 from .errors import ArtifactError, ModelLoadError
 from .factorize import empty_factorized_, factorized_ranks, linear_shapes, param_counts
+from .outputs import describe_folder  # noqa: F401 - re-exported: what kind of artifact a folder holds
 
 MANIFEST = "sieve_edge.json"
 FORMAT = "sieve-edge/checkpoint"
@@ -30,9 +31,13 @@ def read_manifest(path: str | Path) -> dict | None:
     if not f.is_file():
         return None
     try:
-        data = json.loads(f.read_text())
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"{f}: not UTF-8 text (byte {e.start}); the checkpoint manifest is corrupt") from None
     except json.JSONDecodeError as e:
-        raise ArtifactError(f"{f}: not valid JSON ({e})") from e
+        raise ArtifactError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{f}: must be a JSON object (the checkpoint manifest), got {type(data).__name__}")
     if data.get("format") != FORMAT:
         raise ArtifactError(f"{f}: key 'format' is {data.get('format')!r}, expected '{FORMAT}'")
     if data.get("format_version") != FORMAT_VERSION:
@@ -67,22 +72,24 @@ def build_manifest(model: nn.Module, *, base_model: str, method: str | None, tas
     }
 
 
-def check_output(out: str | Path, kind: str, force: bool = False) -> Path:
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers as they are in memory (the size of its safetensors)."""
+    seen = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen[t.data_ptr()] = t.numel() * t.element_size()  # tied weights counted once
+    return sum(seen.values())
+
+
+def check_output(out: str | Path, kind: str, force: bool = False, expected_bytes: int | None = None) -> Path:
     """Fail early (before hours of work) if `out` may not receive an artifact of `kind`.
 
     An existing folder holding another kind of artifact is never overwritten; one holding
-    the same kind is replaced only with force.
+    the same kind is replaced only with force. Also cleans the leftovers of killed writes of
+    `out` and probes that it can be written (``sieve_edge.outputs.check_output``).
     """
-    out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise ArtifactError(f"output {out} exists and is not a folder")
-        if any(out.iterdir()):
-            what = describe_folder(out)
-            if not force or what != kind:
-                hint = "; pass --force to replace it" if what == kind else "; choose another --out"
-                raise ArtifactError(f"output folder {out} already holds {what or 'other files'}{hint}")
-    return out
+    from .outputs import check_output as check
+
+    return check(out, kind, force=force, expected_bytes=expected_bytes)
 
 
 def prepare_output(out: str | Path, kind: str, force: bool = False) -> Path:
@@ -108,19 +115,6 @@ def finalize_output(partial: Path, out: str | Path) -> Path:
     return out
 
 
-def describe_folder(path: Path) -> str | None:
-    """What kind of sieve-edge artifact a folder holds, if any."""
-    if (path / MANIFEST).is_file():
-        return "checkpoint"
-    for marker, kind in (("export.json", "export"), ("bundle.json", "bundle"), ("search_state.json", "search"),
-                         ("run.json", "run")):
-        if (path / marker).is_file():
-            return kind
-    if (path / "config.json").is_file():
-        return "model"
-    return None
-
-
 def save_checkpoint(model: nn.Module, tokenizer, out: str | Path, manifest: dict, force: bool = False) -> Path:
     """Write model (safetensors), config, tokenizer and manifest; atomically."""
     partial = prepare_output(out, "checkpoint", force)
@@ -136,22 +130,38 @@ def save_checkpoint(model: nn.Module, tokenizer, out: str | Path, manifest: dict
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device | None = None,
-                    dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Rebuild the original model class with LowRankLinear modules per the manifest."""
+                    dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+    """Rebuild the original model class with LowRankLinear modules per the manifest.
+
+    The folder is checked first (``sieve_edge.filechecks.check_model_folder``): custom code
+    in an ``auto_map`` is refused unless ``trust_remote_code``, and every safetensors file
+    must be complete.
+    """
     from accelerate import init_empty_weights
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .filechecks import check_model_folder
+    from .outputs import refuse_leftover
+
     path = Path(path)
+    refuse_leftover(path, "checkpoint")
     manifest = read_manifest(path)
     if manifest is None:
         raise ModelLoadError(f"{path} has no {MANIFEST}: not a sieve-edge checkpoint")
     weights = sorted(path.glob("model*.safetensors"))
     if not weights:
         raise ArtifactError(f"{path}: no model*.safetensors file (incomplete checkpoint?)")
-    config = AutoConfig.from_pretrained(path)
+    check_model_folder(path, trust_remote_code, "sieve-edge checkpoint")
+    try:
+        # trust_remote_code passed explicitly: left out, transformers would ask on stdin
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise ArtifactError(f"{path / 'config.json'}: cannot be read as a model config "
+                            f"({' '.join(str(e).split())[:300]})") from None
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     arch.get_arch(model)
     ranks = {n: int(r) for n, r in manifest.get("ranks", {}).items()}
     for name in ranks:
@@ -159,7 +169,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None,
     empty_factorized_(model, ranks)
     state = {}
     for f in weights:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise ArtifactError(f"{f}: cannot be read ({e}); the checkpoint is corrupt") from None
     result = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
                                    strict=False, assign=True)
     if result.unexpected_keys:

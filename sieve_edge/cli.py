@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -16,7 +17,13 @@ from .errors import SieveEdgeError
 
 
 def handle_errors(fn):
-    """Turn library errors into one clear line on stderr and the error's exit code."""
+    """Turn library errors into one clear line on stderr and the error's exit code.
+
+    A ``SieveEdgeError`` is the library saying what is wrong: ``error: <message>``, its exit
+    code. Anything else is a bug or an input nothing checked: one line ``internal error:
+    <type>: <message> (details in LOG)``, exit 1, and the traceback goes to LOG (never to
+    the terminal). Click's own exceptions (usage errors, --help) and SystemExit pass through.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -28,8 +35,44 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             click.echo("interrupted: rerun the same command to resume", err=True)
             sys.exit(130)
+        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise
+        except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback on the terminal
+            log = write_error_log(e, fn.__name__)
+            message = " ".join(str(e).split())
+            message = message if len(message) <= 300 else message[:300] + " ..."
+            where = f"details in {log}" if isinstance(log, str) else f"no log written: {log.args[0]}"
+            click.echo(f"internal error: {type(e).__name__}: {message} ({where})", err=True)
+            sys.exit(1)
 
     return wrapper
+
+
+def write_error_log(exc: BaseException, command: str):
+    """Write ``exc``'s traceback (and the command line) to a new file under the cache's ``logs/``
+    folder (``$SIEVE_EDGE_CACHE/logs``, else ``~/.cache/sieve-edge/logs``; the temp folder when
+    neither is writable). Returns the path as a string, or an OSError when no file could be written."""
+    import datetime as _dt
+    import os
+    import tempfile
+    import traceback
+
+    from . import __version__
+    from .outputs import cache_dir
+
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    text = (f"sieve-edge {__version__}, command '{command}', pid {os.getpid()}, {stamp}\n"
+            f"argv: {sys.argv!r}\n\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    error = OSError("no writable log folder")
+    for folder in (cache_dir() / "logs", Path(tempfile.gettempdir()) / "sieve-edge-logs"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"error-{stamp}-{os.getpid()}.log"
+            path.write_text(text, encoding="utf-8")
+            return str(path)
+        except OSError as e:
+            error = e
+    return error
 
 
 def print_json(obj) -> None:
@@ -53,16 +96,19 @@ def main():
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N rows.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help='Print {"task","split","metric","value","n"} as JSON.')
+@click.option("--trust-remote-code", is_flag=True,
+              help="DANGEROUS: let transformers run Python code that the model folder names (auto_map); "
+                   "without it such a folder is refused.")
 @handle_errors
-def eval_command(model_spec, task_spec, split, limit, batch_size, as_json):
+def eval_command(model_spec, task_spec, split, limit, batch_size, as_json, trust_remote_code):
     """Score a model on one split of a task (accuracy, exact match or perplexity)."""
     from .evaluate import evaluate
     from .models import load_model, load_tokenizer
     from .tasks import load_task
 
     task = load_task(task_spec)
-    tokenizer = load_tokenizer(model_spec)
-    model = load_model(model_spec)
+    tokenizer = load_tokenizer(model_spec, trust_remote_code=trust_remote_code)
+    model = load_model(model_spec, trust_remote_code=trust_remote_code)
     result = evaluate(model, tokenizer, task, split=split, limit=limit, batch_size=batch_size)
     if as_json:
         print_json(result.to_dict())
@@ -74,7 +120,7 @@ def eval_command(model_spec, task_spec, split, limit, batch_size, as_json):
 @main.command("tune")
 @click.option("--model", "model_spec", required=True, help="Folder, checkpoint, GGUF file, alias or hub id.")
 @click.option("--task", "task_spec", required=True, help="Task TOML path, or a sample task name.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output checkpoint folder.")
+@click.option("--out", required=True, help="Output checkpoint folder.")
 @click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -82,17 +128,23 @@ def eval_command(model_spec, task_spec, split, limit, batch_size, as_json):
 @click.option("--lora", is_flag=True, help="Train LoRA adapters (rank 8) and merge them into the weights.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint in --out.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="DANGEROUS: let transformers run Python code that the model folder names (auto_map); "
+                   "without it such a folder is refused.")
 @handle_errors
-def tune_command(model_spec, task_spec, out, steps, batch_size, lr, lora, seed, force):
+def tune_command(model_spec, task_spec, out, steps, batch_size, lr, lora, seed, force, trust_remote_code):
     """Fine-tune a model on a task's train split (loss on answer tokens) and save it."""
+    from .checkpoint import model_bytes
     from .models import load_model, load_tokenizer
+    from .outputs import check_room
     from .tasks import load_task
     from .tune import DEFAULT_LR, check_output, save_tuned, tune
 
     check_output(out, force)  # before the long part
     task = load_task(task_spec)
-    tokenizer = load_tokenizer(model_spec)
-    model = load_model(model_spec)
+    tokenizer = load_tokenizer(model_spec, trust_remote_code=trust_remote_code)
+    model = load_model(model_spec, trust_remote_code=trust_remote_code)
+    check_room(out, model_bytes(model))  # the disk must hold the tuned copy: known now, before the steps
     lr = DEFAULT_LR[lora] if lr is None else lr
     model = tune(model, tokenizer, task, steps=steps, batch_size=batch_size, lr=lr, lora=lora, seed=seed)
     path = save_tuned(model, tokenizer, out, base_model=str(model_spec), task=task.name, steps=steps, lora=lora,
@@ -106,13 +158,13 @@ def tune_command(model_spec, task_spec, out, steps, batch_size, lr, lora, seed, 
 @click.option("--method", type=click.Choice(["svd", "input-pca", "output", "sieve"]), default="sieve",
               show_default=True)
 @click.option("--keep", type=float, help="One keep fraction of the dense parameters for every matrix.")
-@click.option("--plan", "plan_file", type=click.Path(dir_okay=False), help="A plan.json (per-matrix ranks).")
+@click.option("--plan", "plan_file", help="A plan.json (per-matrix ranks).")
 @click.option("--calibration", "n_calibration", type=int, default=512, show_default=True,
               help="Calibration examples from the task's calibration split.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available).")
-@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--out", required=True, help="Output checkpoint folder.")
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the checkpoint manifest as JSON.")
 @handle_errors
@@ -212,8 +264,12 @@ def search_command(model_spec, task_spec, tolerance, relative, method, strategy,
 @click.option("--no-check", is_flag=True, help="Skip the fidelity check (not recommended).")
 @click.option("--out", required=True, help="Output folder (written atomically).")
 @click.option("--force", is_flag=True, help="Replace an existing export at --out.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="DANGEROUS: let transformers run Python code that the model folder names (auto_map); "
+                   "without it such a folder is refused.")
 @handle_errors
-def export_cmd(model_dir, fmt, weights, int4, task, task_head, densify, densify_tokens, limit, no_check, out, force):
+def export_cmd(model_dir, fmt, weights, int4, task, task_head, densify, densify_tokens, limit, no_check, out, force,
+               trust_remote_code):
     """Export a model to ONNX or OpenVINO (KV cache), optionally int8/int4, checked against torch."""
     from .export import export_model
 
@@ -221,7 +277,8 @@ def export_cmd(model_dir, fmt, weights, int4, task, task_head, densify, densify_
         densify = [n.strip() for n in densify.split(",") if n.strip()]
     result = export_model(model_dir, fmt, weights, out, int4=int4, task=task, task_head=task_head,
                           check=not no_check, force=force, densify=densify, densify_tokens=densify_tokens,
-                          metric_limit=limit, log=lambda m: click.echo(m, err=True))
+                          metric_limit=limit, trust_remote_code=trust_remote_code,
+                          log=lambda m: click.echo(m, err=True))
     m = result.manifest
     fid = m["fidelity"]
     summary = {"out": str(result.path), "format": m["format"], "weights": m["weights"],
@@ -269,20 +326,28 @@ def validate_command(bundle_dir, target, task, out, limit, as_json):
 @click.option("--reference-model", default=None,
               help="Measure the dense reference now with torch on this model (folder, GGUF or alias).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="DANGEROUS: let transformers run Python code that the model folder names (auto_map); "
+                   "without it such a folder is refused.")
 @handle_errors
-def bundle_command(export_dir, task, target, out, reference, reference_model, force):
+def bundle_command(export_dir, task, target, out, reference, reference_model, force, trust_remote_code):
     """Assemble a deployable bundle: model, tokenizer, task, profile, reference, card, torch-free runner."""
     from .bundle import dense_reference, make_bundle
     from .errors import InputError
+    from .outputs import check_output
+    from .runtime import file_sha256
 
     if reference and reference_model:
         raise InputError("give --reference or --reference-model, not both")
     if reference_model:
-        reference = dense_reference(reference_model, task)
+        check_output(out, "bundle", force=force)  # before minutes of measuring
+        reference = dense_reference(reference_model, task, trust_remote_code=trust_remote_code)
     path = make_bundle(export_dir, task, target, out, reference=reference, force=force,
-                       log=lambda m: click.echo(m, err=True))
+                       trust_remote_code=trust_remote_code, log=lambda m: click.echo(m, err=True))
+    # bundle.json lists the sha256 of every file; its own sha256, kept apart, vouches for it
     print_json({"bundle": str(path), "runner": str(path / "runner.py"),
-                "check_on_device": f"python {path / 'runner.py'}"})
+                "check_on_device": f"python {path / 'runner.py'}",
+                "bundle_json_sha256": file_sha256(path / "bundle.json")})
 
 
 @main.command()

@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 
 from .errors import InputError, ModelLoadError
+from .outputs import cache_dir, refuse_leftover  # noqa: F401 - cache_dir: where assembled GGUF files live
 
 SourceKind = Literal["folder", "checkpoint", "gguf", "alias", "hub"]
 CHECKPOINT_MANIFEST = "sieve_edge.json"
@@ -74,14 +75,6 @@ ALIASES: dict[str, ModelAlias] = {
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
-
-
-def cache_dir() -> Path:
-    """Where assembled GGUF files live: $SIEVE_EDGE_CACHE, else $XDG_CACHE_HOME/sieve-edge."""
-    if os.environ.get("SIEVE_EDGE_CACHE"):
-        return Path(os.environ["SIEVE_EDGE_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "sieve-edge"
 
 
 def _module_folder(module: str, alias: ModelAlias) -> Path:
@@ -243,6 +236,8 @@ def resolve_source(spec: str | Path | ModelSource) -> ModelSource:
         raise ModelLoadError("empty model spec; pass a folder, a .gguf file, a hub id or an alias "
                              f"({', '.join(sorted(ALIASES))})")
     path = Path(text).expanduser()
+    if os.path.lexists(path):
+        refuse_leftover(path, "model path")  # OUT.partial-<pid>...: the unfinished output of a killed write
     if path.is_dir():
         return _folder_source(path.resolve())
     if path.is_file():
@@ -318,32 +313,62 @@ def load_model(
     """A causal LM in eval mode on ``device``; GGUF weights are dequantized to ``dtype``."""
     source = resolve_source(spec)
     target = pick_device(device)
+    check_source(source, trust_remote_code)
     if source.kind == "checkpoint":
         from .checkpoint import load_checkpoint  # lazy: the checkpoint module may import this one
 
-        model = load_checkpoint(source.path, device=target, dtype=dtype)
+        model = load_checkpoint(source.path, device=target, dtype=dtype, trust_remote_code=trust_remote_code)
         _check_arch(model)
         return model.eval()
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     where = source.hub_id if source.kind == "hub" else str(source.path)
-    kwargs: dict = {"dtype": dtype}
+    # trust_remote_code is always passed: left out, transformers asks on stdin whether to run a
+    # folder's custom code (and runs it on "y"); False makes it raise instead.
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if source.is_gguf:
         kwargs["gguf_file"] = source.gguf_file
     else:
-        kwargs["trust_remote_code"] = trust_remote_code
+        kwargs["use_safetensors"] = True  # never unpickle a pytorch_model.bin
         # Check the architecture on the config first: an unsupported model fails before its weights load.
         try:
             _check_arch(AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code))
         except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot read the config of {source}: {e}") from e
+            raise ModelLoadError(f"cannot read the config of {source}: {_one_line(e)}") from e
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise ModelLoadError(f"cannot load {source}: {e}") from e
+    except (OSError, ValueError, RuntimeError, KeyError, _safetensor_error()) as e:
+        raise ModelLoadError(f"cannot load {source}: {_one_line(e)}") from e
     _check_arch(model)
     return model.to(target).eval()
+
+
+def check_source(source: ModelSource, trust_remote_code: bool = False) -> None:
+    """The checks a local source passes before transformers reads it (``sieve_edge.filechecks``):
+    no custom code (unless trusted), configs that are JSON objects, complete safetensors and
+    GGUF files. Hub ids are checked by transformers itself (trust_remote_code passed explicitly)."""
+    from .filechecks import check_gguf, check_model_folder
+
+    if source.is_gguf:
+        check_gguf(source.gguf_path)
+    elif source.kind in ("folder", "checkpoint"):
+        role = "sieve-edge checkpoint" if source.kind == "checkpoint" else "model folder"
+        check_model_folder(source.path, trust_remote_code, role)
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (transformers' messages run over several)."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= 400 else text[:400] + " ..."
+
+
+def _safetensor_error():
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - older safetensors
+        return OSError
+    return SafetensorError
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -357,8 +382,9 @@ def load_tokenizer(spec: str | Path | ModelSource, *, trust_remote_code: bool = 
     from transformers import AutoTokenizer
 
     source = resolve_source(spec)
+    check_source(source, trust_remote_code)
     where = source.hub_id if source.kind == "hub" else str(source.path)
-    kwargs: dict = {"use_fast": True}
+    kwargs: dict = {"use_fast": True, "trust_remote_code": trust_remote_code}  # explicit: see load_model
     if source.is_gguf:
         kwargs["gguf_file"] = source.gguf_file
         meta = read_gguf_metadata(source.gguf_path, arrays=(_TOKEN_TYPES,))
@@ -370,12 +396,10 @@ def load_tokenizer(spec: str | Path | ModelSource, *, trust_remote_code: bool = 
             TOKENIZER_MAPPING_NAMES = {}
         if meta.get("general.architecture") in TOKENIZER_MAPPING_NAMES:
             kwargs["tokenizer_type"] = meta["general.architecture"]
-    else:
-        kwargs["trust_remote_code"] = trust_remote_code
     try:
         tok = AutoTokenizer.from_pretrained(where, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelLoadError(f"cannot load the tokenizer of {source}: {e}") from e
+        raise ModelLoadError(f"cannot load the tokenizer of {source}: {_one_line(e)}") from e
     if not getattr(tok, "is_fast", False):
         raise ModelLoadError(
             f"the tokenizer of {source} is a slow (Python) tokenizer; sieve-edge needs a fast one "
@@ -398,6 +422,14 @@ def read_gguf_metadata(path: str | Path, arrays: tuple[str, ...] = ()) -> dict:
     A few reads instead of ``gguf.GGUFReader``, which parses every array (2 s for SmolLM2).
     Only numeric arrays can be named in ``arrays``.
     """
+    try:
+        return _read_gguf_metadata(path, arrays)
+    except (struct.error, ValueError, IndexError, OverflowError, MemoryError) as e:
+        # check_gguf (called before this on every load path) names the exact cut; this is the fallback
+        raise ModelLoadError(f"'{path}': not a complete GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _read_gguf_metadata(path, arrays: tuple[str, ...]) -> dict:
     import mmap
 
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:

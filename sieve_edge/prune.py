@@ -115,6 +115,8 @@ def prune(model: nn.Module, tokenizer, task, plan: RankPlan | float, method: str
     from .tasks import calibration_batches
 
     _check_method(method)
+    if isinstance(plan, RankPlan):
+        plan.check_model(linear_shapes(model))  # a plan for another model fails before minutes of calibration
     batches = None
     if method != "svd":
         batches = list(calibration_batches(task, tokenizer, n_calibration, batch_size=batch_size,
@@ -127,8 +129,9 @@ def prune_checkpoint(model: str, task: str, out, *, method: str = "sieve", keep:
                      seed: int = 0, multiple: int = 8, device: str | None = None, force: bool = False,
                      trust_remote_code: bool = False, progress: bool = True) -> dict:
     """Load, calibrate, factorize and save a checkpoint; returns its manifest."""
-    from .checkpoint import build_manifest, check_output, save_checkpoint
+    from .checkpoint import build_manifest, check_output, model_bytes, save_checkpoint
     from .models import load_model, load_tokenizer
+    from .outputs import check_room
     from .tasks import load_task
 
     _check_method(method)
@@ -136,11 +139,14 @@ def prune_checkpoint(model: str, task: str, out, *, method: str = "sieve", keep:
         raise InputError("give exactly one of --keep (one fraction for every matrix) or --plan (a plan file)")
     if keep is not None and not 0.0 < keep <= 1.0:
         raise InputError(f"--keep must be in (0, 1], got {keep}")
+    plan = RankPlan.from_json(plan_file) if plan_file is not None else keep  # a malformed plan fails first
     check_output(out, "checkpoint", force)
     spec = load_task(task)
     net = load_model(model, device=device, trust_remote_code=trust_remote_code)
+    if isinstance(plan, RankPlan):
+        plan.check_model(linear_shapes(net), source=str(plan_file))
+    check_room(out, model_bytes(net))  # the dense size bounds the checkpoint's; before calibration
     tok = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    plan = RankPlan.from_json(plan_file) if plan_file is not None else keep
     result = prune(net, tok, spec, plan, method, n_calibration=n_calibration, batch_size=batch_size,
                    max_length=max_length, seed=seed, multiple=multiple, progress=progress)
     manifest = build_manifest(net, base_model=model, method=method, task=spec.name,

@@ -33,6 +33,7 @@ peak resident set size; size is the model folder on disk. MB = 2**20 bytes.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -41,7 +42,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+# Run as `python runner.py`, Python puts the bundle folder first on sys.path: a numpy.py or
+# tokenizers.py dropped into the bundle would be imported instead of the real package before
+# the bundle's files are checked. The runner never imports from its own folder.
+if __name__ == "__main__" and not __package__ and sys.path \
+        and os.path.abspath(sys.path[0] or os.curdir) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import numpy as np  # noqa: E402 - after the sys.path guard above
 
 RUNNER_VERSION = 1
 EXIT_OK, EXIT_ERROR, EXIT_GATE = 0, 1, 3
@@ -63,11 +71,18 @@ class RunnerError(Exception):
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RunnerError(f"missing file: {path}") from None
+    except UnicodeDecodeError as e:
+        raise RunnerError(f"{path}: not UTF-8 text (byte {e.start}): a corrupt file") from None
     except json.JSONDecodeError as e:
         raise RunnerError(f"{path}: not valid JSON: {e}") from None
+    except OSError as e:
+        raise RunnerError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise RunnerError(f"{path}: must be a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _read_toml(path: Path, fallback: dict | None = None) -> dict:
@@ -84,26 +99,97 @@ def _read_toml(path: Path, fallback: dict | None = None) -> dict:
         return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RunnerError(f"missing file: {path}") from None
+    except UnicodeDecodeError as e:
+        raise RunnerError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise RunnerError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise RunnerError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
     rows = []
+    n = 0
     try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(path, "rb") as f:  # bytes: a bad byte is reported with its line, not as a decode error
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise RunnerError(f"{path}:{n}: not UTF-8 text (byte {e.start} of the line)") from None
                 if not line.strip():
                     continue
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise RunnerError(f"{path}:{n}: not valid JSON: {e}") from None
+                if not isinstance(row, dict):
+                    raise RunnerError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
                 if limit is not None and len(rows) >= limit:
                     break
     except FileNotFoundError:
         raise RunnerError(f"missing test data: {path}") from None
+    except OSError as e:
+        raise RunnerError(f"{path}: cannot be read ({e.strerror or e})") from None
     return rows
+
+
+# ---------------------------------------------------------------- bundle integrity
+
+BUNDLE_MUTABLE = ("MODEL_CARD.md",)  # rewritten by `sieve-edge validate` (its table of targets)
+BUNDLE_OUTPUT_DIRS = ("reports",)    # written by `sieve-edge validate`
+# An unrecorded file is refused where something could load it: in the folders the runner
+# reads (model, task) and anywhere when it is code; others (a `--json out.json`) are left be.
+_CODE_SUFFIXES = (".py", ".pyc", ".pyd", ".pth", ".so", ".dll", ".dylib")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_bundle(bundle, manifest: dict | None = None) -> None:
+    """Check the bundle's files against the sha256 that ``bundle.json`` records, before anything is loaded.
+
+    A recorded file that is missing or differs is a RunnerError naming it; so is a file that
+    ``bundle.json`` does not record inside the model or task folder, or one that is code
+    (``.py``, ``.so``, ...) anywhere (``reports/`` and ``MODEL_CARD.md`` are written by validate). This checks integrity (a bad copy, a flipped bit, an edited file), not authenticity:
+    whoever can edit the bundle can edit ``bundle.json`` too, so compare ``bundle.json``'s
+    own sha256 with the one ``sieve-edge bundle`` printed.
+    """
+    bundle = Path(bundle)
+    manifest_path = bundle / "bundle.json"
+    manifest = _read_json(manifest_path) if manifest is None else manifest
+    hashes = manifest.get("sha256")
+    if not isinstance(hashes, dict) or not hashes:
+        raise RunnerError(f"{manifest_path}: records no sha256 of the bundle's files (a bundle older than "
+                          "format_version 2, or an edited bundle.json); rebuild it with `sieve-edge bundle`")
+    problems = []
+    root = bundle.resolve()
+    for name, digest in sorted(hashes.items()):
+        f = (bundle / name)
+        if Path(name).is_absolute() or ".." in Path(name).parts or not f.resolve().is_relative_to(root):
+            raise RunnerError(f"{manifest_path}: sha256 names '{name}', a path outside the bundle")
+        if not f.is_file():
+            problems.append(f"{name} is missing")
+        elif file_sha256(f) != digest:
+            problems.append(f"{name} was modified (its sha256 differs from bundle.json's)")
+    read_dirs = {str(manifest.get("model_dir", "model")).strip("/"), "task"}
+    for f in sorted(bundle.rglob("*")):
+        rel = f.relative_to(bundle).as_posix()
+        top = rel.split("/", 1)[0]
+        if f.is_dir() or rel == "bundle.json" or rel in hashes or rel in BUNDLE_MUTABLE or top in BUNDLE_OUTPUT_DIRS:
+            continue
+        if (top in read_dirs and "/" in rel) or f.suffix.lower() in _CODE_SUFFIXES:
+            problems.append(f"{rel} is not part of the bundle (bundle.json does not record it)")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise RunnerError(f"bundle {bundle} does not match its bundle.json: {'; '.join(problems[:3])}{more}; "
+                          "copy the bundle again or rebuild it with `sieve-edge bundle`")
 
 
 def dir_size(path: Path) -> int:
@@ -356,12 +442,26 @@ def load_model(model_dir, runtime: str, threads: int, precision: str = "f32", de
     if runtime == "onnxruntime":
         if not (model_dir / "model.onnx").is_file():
             raise RunnerError(f"{model_dir}: no model.onnx for runtime onnxruntime (is this an OpenVINO export?)")
-        return _OrtModel(model_dir, threads, precision, device)
+        return _loaded(model_dir / "model.onnx", runtime, lambda: _OrtModel(model_dir, threads, precision, device))
     if runtime == "openvino":
         if not (model_dir / "openvino_model.xml").is_file():
             raise RunnerError(f"{model_dir}: no openvino_model.xml for runtime openvino (is this an ONNX export?)")
-        return _OvModel(model_dir, threads, precision, device, dynamic_quantization, cache_capacity)
+        return _loaded(model_dir / "openvino_model.xml", runtime, lambda: _OvModel(
+            model_dir, threads, precision, device, dynamic_quantization, cache_capacity))
     raise RunnerError(f"unknown runtime '{runtime}'; allowed: onnxruntime | openvino")
+
+
+def _loaded(path: Path, runtime: str, make):
+    """``make()``, with a runtime's own exception for a corrupt model file turned into a RunnerError."""
+    try:
+        return make()
+    except RunnerError:
+        raise
+    except Exception as e:  # noqa: BLE001 - onnxruntime / openvino raise their own exception types
+        detail = " ".join(str(e).split())
+        raise RunnerError(f"{path}: {runtime} cannot load this model ({type(e).__name__}: "
+                          f"{detail[:240]}{' ...' if len(detail) > 240 else ''}); the file is corrupt or "
+                          "not an export of sieve-edge") from None
 
 
 def device_available(runtime: str, device: str) -> bool:
@@ -754,6 +854,19 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
+def _error_log(exc: BaseException) -> str:
+    import tempfile
+    import traceback
+
+    path = Path(tempfile.gettempdir()) / f"sieve-edge-runner-{os.getpid()}-{int(time.time())}.log"
+    try:
+        path.write_text(f"argv: {sys.argv!r}\n\n" + "".join(
+            traceback.format_exception(type(exc), exc, exc.__traceback__)), encoding="utf-8")
+    except OSError as e:
+        return f"no log written: {e}"
+    return f"details in {path}"
+
+
 def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parent
     p = argparse.ArgumentParser(prog="runner.py" if (here / "bundle.json").is_file() else "python -m sieve_edge.runtime",
@@ -778,6 +891,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (bundle / "bundle.json").is_file():
             raise RunnerError(f"{bundle}: not a sieve-edge bundle (no bundle.json)")
         manifest = _read_json(bundle / "bundle.json")
+        verify_bundle(bundle, manifest)  # first: nothing of a modified bundle is loaded
         target = _read_toml(Path(args.target) if args.target else bundle / manifest["target"],
                             None if args.target else manifest.get("target_profile"))
         if args.cpu_affinity == "none":
@@ -804,6 +918,10 @@ def main(argv: list[str] | None = None) -> int:
         m["gates"], m["status"] = gates, overall_status(gates)
     except RunnerError as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:  # noqa: BLE001 - one line on the terminal, the traceback in a file
+        print(f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]} "
+              f"({_error_log(e)})", file=sys.stderr)
         return EXIT_ERROR
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(m, indent=2), encoding="utf-8")

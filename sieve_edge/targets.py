@@ -179,6 +179,10 @@ def load_profile(path_or_name) -> TargetProfile:
     path = _resolve(path_or_name)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"{path}: not UTF-8 text (byte {e.start}); save the profile as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ProfileError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise ProfileError(f"{path}: cannot be read ({e.strerror or e})") from None
     return parse_profile(data, path)

@@ -1,6 +1,7 @@
 """Validate a bundle on a target profile: run its runner in a child process, apply the gates.
 
-The child is the bundle's own ``runner.py`` (the file that ships), started with the
+The child is the package's own runner (``python -m sieve_edge.runtime``, the same code as the
+bundle's ``runner.py`` but never taken from the bundle under test), started with the
 profile's runtime, threads, precision hint and CPU affinity (the runner pins itself with
 ``os.sched_setaffinity`` before loading any runtime), so its peak RSS and timings are its
 own. The parent compares with the dense reference stored in the bundle and writes
@@ -99,26 +100,35 @@ def apply_gates(measurement: dict | None, profile: TargetProfile, reference: dic
 
 
 def _child(bundle: Path, profile: TargetProfile, task, frame_file, limit, timeout, affinity) -> dict:
+    # The package's own runner (`python -m sieve_edge.runtime`), never the bundle's runner.py:
+    # the bundle is the thing under test, and code taken from it would vouch for itself.
+    # cwd is a fresh temp folder so that nothing beside the caller shadows a module.
     with tempfile.TemporaryDirectory(prefix="sieve-edge-validate-") as tmp:
         out = Path(tmp) / "measurement.json"
-        cmd = [sys.executable, str(bundle / "runner.py"), str(bundle), "--json", str(out), "--no-gates",
-               "--target", str(profile.path), "--threads", str(profile.threads),
+        cmd = [sys.executable, "-m", "sieve_edge.runtime", str(bundle.resolve()), "--json", str(out), "--no-gates",
+               "--target", str(Path(profile.path).resolve()), "--threads", str(profile.threads),
                "--precision", profile.inference_precision]
         cmd += ["--cpu-affinity", ",".join(map(str, affinity)) if affinity else "none"]
         if limit:
             cmd += ["--limit", str(limit)]
         if task is not None:
-            cmd += ["--task", str(task), "--prompt-frame", str(frame_file)]
+            cmd += ["--task", str(Path(task).resolve()), "--prompt-frame", str(Path(frame_file).resolve())]
         env = dict(os.environ, OMP_NUM_THREADS=str(profile.threads), PYTHONDONTWRITEBYTECODE="1")
+        # the child imports sieve_edge from where this process did (an editable or PYTHONPATH checkout)
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp,
+                                  stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise ArtifactError(f"the runner of {bundle} did not finish within {timeout} s on target "
                                 f"{profile.name}") from None
         if proc.returncode != 0 or not out.is_file():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            raise ArtifactError(f"the runner of {bundle} failed on target {profile.name} "
-                                f"(exit {proc.returncode}): " + " | ".join(tail))
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            said = [ln for ln in lines if ln.startswith(("error: ", "internal error: "))]
+            why = said[-1].removeprefix("error: ") if said else " | ".join(lines[-3:])
+            raise ArtifactError(f"the runner failed on bundle {bundle} for target {profile.name} "
+                                f"(exit {proc.returncode}): {why}")
         return json.loads(out.read_text(encoding="utf-8"))
 
 
@@ -135,10 +145,16 @@ def validate(bundle, target, task=None, out=None, limit: int | None = None, time
     from .report import model_card, write_reports
     from .runtime import device_available
 
+    from .outputs import check_output, clean_temp_files
+
     log = log or (lambda msg: None)
     bundle = Path(bundle)
     manifest = read_bundle(bundle)
     profile = target if isinstance(target, TargetProfile) else load_profile(target)
+    out = Path(out) if out is not None else bundle / "reports" / profile.name
+    check_output(out, "reports", force=True)  # writable, and not a folder of other things, before the run
+    for folder in (out, bundle / "reports"):      # temp files of a validate that was killed mid-write
+        clean_temp_files(folder)
     needed = _FORMAT_RUNTIME.get(manifest.get("model_format"))
     if profile.runtime != needed:
         raise ArtifactError(f"bundle {bundle} holds a {manifest.get('model_format')} model (runtime {needed}); "
@@ -156,10 +172,14 @@ def validate(bundle, target, task=None, out=None, limit: int | None = None, time
         from transformers import AutoTokenizer
 
         from .bundle import prompt_frame
+        from .filechecks import check_model_folder
         from .tasks import load_task
 
         spec = load_task(task)
-        frame = prompt_frame(spec, AutoTokenizer.from_pretrained(str(bundle / manifest["model_dir"])))
+        model_dir = bundle / manifest["model_dir"]
+        check_model_folder(model_dir, False, "bundle model folder", flag=None)
+        # trust_remote_code=False explicit: left out, transformers asks on stdin whether to run custom code
+        frame = prompt_frame(spec, AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False))
         frame_tmp = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
         json.dump(frame, frame_tmp)
         frame_tmp.close()
@@ -189,7 +209,7 @@ def validate(bundle, target, task=None, out=None, limit: int | None = None, time
                 if len(affinity) < len(profile.cpu_affinity):
                     notes.append(f"cpu_affinity {list(profile.cpu_affinity)}: only {affinity or 'none'} exist here")
                     affinity = affinity or None
-            log(f"running {bundle}/runner.py for target {profile.name}")
+            log(f"running the runner (python -m sieve_edge.runtime) on {bundle} for target {profile.name}")
             measurement = _child(bundle, profile, task, frame_tmp.name if frame_tmp else None, limit, timeout,
                                  affinity)
             if limit:
@@ -204,7 +224,6 @@ def validate(bundle, target, task=None, out=None, limit: int | None = None, time
         profile=profile.to_dict(), measurement=measurement, reference=reference, reduction=reduction,
         notes=notes, created_at=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
-    out = Path(out) if out is not None else bundle / "reports" / profile.name
     others = _other_reports(out)
     report.paths = write_reports(report.to_dict(), out, others)
     if out.resolve().parent == (bundle / "reports").resolve():
@@ -231,6 +250,8 @@ def _update_card(bundle: Path, manifest: dict, export: dict, model_card) -> None
         reports.append(json.loads(p.read_text(encoding="utf-8")))
     reference = json.loads((bundle / manifest["reference"]).read_text(encoding="utf-8"))
     text = model_card(manifest, export, reference, reports)
-    tmp = bundle / f"MODEL_CARD.md.tmp-{os.getpid()}"
+    # the temp file lives in reports/ (which bundle verification skips): one left by a killed
+    # validate beside MODEL_CARD.md would be an unrecorded file that fails the bundle's check
+    tmp = bundle / "reports" / f".MODEL_CARD.md.tmp-{os.getpid()}"
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, bundle / "MODEL_CARD.md")

@@ -190,13 +190,13 @@ def test_load_checkpoint_folder_delegates(tiny_folder, monkeypatch):
     (tiny_folder / "sieve_edge.json").write_text("{}")
     calls = []
 
-    def fake_load(path, device=None, dtype=torch.float32):
-        calls.append((Path(path), device, dtype))
+    def fake_load(path, device=None, dtype=torch.float32, trust_remote_code=None):
+        calls.append((Path(path), device, dtype, trust_remote_code))
         return make_model("llama")
 
     monkeypatch.setattr(checkpoint, "load_checkpoint", fake_load)
     load_model(tiny_folder, device="cpu", dtype=torch.float32)
-    assert calls == [(tiny_folder.resolve(), torch.device("cpu"), torch.float32)]
+    assert calls == [(tiny_folder.resolve(), torch.device("cpu"), torch.float32, False)]
 
 
 def test_load_real_checkpoint_round_trip(tmp_path):

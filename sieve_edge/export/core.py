@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ArtifactError, InputError
+from ..errors import InputError
 from . import fidelity as F
 
 FORMATS = ("onnx", "openvino")
@@ -40,40 +40,29 @@ def _check_choice(value, allowed, what: str):
         raise InputError(f"unknown {what} '{value}'; allowed: {', '.join(allowed)}")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def prepare_out(out: Path, force: bool) -> Path:
     """Check ``out`` may receive an export (``checkpoint.check_output`` rules: a folder holding
     another kind of artifact never, an export only with ``force``) and is not being written
     by a live process; clear stale partial folders; return a fresh ``OUT.partial-<pid>``."""
     from ..checkpoint import check_output
 
-    out = check_output(out, "export", force)
-    for partial in out.parent.glob(out.name + ".partial-*"):
-        suffix = partial.name.rsplit("-", 1)[-1]
-        if suffix.isdigit() and int(suffix) != os.getpid() and _pid_alive(int(suffix)):
-            raise ArtifactError(f"output folder '{out}' is in use: process {suffix} is writing '{partial}'")
-        shutil.rmtree(partial, ignore_errors=True)
+    out = check_output(out, "export", force)  # also removes dead writers' OUT.partial-*, refuses live ones
     partial = out.parent / f"{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     return partial
 
 
-def load_source(spec) -> tuple[object, object, dict | None]:
+def load_source(spec, trust_remote_code: bool = False) -> tuple[object, object, dict | None]:
     """(model, tokenizer, checkpoint manifest or None) from a checkpoint folder, a Hugging
     Face folder, or a name ``sieve_edge.models`` resolves (alias such as ``smollm2-135m``)."""
     from ..checkpoint import describe_folder, read_manifest
     from ..models import load_model, load_tokenizer
+    from ..outputs import refuse_leftover
 
     p = Path(spec)
+    if p.exists():
+        refuse_leftover(p, "export source")
     what = "a factorized checkpoint (with sieve_edge.json) or a Hugging Face model folder (with config.json)"
     manifest = None
     if p.exists():
@@ -84,7 +73,8 @@ def load_source(spec) -> tuple[object, object, dict | None]:
             held = f"holds {kind}" if kind else "has no sieve_edge.json and no config.json"
             raise InputError(f"'{p}' is not a model folder (it {held}); expected {what}")
         manifest = read_manifest(p)
-    return load_model(spec), load_tokenizer(spec), manifest
+    return (load_model(spec, trust_remote_code=trust_remote_code),
+            load_tokenizer(spec, trust_remote_code=trust_remote_code), manifest)
 
 
 def source_manifest(model) -> dict | None:
@@ -149,7 +139,7 @@ def export_model(model, fmt: str, weights: str = "fp32", out=None, *, int4: bool
                  densify=None, densify_tokens: int = 20, atol: float = F.FP32_LOGITS_ATOL,
                  rtol: float = F.FP32_LOGITS_RTOL,
                  metric_limit: int | None = DEFAULT_METRIC_LIMIT, onnx_int8: str = "auto",
-                 log=None) -> ExportResult:
+                 trust_remote_code: bool = False, log=None) -> ExportResult:
     """Export a model folder (or an in-memory model) to ``out`` and check it against torch.
 
     model: a factorized checkpoint folder, a Hugging Face folder, or a model object (then
@@ -160,7 +150,8 @@ def export_model(model, fmt: str, weights: str = "fp32", out=None, *, int4: bool
         fidelity check (an fp32 miss raises ``FidelityError``). densify: None, ``"auto"``
         (keep dense every pair the micro-benchmark finds not faster at ``densify_tokens``
         tokens) or a list of module names. onnx_int8: ``auto`` (measure ``dynamic`` and
-        ``nbits8``, keep the better on the metric) or one of them.
+        ``nbits8``, keep the better on the metric) or one of them. trust_remote_code: let
+        transformers run custom code the model folder names (refused otherwise).
     """
     _check_choice(fmt, FORMATS, "format")
     _check_choice(weights, ("fp32", "int8"), "weights")
@@ -183,7 +174,7 @@ def export_model(model, fmt: str, weights: str = "fp32", out=None, *, int4: bool
         if Path(out).resolve() == Path(model).resolve():
             raise InputError(f"output folder '{out}' is the model folder itself")
         log(f"loading {model}")
-        model, loaded_tok, manifest = load_source(model)
+        model, loaded_tok, manifest = load_source(model, trust_remote_code)
         tokenizer = tokenizer or loaded_tok
     else:
         if tokenizer is None:
@@ -191,6 +182,11 @@ def export_model(model, fmt: str, weights: str = "fp32", out=None, *, int4: bool
         manifest = source_manifest(model)
     reference = model.float().eval()
     reference.config.use_cache = True
+    from ..checkpoint import model_bytes
+    from ..outputs import check_room
+
+    # fp32 graph ~ the fp32 weights; int8/int4 candidates are written beside it before one is kept
+    check_room(out, int(model_bytes(reference) * (1.0 if weights == "fp32" else 1.5)))
 
     prompts = F.task_prompts(task, tokenizer, metric_limit) if task is not None else F.fixed_prompts(tokenizer)
     if task_head and prompts.label_token_ids is None:

@@ -213,7 +213,7 @@ def load(folder: Path, file_name: str = MODEL_FILE):
     from optimum.onnxruntime import ORTModelForCausalLM
 
     return ORTModelForCausalLM.from_pretrained(
-        str(folder), file_name=file_name, use_cache=True, provider="CPUExecutionProvider",
+        str(folder), file_name=file_name, use_cache=True, provider="CPUExecutionProvider", trust_remote_code=False,
     )
 
 

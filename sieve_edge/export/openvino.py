@@ -124,4 +124,4 @@ def load(folder: Path, hint: dict | None = None):
 
     config = dict(PRECISION_HINT if hint is None else hint)
     config.setdefault("CACHE_DIR", "")
-    return OVModelForCausalLM.from_pretrained(str(folder), ov_config=config, compile=True)
+    return OVModelForCausalLM.from_pretrained(str(folder), ov_config=config, compile=True, trust_remote_code=False)
