@@ -194,3 +194,43 @@ def test_openvino_runtime_cache_capacity_is_applied_and_changes_no_output(monkey
     for ids in ([3, 5, 7], [2, 4, 6, 8, 10]):   # two prompt lengths: two shapes
         default.reset(), bounded.reset()
         np.testing.assert_array_equal(default.forward(ids), bounded.forward(ids))
+
+
+def test_cpp_loop_gives_the_python_loops_greedy_tokens():
+    """OpenVINO GenAI's C++ LLMPipeline, fed the runner's ids, decodes what the runner's own
+    Python loop decodes: forced lengths on every test prompt, and a stop at an eos id."""
+    pytest.importorskip("openvino_genai")
+    bundle = tiny_bundle("openvino", "generation")
+    python, _ = _scorer(bundle, "openvino")
+    cpp_model = rt.load_model(bundle / "model", "openvino", threads=1, precision="f32")
+    loop = rt.generation_loop(cpp_model, "cpp")
+    assert loop.name.startswith("openvino_genai.LLMPipeline")
+    cpp = rt.Scorer(cpp_model, python.tok, python.task, {}, set(), loop=loop)
+    seen = set()
+    for text, _ in ROWS:
+        ids = python.encode_prompt(text)
+        want = python.generate(ids, 8, stop_at_eos=False)
+        assert cpp.generate(ids, 8, stop_at_eos=False) == want, text
+        seen.update(want)
+    assert len(seen) > 1   # the prompts do not all collapse onto one token
+    # stop at an eos id that the greedy sequence reaches at its third token
+    ids = python.encode_prompt(ROWS[1][0])
+    full = python.generate(ids, 8, stop_at_eos=False)
+    python.eos = cpp.eos = {full[2]}
+    cut = full[:full.index(full[2])]
+    assert python.generate(ids, 8) == cut and cpp.generate(ids, 8) == cut
+    assert len(cpp.first_ms) == len(ROWS) + 2 and len(cpp.token_ms) >= len(ROWS) * 7
+    assert cpp_model._request is None   # the C++ loop compiled its own model; the Python one never ran
+    with pytest.raises(rt.RunnerError, match="no C\\+\\+ generation loop"):
+        rt.generation_loop(rt.load_model(tiny_export("onnx"), "onnxruntime", 1), "cpp")
+    assert rt.generation_loop(cpp_model, "python") is None
+
+
+def test_run_bundle_names_the_generation_loop():
+    pytest.importorskip("openvino_genai")
+    bundle = tiny_bundle("openvino", "generation")
+    cpp = rt.run_bundle(bundle, limit=3, warmup=0)
+    python = rt.run_bundle(bundle, limit=3, warmup=0, loop="python")
+    assert cpp["generation_loop"].startswith("openvino_genai") and python["generation_loop"] == "python"
+    assert cpp["value"] == python["value"] and cpp["latency"]["token_ms"]["n"] > 0
+    assert rt.run_bundle(tiny_bundle("openvino"), limit=2, warmup=0)["generation_loop"] == "python"

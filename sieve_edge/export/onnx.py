@@ -212,9 +212,15 @@ def load(folder: Path, file_name: str = MODEL_FILE):
     require()
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    return ORTModelForCausalLM.from_pretrained(
+    model = ORTModelForCausalLM.from_pretrained(
         str(folder), file_name=file_name, use_cache=True, provider="CPUExecutionProvider",
     )
+    # optimum 2.1 sizes the empty KV cache with num_attention_heads for model types outside
+    # its list of grouped-query models (Phi-3 among them): the graph wants the KV heads.
+    kv_heads = getattr(model.config, "num_key_value_heads", None)
+    if kv_heads and getattr(model, "num_key_value_heads", kv_heads) != kv_heads:
+        model.num_key_value_heads = kv_heads
+    return model
 
 
 def replace(src: Path, dst: Path) -> None:
