@@ -218,10 +218,20 @@ class _OrtModel:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        self._ort, self._opts = ort, opts
+        self.model_dir, self.threads = Path(model_dir), threads
         self.version = ort.__version__
         self.settings = {"intra_op_num_threads": threads, "inter_op_num_threads": 1,
                          "inference_precision": "f32", "provider": "CPUExecutionProvider"}
+        self.session = None   # opened on first use: a C++ generation loop opens its own
+        self.length = 0
+
+    def open(self) -> None:
+        if self.session is not None:
+            return
+        model_dir = self.model_dir
+        self.session = self._ort.InferenceSession(str(model_dir / "model.onnx"), self._opts,
+                                                  providers=["CPUExecutionProvider"])
         config = _maybe_json(model_dir / "config.json")
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -240,9 +250,9 @@ class _OrtModel:
                 head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
             dtype = np.float16 if "float16" in self.inputs[n].type else np.float32
             self._empty[n] = np.zeros((1, heads, 0, head_dim), dtype=dtype)
-        self.reset()
 
     def reset(self) -> None:
+        self.open()
         self.cache = dict(self._empty)
         self.length = 0
 
@@ -312,11 +322,12 @@ class _OvModel:
 
     @property
     def request(self):
-        if self._request is None:
-            self._compile()
+        self.open()
         return self._request
 
-    def _compile(self) -> None:
+    def open(self) -> None:
+        if self._request is not None:
+            return
         compiled = self._core.compile_model(self._model, self.device.upper(), self.config)
         self._request = compiled.create_infer_request()
         settings = {"INFERENCE_NUM_THREADS": self.config["INFERENCE_NUM_THREADS"]}
@@ -395,6 +406,51 @@ class _GenAiLoop:
         return tokens[:max_new], float(metrics.get_ttft().mean), later
 
 
+class _OrtGenAiLoop:
+    """Greedy generation in onnxruntime-genai's C++ generator over the export's own graph
+    (``genai_config.json``, written by the exporter), fed the runner's token ids.
+
+    The KV cache stays in the generator between steps (the Python loop hands it through
+    numpy every step). Timing: first token = the prompt pass and the pick of the first
+    token; each later token = one ``generate_next_token`` (one forward + the pick)."""
+
+    name = "onnxruntime_genai.Generator (C++)"
+
+    def __init__(self, model_dir: Path, threads: int):
+        import onnxruntime_genai as og
+
+        self._og = og
+        config = og.Config(str(model_dir))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": int(threads), "inter_op_num_threads": 1}}}}))
+        self.model = og.Model(config)
+        self.version = getattr(og, "__version__", "?")
+
+    def generate(self, ids: list[int], max_new: int, eos: set[int], stop_at_eos: bool):
+        og = self._og
+        params = og.GeneratorParams(self.model)
+        total = len(ids) + max_new
+        params.set_search_options(max_length=total, min_length=0 if stop_at_eos else total, do_sample=False)
+        gen = og.Generator(self.model, params)
+        out, later = [], []
+        t0 = time.perf_counter()
+        gen.append_tokens([ids])
+        first = None
+        while len(out) < max_new and not gen.is_done():
+            t = time.perf_counter()
+            gen.generate_next_token()
+            token = int(gen.get_next_tokens()[0])
+            now = time.perf_counter()
+            if first is None:
+                first = (now - t0) * 1e3
+            else:
+                later.append((now - t) * 1e3)
+            if stop_at_eos and token in eos:
+                break
+            out.append(token)
+        return out, first if first is not None else (time.perf_counter() - t0) * 1e3, later
+
+
 def generation_loop(model, loop: str = "auto"):
     """The C++ loop for ``model`` (``_GenAiLoop``), or None for the runner's Python loop."""
     if loop not in LOOPS:
@@ -409,9 +465,21 @@ def generation_loop(model, loop: str = "auto"):
                 raise RunnerError("--loop cpp needs OpenVINO GenAI: pip install openvino-genai") from None
             return None
         return _GenAiLoop(model.model_dir, model.device, model.config)
+    if getattr(model, "runtime", None) == "onnxruntime":
+        if not (model.model_dir / "genai_config.json").is_file():
+            if loop == "cpp":
+                raise RunnerError(f"{model.model_dir}: no genai_config.json (export with sieve-edge >= this "
+                                  "version) for onnxruntime-genai's C++ loop")
+            return None
+        try:
+            import onnxruntime_genai  # noqa: F401
+        except ImportError:
+            if loop == "cpp":
+                raise RunnerError("--loop cpp needs onnxruntime-genai: pip install onnxruntime-genai") from None
+            return None
+        return _OrtGenAiLoop(model.model_dir, model.threads)
     if loop == "cpp":
-        raise RunnerError(f"no C++ generation loop for runtime '{getattr(model, 'runtime', '?')}' "
-                          "(OpenVINO bundles only; see docs/EXPORT.md for onnxruntime-genai)")
+        raise RunnerError(f"no C++ generation loop for runtime '{getattr(model, 'runtime', '?')}'")
     return None
 
 
@@ -835,8 +903,8 @@ def run_bundle(bundle, limit: int | None = None, task_path=None, frame_path=None
                        dynamic_quantization=bool(target.get("dynamic_quantization", False)),
                        cache_capacity=_cache_capacity(target))
     cpp = generation_loop(model, loop) if task.kind == "generation" else None
-    if cpp is None and hasattr(model, "_compile"):
-        model.request  # compile now, so that load_s includes it (the C++ loop compiles its own copy)
+    if cpp is None:
+        model.open()  # compile / open now, so that load_s includes it (a C++ loop opens its own copy)
     load_s = time.perf_counter() - t0
     m = run_task(model, model_dir, task, export, limit=limit, warmup=warmup, decode_tokens=decode_tokens, loop=cpp)
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None

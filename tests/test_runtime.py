@@ -182,6 +182,8 @@ def test_openvino_runtime_cache_capacity_is_applied_and_changes_no_output(monkey
     monkeypatch.setattr(ov.Core, "compile_model", spy)
     default = rt.load_model(tiny_export("openvino"), "openvino", 1)
     bounded = rt.load_model(tiny_export("openvino"), "openvino", 1, cache_capacity=0)
+    assert configs == []   # compiled on first use (a C++ generation loop compiles its own)
+    default.reset(), bounded.reset()
     assert "CPU_RUNTIME_CACHE_CAPACITY" not in configs[0] and configs[1]["CPU_RUNTIME_CACHE_CAPACITY"] == 0
     assert (bounded.settings["CPU_RUNTIME_CACHE_CAPACITY"], default.settings["CPU_RUNTIME_CACHE_CAPACITY"]) == \
         ("0", "plugin default")
@@ -196,15 +198,28 @@ def test_openvino_runtime_cache_capacity_is_applied_and_changes_no_output(monkey
         np.testing.assert_array_equal(default.forward(ids), bounded.forward(ids))
 
 
-def test_cpp_loop_gives_the_python_loops_greedy_tokens():
-    """OpenVINO GenAI's C++ LLMPipeline, fed the runner's ids, decodes what the runner's own
-    Python loop decodes: forced lengths on every test prompt, and a stop at an eos id."""
-    pytest.importorskip("openvino_genai")
-    bundle = tiny_bundle("openvino", "generation")
-    python, _ = _scorer(bundle, "openvino")
-    cpp_model = rt.load_model(bundle / "model", "openvino", threads=1, precision="f32")
+@pytest.mark.parametrize("fmt, runtime, package", [("openvino", "openvino", "openvino_genai"),
+                                                    ("onnx", "onnxruntime", "onnxruntime_genai")])
+def test_cpp_loop_gives_the_python_loops_greedy_tokens(fmt, runtime, package, tmp_path):
+    """The runtime's C++ loop (OpenVINO GenAI's LLMPipeline; onnxruntime-genai's Generator on
+    the genai_config.json the exporter writes), fed the runner's ids, decodes what the runner's
+    own Python loop decodes: forced lengths on every test prompt, and a stop at an eos id."""
+    import shutil
+
+    pytest.importorskip(package)
+    bundle = tiny_bundle(fmt, "generation")
+    python, _ = _scorer(bundle, runtime)
+    folder = tmp_path / "model"
+    shutil.copytree(bundle / "model", folder)
+    if fmt == "onnx":
+        from transformers import AutoConfig
+
+        from sieve_edge.export.onnx import write_genai_config
+
+        assert write_genai_config(folder, AutoConfig.from_pretrained(folder))["ok"]
+    cpp_model = rt.load_model(folder, runtime, threads=1, precision="f32")
     loop = rt.generation_loop(cpp_model, "cpp")
-    assert loop.name.startswith("openvino_genai.LLMPipeline")
+    assert loop.name.startswith(package)
     cpp = rt.Scorer(cpp_model, python.tok, python.task, {}, set(), loop=loop)
     seen = set()
     for text, _ in ROWS:
@@ -219,11 +234,13 @@ def test_cpp_loop_gives_the_python_loops_greedy_tokens():
     python.eos = cpp.eos = {full[2]}
     cut = full[:full.index(full[2])]
     assert python.generate(ids, 8) == cut and cpp.generate(ids, 8) == cut
-    assert len(cpp.first_ms) == len(ROWS) + 2 and len(cpp.token_ms) >= len(ROWS) * 7
-    assert cpp_model._request is None   # the C++ loop compiled its own model; the Python one never ran
-    with pytest.raises(rt.RunnerError, match="no C\\+\\+ generation loop"):
-        rt.generation_loop(rt.load_model(tiny_export("onnx"), "onnxruntime", 1), "cpp")
+    assert len(cpp.first_ms) == len(ROWS) + 1 and len(cpp.token_ms) >= len(ROWS) * 7
+    # the C++ loop opened its own copy of the model; the runner's was never opened
+    assert getattr(cpp_model, "_request", None) is None and getattr(cpp_model, "session", None) is None
     assert rt.generation_loop(cpp_model, "python") is None
+    if fmt == "onnx":
+        with pytest.raises(rt.RunnerError, match="no genai_config.json"):
+            rt.generation_loop(rt.load_model(tiny_export("onnx"), "onnxruntime", 1), "cpp")
 
 
 def test_run_bundle_names_the_generation_loop():

@@ -308,6 +308,9 @@ def _export_into(folder: Path, fmt: str, weights: str, model, reference, tokeniz
         "task_kind": "text-generation-with-past" + (" (stateful)" if fmt == "openvino" else ""),
         "graph_matmuls_per_layer": graph_counts["per_layer"],
     }
+    if fmt == "onnx" and head is None:
+        # onnxruntime-genai's C++ generator runs the graph with this file (a task head cannot generate)
+        manifest["genai_config"] = backend.write_genai_config(folder, model.config)
     if fmt == "openvino":
         manifest["tokenizer_conversion"] = backend.convert_tokenizer(tokenizer, folder)
         if not manifest["tokenizer_conversion"]["ok"]:
