@@ -451,6 +451,18 @@ class _OrtGenAiLoop:
         return out, first if first is not None else (time.perf_counter() - t0) * 1e3, later
 
 
+def _open_loop(cls, loop: str, model, *args):
+    """The C++ loop, or (auto) None with the reason in the model's settings when it cannot
+    open this folder (a model type its runtime does not know, say)."""
+    try:
+        return cls(*args)
+    except Exception as e:  # noqa: BLE001 - the runtime's own error types differ per package
+        if loop == "cpp":
+            raise RunnerError(f"{cls.name} cannot run {model.model_dir}: {e}") from None
+        model.settings["cpp_loop_unavailable"] = f"{cls.name}: {type(e).__name__}: {e}"[:300]
+        return None
+
+
 def generation_loop(model, loop: str = "auto"):
     """The C++ loop for ``model`` (``_GenAiLoop``), or None for the runner's Python loop."""
     if loop not in LOOPS:
@@ -464,7 +476,7 @@ def generation_loop(model, loop: str = "auto"):
             if loop == "cpp":
                 raise RunnerError("--loop cpp needs OpenVINO GenAI: pip install openvino-genai") from None
             return None
-        return _GenAiLoop(model.model_dir, model.device, model.config)
+        return _open_loop(_GenAiLoop, loop, model, model.model_dir, model.device, model.config)
     if getattr(model, "runtime", None) == "onnxruntime":
         if not (model.model_dir / "genai_config.json").is_file():
             if loop == "cpp":
@@ -477,7 +489,7 @@ def generation_loop(model, loop: str = "auto"):
             if loop == "cpp":
                 raise RunnerError("--loop cpp needs onnxruntime-genai: pip install onnxruntime-genai") from None
             return None
-        return _OrtGenAiLoop(model.model_dir, model.threads)
+        return _open_loop(_OrtGenAiLoop, loop, model, model.model_dir, model.threads)
     if loop == "cpp":
         raise RunnerError(f"no C++ generation loop for runtime '{getattr(model, 'runtime', '?')}'")
     return None

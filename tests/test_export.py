@@ -98,6 +98,8 @@ def test_fp32_export_matches_torch_with_kv_cache(arch, fmt, tok, tmp_path):
         [saved] * model.config.num_hidden_layers
     if multi:
         assert fusion["groups"][0]["members"] == ["rank 8", "dense", "rank 8"]
+    if fmt == "onnx":   # onnxruntime-genai's config for the runner's C++ loop (full head)
+        assert manifest["genai_config"] == {"ok": True, "file": "genai_config.json"}
     fp32 = manifest["fidelity"]["fp32"]
     assert fp32["misses"] == [] and fp32["max_abs_diff"] <= FP32_ATOL
     assert fp32["decode_steps_compared"] > 0
@@ -210,6 +212,24 @@ def test_task_head_matches_full_head_label_logits(fmt, tok, task_file, tmp_path)
         assert _max_diff(full, got) < FP32_ATOL
     # the torch model passed in is left as it was (full head, tied)
     assert model.get_output_embeddings().weight.shape[0] == len(tok)
+
+
+def test_task_head_is_the_default_for_single_token_labels(tok, task_file, tmp_path):
+    """A classification task whose answers are single tokens gets the task-sized head by
+    default (its predictions are the full head's); multi-token answers keep the full head."""
+    from sieve_edge.export.core import default_task_head
+
+    single = tmp_path / "single.toml"
+    single.write_text(task_file.read_text().replace('" negative"', '" a"').replace('" positive"', '" and"')
+                      .replace('"val.jsonl"', f'"{task_file.parent / "val.jsonl"}"'))
+    result = export_model(make_factorized("llama", rank=8), "onnx", "fp32", tmp_path / "out", tokenizer=tok,
+                          task=str(single))
+    m = result.manifest
+    assert m["task_head"]["labels"] == ["negative", "positive"] and m["task_head_choice"].startswith("on by default")
+    assert "genai_config" not in m   # a task head cannot generate: no C++ generation config
+    on, why = default_task_head(F.task_prompts(str(task_file), tok, limit=4))   # " negative": 5 tokens
+    assert not on and "more than one token" in why
+    assert default_task_head(F.fixed_prompts(tok))[0] is False
 
 
 def test_task_head_needs_classification_task(tok, tmp_path):
@@ -411,6 +431,7 @@ def test_cli_export_and_errors(tok, tmp_path):
     assert res.exit_code == 1 and "--force" in res.output
     res = runner.invoke(main, ["export", "--model", str(tmp_path), "--format", "onnx", "--out", str(tmp_path / "x")])
     assert res.exit_code == 1 and "not a model folder" in res.output
+    assert "--no-task-head" in runner.invoke(main, ["export", "--help"]).output
 
     # the converted tokenizer lets OpenVINO GenAI run the folder
     assert manifest["tokenizer_conversion"]["ok"], manifest["tokenizer_conversion"]
