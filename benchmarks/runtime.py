@@ -63,7 +63,7 @@ class Variant:
     label: str = ""
 
     def workloads(self) -> tuple[str, ...]:
-        return ("generate",) if self.runner == "genai" else WORKLOADS
+        return ("generate",) if self.runner in ("genai", "ortgenai") else WORKLOADS
 
 
 def _variants() -> dict[str, Variant]:
@@ -79,6 +79,8 @@ def _variants() -> dict[str, Variant]:
         v[f"ort-int8-{kind}"] = Variant("optimum-ort", kind, "onnx", "int8", label="onnxruntime int8, optimum loop")
         v[f"runner-ort-int8-{kind}"] = Variant("runner-ort", kind, "onnx", "int8",
                                                label="onnxruntime int8, bundle runner loop")
+        v[f"ortgenai-int8-{kind}"] = Variant("ortgenai", kind, "onnx", "int8",
+                                             label="onnxruntime int8, onnxruntime-genai C++ generator")
     v["genai-int8-pruned-unfused"] = Variant("genai", "pruned", "openvino", "int8", fuse=False,
                                              label="OpenVINO int8, GenAI C++ loop, unfused export")
     v["runner-ort-int8-pruned-unfused"] = Variant("runner-ort", "pruned", "onnx", "int8", fuse=False,
@@ -280,6 +282,8 @@ def measure(v: Variant, workload: str, path: str | None, args) -> dict:
     if workload == "generate":
         if v.runner == "genai":
             return res | _genai(path, prompt_ids, n, args)
+        if v.runner == "ortgenai":
+            return res | _ortgenai(path, prompt_ids, n, args)
         if v.runner in ("optimum-ov", "optimum-ort", "torch"):
             return res | _hf_generate(step, prompt_ids, n, args)
         firsts, per_token = [], []
@@ -332,7 +336,7 @@ def _loader(v: Variant, path, args, label_ids):
             return np.asarray(llm.scores[llm.n_tokens - 1])
 
         return step, llm.reset, False
-    if v.runner == "genai":
+    if v.runner in ("genai", "ortgenai"):
         return None, None, False
     import torch
 
@@ -405,6 +409,20 @@ def _genai(path, prompt_ids, n, args) -> dict:
         durations = list(m.raw_metrics.m_durations)   # µs, each token after the first
         per_token.append(sum(durations) / len(durations) / 1e3)
     return {"first_token_ms": firsts, "decode_ms_per_token": per_token, "loop": "openvino_genai.LLMPipeline"}
+
+
+def _ortgenai(path, prompt_ids, n, args) -> dict:
+    """onnxruntime-genai's generator, as the bundle runner drives it (``--loop cpp``)."""
+    from sieve_edge import runtime as rt
+
+    loop = rt.generation_loop(rt.load_model(Path(path), "onnxruntime", args.threads), "cpp")
+    loop.generate(prompt_ids, n, set(), stop_at_eos=False)  # warm-up
+    firsts, per_token = [], []
+    for _ in range(args.repeats):
+        _, first, later = loop.generate(prompt_ids, n, set(), stop_at_eos=False)
+        firsts.append(first)
+        per_token.append(sum(later) / len(later))
+    return {"first_token_ms": firsts, "decode_ms_per_token": per_token, "loop": loop.name}
 
 
 # ---------------------------------------------------------------------------- parent
@@ -517,7 +535,8 @@ def goals(rows: dict) -> list[dict]:
         return (rows.get(name) or {}).get(key)
 
     out = []
-    pairs = [(f"{r}-int8-dense", f"{r}-int8-pruned") for r in ("ov", "genai", "runner-ov", "ort", "runner-ort")]
+    pairs = [(f"{r}-int8-dense", f"{r}-int8-pruned")
+             for r in ("ov", "genai", "runner-ov", "ort", "runner-ort", "ortgenai")]
     best = None
     for d, p in pairs:
         if get(d, "decode_tok_s") and get(p, "decode_tok_s"):
