@@ -230,8 +230,8 @@ def export_model(model, fmt: str, weights: str = "fp32", out=None, *, int4: bool
         fusion = {"groups_fused": len(groups), "matmuls_per_layer_before": before,
                   "matmuls_per_layer_after": fusing.torch_matmuls_per_layer(work),
                   "groups": [{k: g[k] for k in ("group", "members")} for g in groups]}
-        log(f"fused {len(groups)} group(s) of matrices sharing an input: weight MatMuls per layer "
-            f"{sum(before)} -> {sum(fusion['matmuls_per_layer_after'])} in all")
+        log(f"fused {len(groups)} group(s) of matrices sharing an input: weight MatMuls "
+            f"{sum(before)} -> {sum(fusion['matmuls_per_layer_after'])} over {len(before)} layers")
 
     out = Path(out)
     partial = prepare_out(out, force)
