@@ -26,7 +26,9 @@ and tests hold the scores to sieve_edge.evaluate's.
 Timing. ``first_token_ms``: the prompt forward pass (prefill) of each example;
 ``token_ms``: one greedy decode step with the KV cache (for classification and perplexity
 tasks a few decode steps are run on the first examples just to measure it);
-``example_ms``: one example end to end, tokenization included. ``warmup`` examples run
+``example_ms``: one example end to end, tokenization included. A generation task decodes
+in the runtime's C++ loop when it has one (``--loop``: OpenVINO GenAI, onnxruntime-genai),
+timed by that loop; the measurement names the loop (``generation_loop``). ``warmup`` examples run
 first, untimed. Percentiles p50/p90 over the timed samples. Peak memory is the process's
 peak resident set size; size is the model folder on disk. MB = 2**20 bytes.
 """
