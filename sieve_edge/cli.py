@@ -256,7 +256,12 @@ def search_command(model_spec, task_spec, tolerance, relative, method, strategy,
 @click.option("--weights", default="fp32", show_default=True, type=click.Choice(["fp32", "int8"]))
 @click.option("--int4", is_flag=True, help="4-bit weights (MatMulNBits / NNCF int4) instead of --weights.")
 @click.option("--task", default=None, help="Task name or TOML: its prompts drive the checks, its metric is reported.")
-@click.option("--task-head", is_flag=True, help="Restrict the LM head to the task's label tokens (classification).")
+@click.option("--task-head/--no-task-head", default=None,
+              help="Restrict the LM head to the task's label tokens. Default: on for a classification "
+                   "--task whose label answers are single tokens (the same predictions, a fraction of the cost).")
+@click.option("--no-fuse", is_flag=True,
+              help="Keep one MatMul per matrix (default: matrices reading one input, q/k/v and gate/up, "
+                   "run their first factors / dense rows as one MatMul).")
 @click.option("--densify", default=None,
               help="'auto' (keep dense every pair the micro-benchmark finds not faster) or comma-separated module names.")
 @click.option("--densify-tokens", default=20, show_default=True, help="Tokens per forward pass --densify auto times.")
@@ -268,16 +273,16 @@ def search_command(model_spec, task_spec, tolerance, relative, method, strategy,
               help="DANGEROUS: let transformers run Python code that the model folder names (auto_map); "
                    "without it such a folder is refused.")
 @handle_errors
-def export_cmd(model_dir, fmt, weights, int4, task, task_head, densify, densify_tokens, limit, no_check, out, force,
-               trust_remote_code):
+def export_cmd(model_dir, fmt, weights, int4, task, task_head, no_fuse, densify, densify_tokens, limit, no_check, out,
+               force, trust_remote_code):
     """Export a model to ONNX or OpenVINO (KV cache), optionally int8/int4, checked against torch."""
     from .export import export_model
 
     if densify and densify != "auto":
         densify = [n.strip() for n in densify.split(",") if n.strip()]
     result = export_model(model_dir, fmt, weights, out, int4=int4, task=task, task_head=task_head,
-                          check=not no_check, force=force, densify=densify, densify_tokens=densify_tokens,
-                          metric_limit=limit, trust_remote_code=trust_remote_code,
+                          fuse=not no_fuse, check=not no_check, force=force, densify=densify,
+                          densify_tokens=densify_tokens, metric_limit=limit, trust_remote_code=trust_remote_code,
                           log=lambda m: click.echo(m, err=True))
     m = result.manifest
     fid = m["fidelity"]
@@ -290,6 +295,10 @@ def export_cmd(model_dir, fmt, weights, int4, task, task_head, densify, densify_
                         "prediction_agreement": q.get("prediction_agreement")})
     if "quantization" in m:
         summary["quantization"] = m["quantization"]["chosen"]
+    summary["task_head"] = m["task_head_choice"]
+    if m.get("fusion"):
+        summary["matmuls_per_layer"] = {"unfused": m["fusion"]["matmuls_per_layer_before"][:1],
+                                        "exported": m["graph_matmuls_per_layer"][:1]}
     if "tokenizer_conversion" in m and not m["tokenizer_conversion"]["ok"]:
         summary["tokenizer_conversion"] = m["tokenizer_conversion"]["error"]
     print_json(summary)

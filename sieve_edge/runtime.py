@@ -26,7 +26,9 @@ and tests hold the scores to sieve_edge.evaluate's.
 Timing. ``first_token_ms``: the prompt forward pass (prefill) of each example;
 ``token_ms``: one greedy decode step with the KV cache (for classification and perplexity
 tasks a few decode steps are run on the first examples just to measure it);
-``example_ms``: one example end to end, tokenization included. ``warmup`` examples run
+``example_ms``: one example end to end, tokenization included. A generation task decodes
+in the runtime's C++ loop when it has one (``--loop``: OpenVINO GenAI, onnxruntime-genai),
+timed by that loop; the measurement names the loop (``generation_loop``). ``warmup`` examples run
 first, untimed. Percentiles p50/p90 over the timed samples. Peak memory is the process's
 peak resident set size; size is the model folder on disk. MB = 2**20 bytes.
 """
@@ -304,10 +306,20 @@ class _OrtModel:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        self._ort, self._opts = ort, opts
+        self.model_dir, self.threads = Path(model_dir), threads
         self.version = ort.__version__
         self.settings = {"intra_op_num_threads": threads, "inter_op_num_threads": 1,
                          "inference_precision": "f32", "provider": "CPUExecutionProvider"}
+        self.session = None   # opened on first use: a C++ generation loop opens its own
+        self.length = 0
+
+    def open(self) -> None:
+        if self.session is not None:
+            return
+        model_dir = self.model_dir
+        self.session = self._ort.InferenceSession(str(model_dir / "model.onnx"), self._opts,
+                                                  providers=["CPUExecutionProvider"])
         config = _maybe_json(model_dir / "config.json")
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -326,9 +338,9 @@ class _OrtModel:
                 head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
             dtype = np.float16 if "float16" in self.inputs[n].type else np.float32
             self._empty[n] = np.zeros((1, heads, 0, head_dim), dtype=dtype)
-        self.reset()
 
     def reset(self) -> None:
+        self.open()
         self.cache = dict(self._empty)
         self.length = 0
 
@@ -351,7 +363,11 @@ class _OrtModel:
 
 
 class _OvModel:
-    """optimum-intel's stateful OpenVINO IR (KV cache held in the infer request's state)."""
+    """optimum-intel's stateful OpenVINO IR (KV cache held in the infer request's state).
+
+    Compiled on first use: a generation task run through OpenVINO GenAI's C++ loop
+    (``_GenAiLoop``) never compiles it, so the process holds one compiled model, not two.
+    """
 
     runtime = "openvino"
 
@@ -361,9 +377,10 @@ class _OvModel:
             import openvino as ov
         except ImportError:
             raise RunnerError("openvino is not installed: pip install openvino") from None
-        core = ov.Core()
-        model = core.read_model(str(model_dir / "openvino_model.xml"))
-        names = {i.get_any_name() for i in model.inputs}
+        self.model_dir, self.device = Path(model_dir), device
+        self._core = ov.Core()
+        self._model = self._core.read_model(str(model_dir / "openvino_model.xml"))
+        names = {i.get_any_name() for i in self._model.inputs}
         if "beam_idx" not in names:
             raise RunnerError(f"{model_dir / 'openvino_model.xml'}: not a stateful export (no 'beam_idx' input); "
                               "export with stateful=True")
@@ -381,22 +398,40 @@ class _OvModel:
             # entries); every prompt length and KV length is a new shape, so its memory grows
             # with the lengths seen: see docs/TARGETS.md (runtime_cache_capacity)
             config["CPU_RUNTIME_CACHE_CAPACITY"] = int(cache_capacity)
-        compiled = core.compile_model(model, device.upper(), config)
-        self.request = compiled.create_infer_request()
+        self.config = config
         self.version = ov.get_version()
-        self.settings = {"INFERENCE_NUM_THREADS": threads}
+        # what was asked for; replaced by what the plugin reports once compiled
+        self.settings = {k: str(v) for k, v in config.items()}
+        self.settings["inference_precision"] = precision
+        self.settings["compiled"] = "not yet"
+        self._request = None
+        self._beam = np.zeros(1, dtype=np.int32)
+        self.length = 0
+
+    @property
+    def request(self):
+        self.open()
+        return self._request
+
+    def open(self) -> None:
+        if self._request is not None:
+            return
+        compiled = self._core.compile_model(self._model, self.device.upper(), self.config)
+        self._request = compiled.create_infer_request()
+        settings = {"INFERENCE_NUM_THREADS": self.config["INFERENCE_NUM_THREADS"]}
         for key in ("INFERENCE_PRECISION_HINT", "KV_CACHE_PRECISION", "DYNAMIC_QUANTIZATION_GROUP_SIZE",
                     "NUM_STREAMS", "PERFORMANCE_HINT"):
             try:  # read back what the plugin actually uses: the hint is stated, not assumed
                 value = compiled.get_property(key)
-                self.settings[key] = value.to_string() if hasattr(value, "to_string") else str(value)
+                settings[key] = value.to_string() if hasattr(value, "to_string") else str(value)
             except Exception:  # noqa: BLE001 - a property a plugin does not expose
                 pass
         # an internal plugin property: known to compile_model (which rejects unknown keys), not readable back
-        self.settings["CPU_RUNTIME_CACHE_CAPACITY"] = "plugin default" if cache_capacity is None else str(cache_capacity)
-        self.settings["inference_precision"] = self.settings.get("INFERENCE_PRECISION_HINT", precision)
-        self._beam = np.zeros(1, dtype=np.int32)
-        self.reset()
+        capacity = self.config.get("CPU_RUNTIME_CACHE_CAPACITY")
+        settings["CPU_RUNTIME_CACHE_CAPACITY"] = "plugin default" if capacity is None else str(capacity)
+        settings["inference_precision"] = settings.get("INFERENCE_PRECISION_HINT",
+                                                       self.config["INFERENCE_PRECISION_HINT"])
+        self.settings = settings
 
     def reset(self) -> None:
         self.request.reset_state()
@@ -412,6 +447,140 @@ class _OvModel:
         self.request.infer(feeds)
         self.length += t
         return self.request.get_tensor("logits").data[0].copy()
+
+
+# Generation loops. "python": the runner's own greedy loop over ``model.forward`` (one call
+# into the runtime per token, numpy argmax in between). "cpp": the runtime's own C++ loop,
+# where it has one: OpenVINO GenAI's LLMPipeline over the same IR and hints. "auto": cpp
+# when it is importable and the task generates, else python.
+LOOPS = ("auto", "python", "cpp")
+
+
+class _GenAiLoop:
+    """Greedy generation in OpenVINO GenAI's C++ ``LLMPipeline``, fed the runner's token ids.
+
+    The runner tokenizes (its tokenizers file, its prompt frame), so the folder needs no
+    converted tokenizer. Same IR, same plugin config as ``_OvModel``; timings come from the
+    pipeline's own perf metrics (time to first token, then each later token)."""
+
+    name = "openvino_genai.LLMPipeline (C++)"
+
+    def __init__(self, model_dir: Path, device: str, config: dict):
+        import openvino as ov
+        import openvino_genai as og
+
+        self._og, self._ov = og, ov
+        self.pipe = og.LLMPipeline(str(model_dir), device.upper(), **{k: v for k, v in config.items()
+                                                                      if k not in ("PERFORMANCE_HINT", "NUM_STREAMS")})
+        self.version = og.get_version() if hasattr(og, "get_version") else getattr(og, "__version__", "?")
+
+    def generate(self, ids: list[int], max_new: int, eos: set[int], stop_at_eos: bool):
+        """(new token ids, first-token ms, [ms of each later token])."""
+        cfg = self._og.GenerationConfig()
+        cfg.max_new_tokens = max_new
+        cfg.do_sample = False
+        if stop_at_eos and eos:
+            cfg.stop_token_ids = set(int(e) for e in eos)
+        else:
+            cfg.ignore_eos = True
+            cfg.min_new_tokens = max_new
+        result = self.pipe.generate(self._ov.Tensor(np.asarray([ids], dtype=np.int64)), cfg)
+        tokens = [int(t) for t in result.tokens[0]]
+        if stop_at_eos:
+            cut = next((i for i, t in enumerate(tokens) if t in eos), None)
+            tokens = tokens if cut is None else tokens[:cut]
+        metrics = result.perf_metrics
+        later = [d / 1e3 for d in metrics.raw_metrics.m_durations]   # microseconds -> ms
+        return tokens[:max_new], float(metrics.get_ttft().mean), later
+
+
+class _OrtGenAiLoop:
+    """Greedy generation in onnxruntime-genai's C++ generator over the export's own graph
+    (``genai_config.json``, written by the exporter), fed the runner's token ids.
+
+    The KV cache stays in the generator between steps (the Python loop hands it through
+    numpy every step). Timing: first token = the prompt pass and the pick of the first
+    token; each later token = one ``generate_next_token`` (one forward + the pick)."""
+
+    name = "onnxruntime_genai.Generator (C++)"
+
+    def __init__(self, model_dir: Path, threads: int):
+        import onnxruntime_genai as og
+
+        self._og = og
+        config = og.Config(str(model_dir))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": int(threads), "inter_op_num_threads": 1}}}}))
+        self.model = og.Model(config)
+        self.version = getattr(og, "__version__", "?")
+
+    def generate(self, ids: list[int], max_new: int, eos: set[int], stop_at_eos: bool):
+        og = self._og
+        params = og.GeneratorParams(self.model)
+        total = len(ids) + max_new
+        params.set_search_options(max_length=total, min_length=0 if stop_at_eos else total, do_sample=False)
+        gen = og.Generator(self.model, params)
+        out, later = [], []
+        t0 = time.perf_counter()
+        gen.append_tokens([ids])
+        first = None
+        while len(out) < max_new and not gen.is_done():
+            t = time.perf_counter()
+            gen.generate_next_token()
+            token = int(gen.get_next_tokens()[0])
+            now = time.perf_counter()
+            if first is None:
+                first = (now - t0) * 1e3
+            else:
+                later.append((now - t) * 1e3)
+            if stop_at_eos and token in eos:
+                break
+            out.append(token)
+        return out, first if first is not None else (time.perf_counter() - t0) * 1e3, later
+
+
+def _open_loop(cls, loop: str, model, *args):
+    """The C++ loop, or (auto) None with the reason in the model's settings when it cannot
+    open this folder (a model type its runtime does not know, say)."""
+    try:
+        return cls(*args)
+    except Exception as e:  # noqa: BLE001 - the runtime's own error types differ per package
+        if loop == "cpp":
+            raise RunnerError(f"{cls.name} cannot run {model.model_dir}: {e}") from None
+        model.settings["cpp_loop_unavailable"] = f"{cls.name}: {type(e).__name__}: {e}"[:300]
+        return None
+
+
+def generation_loop(model, loop: str = "auto"):
+    """The C++ loop for ``model`` (``_GenAiLoop``), or None for the runner's Python loop."""
+    if loop not in LOOPS:
+        raise RunnerError(f"unknown generation loop '{loop}'; allowed: {', '.join(LOOPS)}")
+    if loop == "python":
+        return None
+    if getattr(model, "runtime", None) == "openvino":
+        try:
+            import openvino_genai  # noqa: F401
+        except ImportError:
+            if loop == "cpp":
+                raise RunnerError("--loop cpp needs OpenVINO GenAI: pip install openvino-genai") from None
+            return None
+        return _open_loop(_GenAiLoop, loop, model, model.model_dir, model.device, model.config)
+    if getattr(model, "runtime", None) == "onnxruntime":
+        if not (model.model_dir / "genai_config.json").is_file():
+            if loop == "cpp":
+                raise RunnerError(f"{model.model_dir}: no genai_config.json (export with sieve-edge >= this "
+                                  "version) for onnxruntime-genai's C++ loop")
+            return None
+        try:
+            import onnxruntime_genai  # noqa: F401
+        except ImportError:
+            if loop == "cpp":
+                raise RunnerError("--loop cpp needs onnxruntime-genai: pip install onnxruntime-genai") from None
+            return None
+        return _open_loop(_OrtGenAiLoop, loop, model, model.model_dir, model.threads)
+    if loop == "cpp":
+        raise RunnerError(f"no C++ generation loop for runtime '{getattr(model, 'runtime', '?')}'")
+    return None
 
 
 def _cache_capacity(target: dict) -> int | None:
@@ -503,13 +672,16 @@ def special_prefix(tok) -> list[int]:
 class Scorer:
     """Scores one example at a time with a loaded model, recording timings."""
 
-    def __init__(self, model, tokenizer, task: Task, export: dict, eos_ids: set[int]):
+    def __init__(self, model, tokenizer, task: Task, export: dict, eos_ids: set[int], loop=None):
         self.model, self.tok, self.task, self.eos = model, tokenizer, task, eos_ids
+        self.loop = loop            # a C++ generation loop (_GenAiLoop), or None: the Python loop
         self.first_ms: list[float] = []
         self.token_ms: list[float] = []
         self.bos = task.special_prefix if task.special_prefix is not None else special_prefix(tokenizer)
         head = export.get("task_head")
         self.head_index = None
+        # a task-sized head returns k label logits: a decode step feeds the label token it picked
+        self.head_token_ids = [int(t) for t in head["token_ids"]] if head else None
         if head and task.kind == "classification":
             labels = [str(x) for x in head["labels"]]
             # a task_head's labels are the task's data labels (or, tolerated, their answer texts)
@@ -574,10 +746,20 @@ class Scorer:
         return max(scores, key=scores.get), scores  # first label wins a tie, as in evaluate.py
 
     def generate(self, ids: list[int], max_new: int, stop_at_eos: bool = True) -> list[int]:
+        if self.loop is not None:
+            out, first, later = self.loop.generate(ids, max_new, self.eos, stop_at_eos)
+            self.first_ms.append(first)
+            self.token_ms.extend(later)
+            return out
         logits = self._prefill(ids)
         out: list[int] = []
         while len(out) < max_new:
             nxt = int(np.argmax(logits[-1]))
+            if self.head_token_ids is not None:
+                # task-sized head: column -> its label token. Only decode timing of a
+                # classification bundle gets here: the step costs what a second scoring
+                # step would (k label logits), not a text generator's step (docs/EXPORT.md)
+                nxt = self.head_token_ids[nxt]
             if stop_at_eos and nxt in self.eos:
                 break
             out.append(nxt)
@@ -638,8 +820,10 @@ def _eos_ids(model_dir: Path, tok) -> set[int]:
 
 
 def run_task(model, model_dir: Path, task: Task, export: dict, limit: int | None = None,
-             warmup: int = 2, decode_tokens: int = 8, decode_examples: int = 3) -> dict:
-    """Score ``task``'s test split with a loaded model and time it. Returns the measurement."""
+             warmup: int = 2, decode_tokens: int = 8, decode_examples: int = 3, loop=None) -> dict:
+    """Score ``task``'s test split with a loaded model and time it. Returns the measurement.
+
+    ``loop``: a C++ generation loop for generation tasks (``generation_loop``), else None."""
     from tokenizers import Tokenizer
 
     if not (model_dir / "tokenizer.json").is_file():
@@ -648,7 +832,8 @@ def run_task(model, model_dir: Path, task: Task, export: dict, limit: int | None
     rows = read_jsonl(task.test_path, limit)
     if not rows:
         raise RunnerError(f"{task.test_path}: no examples")
-    scorer = Scorer(model, tok, task, export, _eos_ids(model_dir, tok))
+    scorer = Scorer(model, tok, task, export, _eos_ids(model_dir, tok),
+                    loop=loop if task.kind == "generation" else None)
 
     def text(row: dict) -> str:
         value = row.get(task.text_field)
@@ -706,6 +891,7 @@ def run_task(model, model_dir: Path, task: Task, export: dict, limit: int | None
             scorer.generate(scorer.encode_prompt(text(row)), decode_tokens + 1, stop_at_eos=False)
         scorer.first_ms[:] = first
     return {
+        "generation_loop": scorer.loop.name if scorer.loop is not None else "python",
         "task": task.name, "kind": task.kind, "metric": task.metric, "value": value,
         "higher_is_better": METRICS[task.metric], "n_examples": len(rows), "test_data": str(task.test_path),
         "latency": {"first_token_ms": _stats(scorer.first_ms), "token_ms": _stats(scorer.token_ms),
@@ -788,7 +974,8 @@ def format_table(measurement: dict, gates: list[dict]) -> str:
         ("task", f"{measurement['task']} ({measurement['kind']}), {measurement['n_examples']} examples"),
         (measurement["metric"], f"{measurement['value']:.4f}"),
         ("first token ms p50/p90", ms(lat["first_token_ms"])),
-        ("per token ms p50/p90", ms(lat["token_ms"])),
+        ("per token ms p50/p90", ms(lat["token_ms"]) + (f"  ({measurement['generation_loop']} loop)"
+                                                         if measurement.get("generation_loop") else "")),
         ("per example ms p50/p90", ms(lat["example_ms"])),
         ("peak RSS MB", f"{measurement['peak_rss_mb']:.1f}"),
         ("model size MB", f"{measurement['size_mb']:.1f}"),
@@ -803,8 +990,11 @@ def format_table(measurement: dict, gates: list[dict]) -> str:
 
 def run_bundle(bundle, limit: int | None = None, task_path=None, frame_path=None, target_path=None,
                threads: int | None = None, precision: str | None = None, warmup: int = 2,
-               decode_tokens: int = 8) -> dict:
-    """Load a bundle's model with its target's settings and run its task check."""
+               decode_tokens: int = 8, loop: str = "auto") -> dict:
+    """Load a bundle's model with its target's settings and run its task check.
+
+    ``loop``: the generation loop of a generation task (``LOOPS``; auto: OpenVINO GenAI's
+    C++ loop for an OpenVINO bundle when it is installed, else the Python loop)."""
     bundle = Path(bundle)
     manifest = _read_json(bundle / "bundle.json")
     model_dir = bundle / manifest.get("model_dir", "model")
@@ -826,8 +1016,11 @@ def run_bundle(bundle, limit: int | None = None, task_path=None, frame_path=None
     model = load_model(model_dir, runtime, threads, precision, device,
                        dynamic_quantization=bool(target.get("dynamic_quantization", False)),
                        cache_capacity=_cache_capacity(target))
+    cpp = generation_loop(model, loop) if task.kind == "generation" else None
+    if cpp is None:
+        model.open()  # compile / open now, so that load_s includes it (a C++ loop opens its own copy)
     load_s = time.perf_counter() - t0
-    m = run_task(model, model_dir, task, export, limit=limit, warmup=warmup, decode_tokens=decode_tokens)
+    m = run_task(model, model_dir, task, export, limit=limit, warmup=warmup, decode_tokens=decode_tokens, loop=cpp)
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     m.update({
         "runner_version": RUNNER_VERSION, "bundle": str(bundle.resolve()), "target": target.get("name"),
@@ -884,6 +1077,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up examples (default 2)")
     p.add_argument("--decode-tokens", type=int, default=8,
                    help="decode steps timed per example for tasks that do not generate (default 8)")
+    p.add_argument("--loop", choices=LOOPS, default="auto",
+                   help="generation loop for generation tasks: cpp (OpenVINO GenAI's LLMPipeline), python "
+                        "(this runner's), auto (cpp when installed; default)")
     p.add_argument("--no-gates", action="store_true", help="measure only; exit 0 whatever the budgets say")
     args = p.parse_args(argv)
     bundle = Path(args.bundle) if args.bundle else here
@@ -909,7 +1105,7 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as e:
                 raise RunnerError(f"cannot pin to CPUs {sorted(cpus)}: {e} (pass --cpu-affinity none)") from None
         m = run_bundle(bundle, args.limit, args.task, args.prompt_frame, args.target, args.threads,
-                       args.precision, args.warmup, args.decode_tokens)
+                       args.precision, args.warmup, args.decode_tokens, args.loop)
         ref_path = bundle / manifest.get("reference", "reference.json")
         reference = _read_json(ref_path) if ref_path.is_file() else None
         if args.task:

@@ -58,3 +58,50 @@ def test_combine_later_file_replaces_the_same_row_and_keeps_the_rest(bench, tmp_
 def test_combine_names_a_missing_file(bench, tmp_path):
     with pytest.raises(SystemExit, match="nope.json does not exist"):
         bench.combine([tmp_path / "nope.json"], tmp_path / "out.json")
+
+
+@pytest.fixture(scope="module")
+def runtime_bench():
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_runtime", ROOT / "benchmarks" / "runtime.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # its dataclass resolves annotations through sys.modules
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_runtime_goals_compare_the_named_rows(runtime_bench):
+    rows = {
+        "ov-int8-dense": {"model": "dense", "weights": "int8", "decode_tok_s": 60.0, "classify_ex_s": 13.0},
+        "ov-int8-pruned": {"model": "pruned", "weights": "int8", "decode_tok_s": 66.0, "classify_ex_s": 20.0},
+        "genai-int8-dense": {"model": "dense", "weights": "int8", "decode_tok_s": 70.0},
+        "genai-int8-pruned": {"model": "pruned", "weights": "int8", "decode_tok_s": 112.0, "x_of_bound": 2.5},
+        "runner-ort-int8-pruned": {"model": "pruned", "weights": "int8", "decode_tok_s": 90.0,
+                                   "classify_ex_s": 27.0, "x_of_bound": 1.9},
+        "llama.cpp-Q8_0-dense": {"model": "dense", "weights": "Q8_0", "decode_tok_s": 100.0},
+    }
+    goals = runtime_bench.goals(rows)
+    # same loop: 112 / 70 in GenAI (66 / 60 in optimum-intel; the ORT row has no dense pair)
+    assert goals[0]["rows"] == ("genai-int8-pruned", "genai-int8-dense")
+    assert goals[0]["ratio"] == pytest.approx(1.6) and goals[0]["met"]
+    assert goals[1]["ratio"] == pytest.approx(1.12) and goals[1]["met"]                 # 112 / 100
+    assert goals[2]["ratio"] == pytest.approx(27 / 13) and goals[2]["met"]             # >= 2x
+    assert goals[3]["rows"] == ("genai-int8-pruned",) and goals[3]["ratio"] == 2.5 and not goals[3]["met"]
+    assert not any(x["met"] for x in runtime_bench.goals({}))
+
+
+def test_runtime_bytes_read_skip_gather_only_tables(runtime_bench, tmp_path):
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.zeros((100, 8), np.float32)            # 3200 bytes, only gathered
+    head = np.zeros((8, 100), np.float32)             # 3200 bytes, a MatMul reads it all
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["x"], axis=0), helper.make_node("MatMul", ["x", "head"], ["y"])],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(head, "head")])
+    (tmp_path / "model.onnx").write_bytes(helper.make_model(graph).SerializeToString())
+    assert runtime_bench.bytes_read_per_token(tmp_path) == head.nbytes

@@ -18,16 +18,17 @@ from click.testing import CliRunner
 from sieve_edge.errors import ArtifactError, BackendMissingError, FidelityError, InputError
 from sieve_edge.export import export_model
 from sieve_edge.export import fidelity as F
-from tiny import make_factorized, make_model, make_tokenizer
+from tiny import ARCH_CONFIGS, make_factorized, make_model, make_tokenizer
 
 # Independent of the library's own tolerance: what these tests accept for fp32 exports.
 FP32_ATOL = 1e-3
 
 
 def _ort(folder):
-    from optimum.onnxruntime import ORTModelForCausalLM
+    # optimum's ORTModelForCausalLM, with export/onnx.py's fix of its KV-head count (Phi-3)
+    from sieve_edge.export.onnx import load
 
-    return ORTModelForCausalLM.from_pretrained(str(folder), use_cache=True)
+    return load(folder)
 
 
 def _ov(folder):
@@ -67,16 +68,38 @@ def task_file(tmp_path_factory):
 # ---------------------------------------------------------------------------- fp32 round trip
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+# Every registered architecture, both formats: the export fuses the matrices that read one
+# input (q/k/v, gate/up) and must still pass the fp32 fidelity check. One member of the first
+# layer's attention and MLP groups is multiplied back to dense first, so the groups are mixed
+# (dense rows and first factors in one MatMul); Phi-3 and GPT-2 already hold one matrix per group.
+@pytest.mark.parametrize("arch", list(ARCH_CONFIGS))
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_fp32_export_matches_torch_with_kv_cache(arch, fmt, tok, tmp_path):
+    from sieve_edge.architectures import get_arch, linear_names
+
     model = make_factorized(arch, rank=8)
+    spec = get_arch(model)
+    mixed = [f"{spec.layers}.0.{g[1]}" for g in spec.groups if len(g) > 1]
     out = tmp_path / "out"
-    result = export_model(model, fmt, "fp32", out, tokenizer=tok)
+    result = export_model(model, fmt, "fp32", out, tokenizer=tok, densify=mixed)
     assert result.path == out and not list(tmp_path.glob("out.partial-*"))
     manifest = json.loads((out / "export.json").read_text())
     assert manifest["format"] == fmt and manifest["weights"] == "fp32" and manifest["task_head"] is None
-    assert manifest["source"]["kind"] == "factorized" and len(manifest["source"]["ranks"]) == 14
+    assert manifest["source"]["kind"] == "factorized"
+    assert len(manifest["source"]["ranks"]) == len(linear_names(model))
+    fusion = manifest["fusion"]
+    # the exported graph holds the MatMuls the fused torch model has, layer by layer
+    assert manifest["graph_matmuls_per_layer"] == fusion["matmuls_per_layer_after"]
+    multi = [g for g in spec.groups if len(g) > 1]
+    assert fusion["groups_fused"] == len(multi) * model.config.num_hidden_layers
+    # a group of k factorized matrices: 2k MatMuls -> k + 1; with one dense member: 2k - 1 -> k
+    saved = sum(len(g) - 1 for g in multi)
+    assert [b - a for b, a in zip(fusion["matmuls_per_layer_before"], fusion["matmuls_per_layer_after"])] == \
+        [saved] * model.config.num_hidden_layers
+    if multi:
+        assert fusion["groups"][0]["members"] == ["rank 8", "dense", "rank 8"]
+    if fmt == "onnx":   # onnxruntime-genai's config for the runner's C++ loop (full head)
+        assert manifest["genai_config"] == {"ok": True, "file": "genai_config.json"}
     fp32 = manifest["fidelity"]["fp32"]
     assert fp32["misses"] == [] and fp32["max_abs_diff"] <= FP32_ATOL
     assert fp32["decode_steps_compared"] > 0
@@ -191,6 +214,24 @@ def test_task_head_matches_full_head_label_logits(fmt, tok, task_file, tmp_path)
     assert model.get_output_embeddings().weight.shape[0] == len(tok)
 
 
+def test_task_head_is_the_default_for_single_token_labels(tok, task_file, tmp_path):
+    """A classification task whose answers are single tokens gets the task-sized head by
+    default (its predictions are the full head's); multi-token answers keep the full head."""
+    from sieve_edge.export.core import default_task_head
+
+    single = tmp_path / "single.toml"
+    single.write_text(task_file.read_text().replace('" negative"', '" a"').replace('" positive"', '" and"')
+                      .replace('"val.jsonl"', f'"{task_file.parent / "val.jsonl"}"'))
+    result = export_model(make_factorized("llama", rank=8), "onnx", "fp32", tmp_path / "out", tokenizer=tok,
+                          task=str(single))
+    m = result.manifest
+    assert m["task_head"]["labels"] == ["negative", "positive"] and m["task_head_choice"].startswith("on by default")
+    assert "genai_config" not in m   # a task head cannot generate: no C++ generation config
+    on, why = default_task_head(F.task_prompts(str(task_file), tok, limit=4))   # " negative": 5 tokens
+    assert not on and "more than one token" in why
+    assert default_task_head(F.fixed_prompts(tok))[0] is False
+
+
 def test_task_head_needs_classification_task(tok, tmp_path):
     with pytest.raises(InputError, match="--task-head needs --task"):
         export_model(make_model("llama"), "onnx", "fp32", tmp_path / "out", tokenizer=tok, task_head=True)
@@ -202,8 +243,11 @@ def test_task_head_needs_classification_task(tok, tmp_path):
 def test_densify_named_modules(tok, tmp_path):
     model = make_factorized("llama", rank=8)
     names = ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"]
-    result = export_model(model, "onnx", "fp32", tmp_path / "out", tokenizer=tok, densify=names)
+    result = export_model(model, "onnx", "fp32", tmp_path / "out", tokenizer=tok, densify=names, fuse=False)
     assert result.manifest["densified"] == names
+    # unfused: one MatMul per dense matrix, two per pair (7 pairs a layer, one of them densified);
+    # the graph count is the one the fused exports are held to
+    assert result.manifest["fusion"] is None and result.manifest["graph_matmuls_per_layer"] == [13, 13]
     assert result.manifest["fidelity"]["fp32"]["misses"] == []  # checked against the factorized model
     with pytest.raises(InputError, match="not a factorized module"):
         export_model(make_model("llama"), "onnx", "fp32", tmp_path / "o2", tokenizer=tok, densify=names)
@@ -387,6 +431,7 @@ def test_cli_export_and_errors(tok, tmp_path):
     assert res.exit_code == 1 and "--force" in res.output
     res = runner.invoke(main, ["export", "--model", str(tmp_path), "--format", "onnx", "--out", str(tmp_path / "x")])
     assert res.exit_code == 1 and "not a model folder" in res.output
+    assert "--no-task-head" in runner.invoke(main, ["export", "--help"]).output
 
     # the converted tokenizer lets OpenVINO GenAI run the folder
     assert manifest["tokenizer_conversion"]["ok"], manifest["tokenizer_conversion"]

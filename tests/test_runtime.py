@@ -182,6 +182,8 @@ def test_openvino_runtime_cache_capacity_is_applied_and_changes_no_output(monkey
     monkeypatch.setattr(ov.Core, "compile_model", spy)
     default = rt.load_model(tiny_export("openvino"), "openvino", 1)
     bounded = rt.load_model(tiny_export("openvino"), "openvino", 1, cache_capacity=0)
+    assert configs == []   # compiled on first use (a C++ generation loop compiles its own)
+    default.reset(), bounded.reset()
     assert "CPU_RUNTIME_CACHE_CAPACITY" not in configs[0] and configs[1]["CPU_RUNTIME_CACHE_CAPACITY"] == 0
     assert (bounded.settings["CPU_RUNTIME_CACHE_CAPACITY"], default.settings["CPU_RUNTIME_CACHE_CAPACITY"]) == \
         ("0", "plugin default")
@@ -194,3 +196,58 @@ def test_openvino_runtime_cache_capacity_is_applied_and_changes_no_output(monkey
     for ids in ([3, 5, 7], [2, 4, 6, 8, 10]):   # two prompt lengths: two shapes
         default.reset(), bounded.reset()
         np.testing.assert_array_equal(default.forward(ids), bounded.forward(ids))
+
+
+@pytest.mark.parametrize("fmt, runtime, package", [("openvino", "openvino", "openvino_genai"),
+                                                    ("onnx", "onnxruntime", "onnxruntime_genai")])
+def test_cpp_loop_gives_the_python_loops_greedy_tokens(fmt, runtime, package, tmp_path):
+    """The runtime's C++ loop (OpenVINO GenAI's LLMPipeline; onnxruntime-genai's Generator on
+    the genai_config.json the exporter writes), fed the runner's ids, decodes what the runner's
+    own Python loop decodes: forced lengths on every test prompt, and a stop at an eos id."""
+    import shutil
+
+    pytest.importorskip(package)
+    bundle = tiny_bundle(fmt, "generation")
+    python, _ = _scorer(bundle, runtime)
+    folder = tmp_path / "model"
+    shutil.copytree(bundle / "model", folder)
+    if fmt == "onnx":
+        from transformers import AutoConfig
+
+        from sieve_edge.export.onnx import write_genai_config
+
+        assert write_genai_config(folder, AutoConfig.from_pretrained(folder))["ok"]
+    cpp_model = rt.load_model(folder, runtime, threads=1, precision="f32")
+    loop = rt.generation_loop(cpp_model, "cpp")
+    assert loop.name.startswith(package)
+    cpp = rt.Scorer(cpp_model, python.tok, python.task, {}, set(), loop=loop)
+    seen = set()
+    for text, _ in ROWS:
+        ids = python.encode_prompt(text)
+        want = python.generate(ids, 8, stop_at_eos=False)
+        assert cpp.generate(ids, 8, stop_at_eos=False) == want, text
+        seen.update(want)
+    assert len(seen) > 1   # the prompts do not all collapse onto one token
+    # stop at an eos id that the greedy sequence reaches at its third token
+    ids = python.encode_prompt(ROWS[1][0])
+    full = python.generate(ids, 8, stop_at_eos=False)
+    python.eos = cpp.eos = {full[2]}
+    cut = full[:full.index(full[2])]
+    assert python.generate(ids, 8) == cut and cpp.generate(ids, 8) == cut
+    assert len(cpp.first_ms) == len(ROWS) + 1 and len(cpp.token_ms) >= len(ROWS) * 7
+    # the C++ loop opened its own copy of the model; the runner's was never opened
+    assert getattr(cpp_model, "_request", None) is None and getattr(cpp_model, "session", None) is None
+    assert rt.generation_loop(cpp_model, "python") is None
+    if fmt == "onnx":
+        with pytest.raises(rt.RunnerError, match="no genai_config.json"):
+            rt.generation_loop(rt.load_model(tiny_export("onnx"), "onnxruntime", 1), "cpp")
+
+
+def test_run_bundle_names_the_generation_loop():
+    pytest.importorskip("openvino_genai")
+    bundle = tiny_bundle("openvino", "generation")
+    cpp = rt.run_bundle(bundle, limit=3, warmup=0)
+    python = rt.run_bundle(bundle, limit=3, warmup=0, loop="python")
+    assert cpp["generation_loop"].startswith("openvino_genai") and python["generation_loop"] == "python"
+    assert cpp["value"] == python["value"] and cpp["latency"]["token_ms"]["n"] > 0
+    assert rt.run_bundle(tiny_bundle("openvino"), limit=2, warmup=0)["generation_loop"] == "python"

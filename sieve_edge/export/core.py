@@ -7,7 +7,6 @@ Nothing lands at ``OUT`` unless every step passed.
 """
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import os
@@ -135,7 +134,8 @@ def slower_pairs(model, runtime: str, weights: str, tokens: int, threads: int | 
 
 
 def export_model(model, fmt: str, weights: str = "fp32", out=None, *, int4: bool = False, task=None,
-                 task_head: bool = False, check: bool = True, force: bool = False, tokenizer=None,
+                 task_head: bool | None = None, fuse: bool = True, check: bool = True, force: bool = False,
+                 tokenizer=None,
                  densify=None, densify_tokens: int = 20, atol: float = F.FP32_LOGITS_ATOL,
                  rtol: float = F.FP32_LOGITS_RTOL,
                  metric_limit: int | None = DEFAULT_METRIC_LIMIT, onnx_int8: str = "auto",
@@ -146,7 +146,10 @@ def export_model(model, fmt: str, weights: str = "fp32", out=None, *, int4: bool
         ``tokenizer`` is required). fmt: ``onnx`` | ``openvino``. weights: ``fp32`` | ``int8``
         (``int4=True`` overrides it). task: a task name / TOML path / TaskSpec: its own
         prompts drive the checks and its metric is reported for int8 / int4. task_head:
-        restrict the LM head to the task's label tokens (classification). check: run the
+        restrict the LM head to the task's label tokens; None (the default) does so for a
+        classification task whose label answers are single tokens (the head then predicts
+        exactly what the full head does), False never. fuse: one MatMul per group of
+        matrices reading one input (``fuse.py``). check: run the
         fidelity check (an fp32 miss raises ``FidelityError``). densify: None, ``"auto"``
         (keep dense every pair the micro-benchmark finds not faster at ``densify_tokens``
         tokens) or a list of module names. onnx_int8: ``auto`` (measure ``dynamic`` and
@@ -161,6 +164,7 @@ def export_model(model, fmt: str, weights: str = "fp32", out=None, *, int4: bool
         raise InputError("export needs an output folder (--out)")
     if task_head and task is None:
         raise InputError("--task-head needs --task (a classification task whose labels define the head)")
+    head_choice = "requested" if task_head else ("off (--no-task-head)" if task_head is False else None)
     log = log or (lambda msg: None)
     backend = _backend(fmt)
     backend.require() if fmt == "onnx" else backend.require(compress=weights != "fp32")
@@ -191,11 +195,17 @@ def export_model(model, fmt: str, weights: str = "fp32", out=None, *, int4: bool
     prompts = F.task_prompts(task, tokenizer, metric_limit) if task is not None else F.fixed_prompts(tokenizer)
     if task_head and prompts.label_token_ids is None:
         raise InputError(f"--task-head needs a classification task with labels; '{prompts.source}' is not one")
+    if task_head is None:
+        task_head, head_choice = default_task_head(prompts)
+        log(f"task-sized head: {head_choice}")
 
     densified: list[str] = []
     head = None
-    # The reference stays untouched: densified / head-restricted copies are checked against it.
-    work = copy.deepcopy(reference) if densify or task_head else reference
+    # The reference stays untouched: densified / head-restricted / fused copies (sharing its
+    # weight tensors) are checked against it.
+    from .fuse import structure_copy
+
+    work = structure_copy(reference) if densify or task_head or fuse else reference
     if densify:
         names = (slower_pairs(work, fmt if fmt == "openvino" else "onnxruntime",
                               "int8" if weights != "fp32" else "fp32", densify_tokens)
@@ -207,17 +217,30 @@ def export_model(model, fmt: str, weights: str = "fp32", out=None, *, int4: bool
 
         restrict_head_(work, prompts.label_token_ids)
         head = {"labels": prompts.labels, "token_ids": prompts.label_token_ids}
+    fusion = None
+    if fuse:
+        from . import fuse as fusing
+
+        before = fusing.torch_matmuls_per_layer(work)
+        groups = fusing.fuse_groups_(work)
+        fusion = {"groups_fused": len(groups), "matmuls_per_layer_before": before,
+                  "matmuls_per_layer_after": fusing.torch_matmuls_per_layer(work),
+                  "groups": [{k: g[k] for k in ("group", "members")} for g in groups]}
+        log(f"fused {len(groups)} group(s) of matrices sharing an input: weight MatMuls "
+            f"{sum(before)} -> {sum(fusion['matmuls_per_layer_after'])} over {len(before)} layers")
 
     out = Path(out)
     partial = prepare_out(out, force)
     try:
         manifest_out = _export_into(partial, fmt, weights, work, reference, tokenizer, prompts, head,
                                     check=check, atol=atol, rtol=rtol, metric_limit=metric_limit, onnx_int8=onnx_int8,
-                                    log=log)
+                                    log=log, fusion=fusion)
         manifest_out.update({
             "task": prompts.source if task is not None else None,
             "task_head": head,
+            "task_head_choice": head_choice,
             "densified": densified,
+            "fusion": fusion,
             "source": manifest,
         })
         manifest_out["files"] = {f.name: f.stat().st_size for f in sorted(partial.iterdir()) if f.is_file()}
@@ -229,6 +252,20 @@ def export_model(model, fmt: str, weights: str = "fp32", out=None, *, int4: bool
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return ExportResult(out, manifest_out)
+
+
+def default_task_head(prompts) -> tuple[bool, str]:
+    """Whether an export without --task-head / --no-task-head gets the task-sized head, and why.
+
+    On for a classification task whose every label answer is one token after every checked
+    prompt (the same token each time): the restricted head then predicts what the full head
+    predicts, at a fraction of its cost. Off otherwise (the runner scores a multi-token
+    answer over all its tokens, which needs the full vocabulary)."""
+    if prompts.label_token_ids is None:
+        return False, "off (not a classification task)" if prompts.source != "fixed" else "off (no --task)"
+    if not prompts.single_token_labels:
+        return False, "off (a label answer is more than one token: its later tokens need the full head)"
+    return True, "on by default (classification, every label answer is one token; --no-task-head to keep the full head)"
 
 
 def _json_default(obj):
@@ -246,7 +283,7 @@ def _backend(fmt: str):
 
 
 def _export_into(folder: Path, fmt: str, weights: str, model, reference, tokenizer, prompts, head, *,
-                 check: bool, atol: float, rtol: float, metric_limit, onnx_int8: str, log) -> dict:
+                 check: bool, atol: float, rtol: float, metric_limit, onnx_int8: str, log, fusion=None) -> dict:
     from .. import __version__
 
     backend = _backend(fmt)
@@ -254,12 +291,22 @@ def _export_into(folder: Path, fmt: str, weights: str, model, reference, tokeniz
     log(f"exporting to {fmt} (fp32, KV cache)")
     backend.export(model, folder, tokenizer)
     tokenizer.save_pretrained(str(folder))
+    # weight MatMuls per decoder layer as the fp32 graph holds them (before any quantizer)
+    from .fuse import graph_matmuls_per_layer
+
+    graph_counts = graph_matmuls_per_layer(folder, fmt, reference)
+    if fusion is not None:
+        fusion["graph_matmuls_per_layer"] = graph_counts["per_layer"]
     manifest = {
         "format": fmt, "weights": weights,
         "export_format": EXPORT_FORMAT, "export_format_version": EXPORT_FORMAT_VERSION,
         "created_by": f"sieve-edge {__version__}",
         "task_kind": "text-generation-with-past" + (" (stateful)" if fmt == "openvino" else ""),
+        "graph_matmuls_per_layer": graph_counts["per_layer"],
     }
+    if fmt == "onnx" and head is None:
+        # onnxruntime-genai's C++ generator runs the graph with this file (a task head cannot generate)
+        manifest["genai_config"] = backend.write_genai_config(folder, model.config)
     if fmt == "openvino":
         manifest["tokenizer_conversion"] = backend.convert_tokenizer(tokenizer, folder)
         if not manifest["tokenizer_conversion"]["ok"]:

@@ -54,6 +54,10 @@ class Prompts:
     gold: list[int] | None = None                 # index into labels, per prompt
     label_token_ids: list[int] | None = None      # first answer token of each label
     metric_name: str | None = None
+    # every label answer is one token after every prompt, the same token each time: a head
+    # restricted to label_token_ids then predicts exactly what the full head scores (None:
+    # not a classification task, or the first tokens collide)
+    single_token_labels: bool | None = None
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -92,6 +96,10 @@ def task_prompts(task, tokenizer, limit: int | None, split: str | None = None) -
         prompts.gold = [ex.label_index for ex in examples]
         prompts.label_token_ids = first_answer_tokens(tokenizer, texts[0], spec.answers)
         prompts.metric_name = "accuracy (first answer token of each label at the last position)"
+        answers = list(spec.answers)
+        seqs = T.encode_answers(tokenizer, [t for t in texts for _ in answers], answers * len(texts))
+        prompts.single_token_labels = all(
+            list(s) == [prompts.label_token_ids[i % len(answers)]] for i, s in enumerate(seqs))
     return prompts
 
 

@@ -212,9 +212,15 @@ def load(folder: Path, file_name: str = MODEL_FILE):
     require()
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    return ORTModelForCausalLM.from_pretrained(
+    model = ORTModelForCausalLM.from_pretrained(
         str(folder), file_name=file_name, use_cache=True, provider="CPUExecutionProvider", trust_remote_code=False,
     )
+    # optimum 2.1 sizes the empty KV cache with num_attention_heads for model types outside
+    # its list of grouped-query models (Phi-3 among them): the graph wants the KV heads.
+    kv_heads = getattr(model.config, "num_key_value_heads", None)
+    if kv_heads and getattr(model, "num_key_value_heads", kv_heads) != kv_heads:
+        model.num_key_value_heads = kv_heads
+    return model
 
 
 def replace(src: Path, dst: Path) -> None:
@@ -242,3 +248,58 @@ def _external_tensors(model):
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
     return [t for t in _get_all_tensors(model) if uses_external_data(t)]
+
+
+GENAI_CONFIG = "genai_config.json"
+
+
+def write_genai_config(folder: Path, config) -> dict:
+    """``genai_config.json`` so that onnxruntime-genai's C++ generator runs this folder's
+    optimum graph as it is (input / output names read from the graph, not assumed).
+
+    Returns what ``export.json`` records. The runner sets the thread count at load time."""
+    import json
+
+    import onnx
+
+    graph = onnx.load(str(folder / MODEL_FILE), load_external_data=False).graph
+    inputs = {i.name for i in graph.input}
+    outputs = {o.name for o in graph.output}
+    if "input_ids" not in inputs or "logits" not in outputs or "past_key_values.0.key" not in inputs:
+        return {"ok": False, "error": "the graph has no input_ids / logits / past_key_values.0.key"}
+    names = {"input_ids": "input_ids", "past_key_names": "past_key_values.%d.key",
+             "past_value_names": "past_key_values.%d.value"}
+    for optional in ("attention_mask", "position_ids"):
+        if optional in inputs:
+            names[optional] = optional
+    heads = config.num_attention_heads
+    eos = getattr(config, "eos_token_id", None)
+    body = {
+        "model": {
+            "type": config.model_type,
+            "bos_token_id": getattr(config, "bos_token_id", None) or 0,
+            "eos_token_id": eos if eos is not None else 0,
+            "pad_token_id": getattr(config, "pad_token_id", None) or 0,
+            "context_length": int(getattr(config, "max_position_embeddings", 2048)),
+            "vocab_size": int(config.vocab_size),
+            "decoder": {
+                "session_options": {"log_id": "sieve-edge", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+                "hidden_size": int(config.hidden_size),
+                "num_attention_heads": int(heads),
+                "num_key_value_heads": int(getattr(config, "num_key_value_heads", None) or heads),
+                "num_hidden_layers": int(config.num_hidden_layers),
+                "inputs": names,
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        # greedy; optimum's graphs concatenate past and new keys, so no shared KV buffer
+        "search": {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "top_k": 1, "top_p": 1.0,
+                   "temperature": 1.0, "repetition_penalty": 1.0, "min_length": 0,
+                   "max_length": int(getattr(config, "max_position_embeddings", 2048)),
+                   "past_present_share_buffer": False},
+    }
+    (folder / GENAI_CONFIG).write_text(json.dumps(body, indent=2) + "\n")
+    return {"ok": True, "file": GENAI_CONFIG}
