@@ -318,8 +318,8 @@ class _OrtModel:
         if self.session is not None:
             return
         model_dir = self.model_dir
-        self.session = self._ort.InferenceSession(str(model_dir / "model.onnx"), self._opts,
-                                                  providers=["CPUExecutionProvider"])
+        self.session = _loaded(model_dir / "model.onnx", self.runtime, lambda: self._ort.InferenceSession(
+            str(model_dir / "model.onnx"), self._opts, providers=["CPUExecutionProvider"]))
         config = _maybe_json(model_dir / "config.json")
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -416,7 +416,8 @@ class _OvModel:
     def open(self) -> None:
         if self._request is not None:
             return
-        compiled = self._core.compile_model(self._model, self.device.upper(), self.config)
+        compiled = _loaded(self.model_dir / "openvino_model.xml", self.runtime,
+                           lambda: self._core.compile_model(self._model, self.device.upper(), self.config))
         self._request = compiled.create_infer_request()
         settings = {"INFERENCE_NUM_THREADS": self.config["INFERENCE_NUM_THREADS"]}
         for key in ("INFERENCE_PRECISION_HINT", "KV_CACHE_PRECISION", "DYNAMIC_QUANTIZATION_GROUP_SIZE",
