@@ -14,6 +14,7 @@ torch-free runner's helpers (``sieve_edge.runtime``), so that the bundle's runne
 from __future__ import annotations
 
 import json
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -551,7 +552,8 @@ def encode_examples(task: TaskSpec, tokenizer, examples: list[Example], limit: i
     """Prompts of ``examples``, each at most ``limit`` tokens (and ``caps[i]``, a tighter
     bound of the caller's, e.g. a training length): longer ones have their longest field cut
     from the task's ``truncation`` side (``runtime.fit_fields``), or are a ``DataError``
-    naming file and line when it is "error" (the caller's cap then cuts from the left)."""
+    naming file and line when it is "error" (the caller's cap then cuts from the left).
+    A cap shorter than the template itself leaves the prompt whole: the caller cuts tokens."""
     texts = [build_prompt(task, tokenizer, ex) for ex in examples]
     ids = encode_prompts(tokenizer, texts)
     cut = []
@@ -570,7 +572,10 @@ def encode_examples(task: TaskSpec, tokenizer, examples: list[Example], limit: i
         try:
             fields, _ = fit_fields(ex.fields, count, bound, side)
         except ValueError as e:
-            raise TaskSpecError(f"{task.path}: {e} (max_prompt_tokens, or the caller's length bound)") from None
+            if bound == limit:
+                raise TaskSpecError(f"{task.path}: {e} (max_prompt_tokens = {limit})") from None
+            cut.append(i)  # the caller's bound is tighter than the template: its token cut applies
+            continue
         texts[i] = build_prompt(task, tokenizer, fields)
         ids[i] = encode_prompts(tokenizer, [texts[i]])[0]
         cut.append(i)
@@ -714,3 +719,123 @@ def truncate(ids: list[int], max_length: int, keep_head: int = 0) -> list[int]:
         return ids
     keep_head = min(keep_head, max_length - 1)
     return ids[:keep_head] + ids[len(ids) - (max_length - keep_head):]
+
+
+# ---------------------------------------------------------------- a look before a long run
+
+def _percentiles(values: list[int]) -> dict:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def at(q: float) -> int:  # nearest rank
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+    return {"p50": at(50), "p90": at(90), "p99": at(99), "max": ordered[-1]}
+
+
+def model_context(spec) -> int | None:
+    """A model's context window without loading its weights: config.json of a folder, or the
+    GGUF metadata ``<arch>.context_length``; None for a hub id (nothing is downloaded for this)."""
+    from .models import read_gguf_metadata, resolve_source
+
+    source = resolve_source(spec)
+    if source.is_gguf:
+        meta = read_gguf_metadata(source.gguf_path)
+        value = meta.get(f"{meta.get('general.architecture')}.context_length")
+        return int(value) if isinstance(value, int) else None
+    if source.path is not None and (source.path / "config.json").is_file():
+        try:
+            return context_window(json.loads((source.path / "config.json").read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def describe_task(task: TaskSpec, tokenizer, context: int | None = None, n: int = 3,
+                  split: str | None = None) -> dict:
+    """What ``sieve-edge task show`` prints: the first ``n`` formatted prompts of ``split``
+    (default test, else the first declared), the answer token ids of every label and which
+    share a first token (so which scoring path applies), and per split its rows, label
+    balance and prompt-length percentiles in tokens against the prompt limit (``context``:
+    the model's context window, None when unknown)."""
+    reserve = answer_reserve(task.kind, [len(tokenizer(a, add_special_tokens=False)["input_ids"])
+                                         for a in task.answers], task.max_new_tokens)
+    limit = task.max_prompt_tokens or default_prompt_tokens(context, reserve)
+    split = split or ("test" if "test" in task.data else task.splits[0])
+    out: dict[str, Any] = {
+        "task": task.name, "kind": task.kind, "metric": task.metric, "path": str(task.path),
+        "prompt": task.prompt, "fields": task.fields, "chat_template": task.chat_template,
+        "max_prompt_tokens": limit,
+        "max_prompt_tokens_from": "the task" if task.max_prompt_tokens else
+        f"{'model context ' + str(context) if context else f'context {DEFAULT_CONTEXT} (the model does not say)'}"
+        f" less {reserve} for the answer",
+        "truncation": task.truncation, "sample": task.sample or "head", "seed": task.seed,
+        "label_score": task.label_score if task.kind == "classification" else None,
+        "splits": {}, "examples": [], "labels": [],
+    }
+    seen_paths: dict[Path, dict] = {}
+    for name in task.splits:
+        path = task.split_path(name)
+        if path not in seen_paths:
+            examples = load_examples(task, name)
+            lengths = [len(ids) for ids in encode_prompts(tokenizer, [build_prompt(task, tokenizer, ex)
+                                                                       for ex in examples])]
+            balance: dict[str, int] = {}
+            for ex in examples:
+                balance[str(ex.label)] = balance.get(str(ex.label), 0) + 1
+            seen_paths[path] = {"file": str(path), "rows": len(examples),
+                                "labels": dict(sorted(balance.items(), key=lambda kv: -kv[1])),
+                                "prompt_tokens": _percentiles(lengths),
+                                "over_limit": sum(n_tok > limit for n_tok in lengths)}
+        out["splits"][name] = seen_paths[path]
+    shown = load_examples(task, split, n)
+    prompts = [build_prompt(task, tokenizer, ex) for ex in shown]
+    ids = encode_prompts(tokenizer, prompts)
+    for ex, prompt, p_ids in zip(shown, prompts, ids):
+        answer = encode_answers(tokenizer, [prompt], [ex.answer])[0] if ex.answer is not None else []
+        out["examples"].append({"line": ex.line, "label": ex.label, "prompt": prompt, "prompt_tokens": len(p_ids),
+                                "answer": ex.answer, "answer_ids": answer})
+    if task.kind == "classification":
+        prompt = prompts[0] if prompts else build_prompt(task, tokenizer, {f: "" for f in task.fields})
+        per_label = encode_answers(tokenizer, [prompt] * len(task.answers), task.answers)
+        firsts: dict[int, list[str]] = {}
+        for label, answer_ids in zip(task.labels, per_label):
+            firsts.setdefault(answer_ids[0], []).append(label)
+        for (label, answer), answer_ids in zip(task.labels.items(), per_label):
+            out["labels"].append({"label": label, "answer": answer, "ids": answer_ids,
+                                  "tokens": tokenizer.convert_ids_to_tokens(answer_ids),
+                                  "shares_first_token_with": [x for x in firsts[answer_ids[0]] if x != label]})
+        single = all(len(a) == 1 for a in per_label) and len(firsts) == len(per_label)
+        out["scoring"] = "single-token (one forward pass, label rows of the LM head)" if single else \
+            "shared-prefix (multi-token answers: the prompt once, each distinct answer prefix once)"
+        out["task_head"] = "possible (every answer is one distinct token)" if single else \
+            "not possible (an answer has several tokens or shares its first token)"
+    return out
+
+
+def format_task_summary(d: dict) -> str:
+    """``describe_task`` as text for a terminal."""
+    lines = [f"task {d['task']} ({d['kind']}, {d['metric']}): {d['path']}",
+             f"prompt template: {d['prompt']!r}  fields: {', '.join(d['fields']) or 'none'}",
+             f"max_prompt_tokens {d['max_prompt_tokens']} ({d['max_prompt_tokens_from']}), truncation "
+             f"{d['truncation']}, limits draw rows by [data] sample = {d['sample']} (seed {d['seed']})"]
+    if d.get("scoring"):
+        lines.append(f"scoring: {d['scoring']}, label_score {d['label_score']}; task-sized LM head {d['task_head']}")
+    lines += ["", "split         rows  prompt tokens p50/p90/p99/max  over limit  labels (rows)"]
+    for name, s in d["splits"].items():
+        p = s["prompt_tokens"]
+        lengths = "/".join(str(p.get(k, "-")) for k in ("p50", "p90", "p99", "max"))
+        labels = ", ".join(f"{k} {v}" for k, v in list(s["labels"].items())[:8])
+        more = f", ... ({len(s['labels'])} labels)" if len(s["labels"]) > 8 else ""
+        lines.append(f"{name:<12} {s['rows']:>5}  {lengths:>29}  {s['over_limit']:>10}  {labels}{more}")
+    if d["labels"]:
+        lines += ["", "label answers and their token ids (after the first example's prompt):"]
+        for lab in d["labels"]:
+            shared = f"  shares its first token with {', '.join(lab['shares_first_token_with'])}" \
+                if lab["shares_first_token_with"] else ""
+            lines.append(f"  {lab['label']}: {lab['answer']!r} -> {lab['ids']} {lab['tokens']}{shared}")
+    for ex in d["examples"]:
+        lines += ["", f"--- example (line {ex['line']}, label {ex['label']!r}, {ex['prompt_tokens']} prompt tokens, "
+                      f"answer ids {ex['answer_ids']}) ---", ex["prompt"] + (ex["answer"] or "")]
+    return "\n".join(lines)

@@ -85,7 +85,7 @@ def task_prompts(task, tokenizer, limit: int | None, split: str | None = None) -
             raise InputError(f"{spec.path}: task '{spec.name}' has no validation, test or calibration split "
                              "to check the export on")
     examples = T.load_examples(spec, split, limit)
-    texts = [T.build_prompt(spec, tokenizer, ex.text) for ex in examples]
+    texts = [T.build_prompt(spec, tokenizer, ex) for ex in examples]
     prompts = Prompts(ids=T.encode_prompts(tokenizer, texts), source=f"task:{spec.name}/{split}")
     if spec.kind == "classification" and spec.labels:
         prompts.labels = spec.label_names
