@@ -677,6 +677,18 @@ class Scorer:
     def _ids(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    def check_head(self, prompt: str, token_ids: list[int]) -> None:
+        """A task-sized head scores each label by one logit: right only when every label's
+        answer is exactly the one token the head was cut for (``token_ids``, in head order)."""
+        if self.head_index is None or not token_ids:
+            return
+        answers = {k: self.answer_ids(prompt, a) for k, a in self.task.labels.items()}
+        wrong = [f"{k} -> {ids}" for k, ids in answers.items() if ids != [int(token_ids[self.head_index[k]])]]
+        if wrong:
+            raise RunnerError(f"this export's task-sized LM head scores one token per label ({list(token_ids)}), "
+                              f"but {len(wrong)} label answer(s) are other tokens ({'; '.join(wrong[:3])}): "
+                              "export the model without --task-head for answers of several tokens")
+
     def _with_bos(self, ids: list[int]) -> list[int]:
         bos = self.bos
         return ids if bos and ids[:len(bos)] == bos else list(bos) + ids
@@ -694,22 +706,22 @@ class Scorer:
         ``max_prompt_tokens``: cut per the task's truncation, or an error naming ``where``."""
         fields = self._fields(x)
         limit = self.max_prompt_tokens
+        text = self.task.prompt(fields)
+        ids = self._with_bos(self._ids(text))
+        self.last_truncated = len(ids) > limit
+        if not self.last_truncated:
+            return text, ids
+        if self.task.truncation == "error":
+            raise RunnerError(f"{where or self.task.path}: the prompt is {len(ids)} tokens, over max_prompt_tokens "
+                              f"= {limit} (truncation = \"error\" in {self.task.path})")
 
         def count(f):
             return len(self._with_bos(self._ids(self.task.prompt(f))))
 
-        if self.task.truncation == "error":
-            n = count(fields)
-            if n > limit:
-                raise RunnerError(f"{where or self.task.path}: the prompt is {n} tokens, over max_prompt_tokens "
-                                  f"= {limit} (truncation = \"error\" in {self.task.path})")
-            self.last_truncated = False
-        else:
-            try:
-                fields, before = fit_fields(fields, count, limit, self.task.truncation)
-            except ValueError as e:
-                raise RunnerError(f"{self.task.path}: {e} (max_prompt_tokens)") from None
-            self.last_truncated = before > limit
+        try:
+            fields, _ = fit_fields(fields, count, limit, self.task.truncation)
+        except ValueError as e:
+            raise RunnerError(f"{self.task.path}: {e} (max_prompt_tokens)") from None
         text = self.task.prompt(fields)
         return text, self._with_bos(self._ids(text))
 
@@ -929,6 +941,8 @@ def run_task(model, model_dir: Path, task: Task, export: dict, limit: int | None
     rows, sample = load_rows(task, task.test_path, limit)
     gold = _check_gold(task, task.test_path, rows)
     inputs = fields_of(task.test_path, rows)
+    if scorer.head_index is not None:
+        scorer.check_head(scorer.prompt(*inputs[0])[0], export["task_head"].get("token_ids") or [])
 
     for fields, where in inputs[:warmup]:  # warm-up: first-call allocations and kernel selection, untimed
         one(fields, where)

@@ -273,15 +273,16 @@ def test_eval_cli_with_a_200_kb_row_under_an_8_gb_address_limit(tmp_path):
 def test_shared_prefix_scoring_equals_pairs_and_naive(tmp_path, tokenizer, arch):
     model = make_model(arch)
     task = load_task(write_task(tmp_path, prompt="Review: {text}\\nLabel:"))
-    scorer = make_scorer(tokenizer, task, "test", batch_size=4)
+    n = 8 if arch == "llama" else 3
+    scorer = make_scorer(tokenizer, task, "test", limit=n, batch_size=4)
     assert scorer.scoring == "shared-prefix" and not scorer.fast
     shared = scorer.label_logprobs(model)
-    pairs = make_scorer(tokenizer, task, "test", batch_size=4, scoring="pairs").label_logprobs(model)
-    naive = naive_label_logprobs(model, tokenizer, task, load_examples(task, "test"))
+    pairs = make_scorer(tokenizer, task, "test", limit=n, batch_size=4, scoring="pairs").label_logprobs(model)
+    naive = naive_label_logprobs(model, tokenizer, task, load_examples(task, "test", n))
     torch.testing.assert_close(shared, pairs, atol=LOGPROB_TOL, rtol=0)
     torch.testing.assert_close(shared, naive, atol=LOGPROB_TOL, rtol=0)
     # continuations in several chunks (a copy of the prompt's cache each) change nothing
-    chunked = make_scorer(tokenizer, task, "test", max_batch_tokens=24).label_logprobs(model)
+    chunked = make_scorer(tokenizer, task, "test", limit=n, max_batch_tokens=24).label_logprobs(model)
     torch.testing.assert_close(chunked, shared, atol=LOGPROB_TOL, rtol=0)
 
 
@@ -346,6 +347,20 @@ def test_runner_shared_prefix_matches_torch_and_its_one_row_fallback(tmp_path, t
     plain = rt.Scorer(OneRow(model), tokenizer.backend_tokenizer, runner_task, {}, set(), max_prompt_tokens=100)
     again = rt.log_softmax(np.array([list(plain.classify(ex.fields)[1].values()) for ex in examples]))
     np.testing.assert_allclose(again, got, atol=LOGPROB_TOL)
+
+
+def test_runner_refuses_a_task_head_for_labels_of_several_tokens(tmp_path, tokenizer):
+    single = {"pos": " and", "neg": " an"}
+    ids = [tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in single.values()]
+    head = {"task_head": {"labels": list(single), "token_ids": ids}}
+    ok = load_task(write_task(tmp_path / "ok", single))
+    scorer = rt.Scorer(None, tokenizer.backend_tokenizer, rt.Task(rt._read_toml(ok.path), ok.path), head, set())
+    scorer.check_head("Review: x\nLabel:", ids)  # one token per label, the head's: fine
+    multi = load_task(write_task(tmp_path / "multi", {"pos": " positive", "neg": " an"}))
+    scorer = rt.Scorer(None, tokenizer.backend_tokenizer, rt.Task(rt._read_toml(multi.path), multi.path), head, set())
+    with pytest.raises(rt.RunnerError, match=r"1 label answer\(s\) are other tokens \(pos -> \[.*export the model "
+                                             r"without --task-head"):
+        scorer.check_head("Review: x\nLabel:", ids)
 
 
 def test_search_on_multi_token_labels_falls_back_to_the_spectrum_seed(tmp_path, tokenizer):
