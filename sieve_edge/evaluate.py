@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import TaskSpecError
-from .runtime import BATCH_TOKENS, continuation_rows
+from .runtime import BATCH_TOKENS, continuation_rows, row_groups
 from .tasks import TaskSpec, encode_answers, encode_examples, example_sequences, load_examples, load_task, \
     pad_id, prompt_limit, right_pad, token_batches
 
@@ -329,8 +329,9 @@ class Scorer:
 
         Per example the prompt runs once (batch 1, no padding) and keeps its KV cache; the
         answers' continuations (``runtime.continuation_rows``: each distinct prefix once) then
-        run as one batch from copies of that cache, right padded (padding only follows a row's
-        tokens, so causal attention keeps it out of them). The LM head runs on the distinct
+        run in a few batches of similar length (``runtime.row_groups``) from copies of that
+        cache, right padded (padding only follows a row's tokens, so causal attention keeps
+        it out of them). The LM head runs on the distinct
         prefixes only, each giving the next-token distribution of every answer that shares it.
         """
         device = model_device(model)
@@ -344,12 +345,10 @@ class Scorer:
             h_keys = {(): hidden[0, -1]}                                                   # prefix -> (H,)
             conts = continuation_rows([a[:-1] for a in answers if len(a) > 1])
             if conts:
-                width = max(len(c) for c in conts)
-                per_chunk = max(1, self.max_batch_tokens // (len(prompt) + width))
-                for start in range(0, len(conts), per_chunk):
-                    chunk = conts[start:start + per_chunk]
-                    last = start + per_chunk >= len(conts)
-                    chunk_cache = cache if last else copy.deepcopy(cache)
+                groups = row_groups([len(c) for c in conts], len(prompt), self.max_batch_tokens)
+                for g, group in enumerate(groups):
+                    chunk = [conts[i] for i in group]
+                    chunk_cache = cache if g == len(groups) - 1 else copy.deepcopy(cache)
                     chunk_cache.batch_repeat_interleave(len(chunk))                        # (R, heads, T, d)
                     ids, _ = right_pad(chunk, self.pad)                                     # (R, A)
                     h, _ = _run_cached(model, decoder, ids.to(device), chunk_cache)         # (R, A, H)

@@ -770,13 +770,11 @@ class Scorer:
 
     def _continuations(self, rows: list[list[int]], prompt_ids: list[int]) -> dict[tuple, np.ndarray]:
         """Log-probabilities (V,) after each distinct prefix of ``rows``, which continue the
-        prompt held in the model's KV cache; rows go in chunks of at most BATCH_TOKENS."""
+        prompt held in the model's KV cache; rows go in groups of similar length (``row_groups``)."""
         out: dict[tuple, np.ndarray] = {}
-        width = max(len(r) for r in rows)
-        per_chunk = max(1, BATCH_TOKENS // (len(prompt_ids) + width))
         batched = hasattr(self.model, "forward_rows")
-        for start in range(0, len(rows), per_chunk):
-            chunk = rows[start:start + per_chunk]
+        for group in row_groups([len(r) for r in rows], len(prompt_ids)):
+            chunk = [rows[i] for i in group]
             if batched:
                 logits = self.model.forward_rows(chunk)                    # (R, A, V)
             else:  # a model without batched continuations: prompt + row, one row at a time
@@ -812,6 +810,23 @@ class Scorer:
             return 0.0, 0
         lp = log_softmax(self._prefill(ids)[:-1])
         return -float(sum(lp[j, t] for j, t in enumerate(ids[1:]))), len(ids) - 1
+
+
+def row_groups(lengths: list[int], prefix: int, budget: int = BATCH_TOKENS) -> list[list[int]]:
+    """Consecutive groups of ``lengths`` (longest first, as ``continuation_rows`` gives them),
+    each one forward pass after a ``prefix``-token cache: a group closes when its next row is
+    shorter than 3/4 of its first (so padding stays under a third) or when rows x (prefix +
+    its first length) would pass ``budget`` (the cache copies and attention scale with both)."""
+    groups: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        if groups:
+            group = groups[-1]
+            width = lengths[group[0]]
+            if 4 * n >= 3 * width and (len(group) + 1) * (prefix + width) <= budget:
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups
 
 
 def continuation_rows(prefixes: list[list[int]]) -> list[list[int]]:

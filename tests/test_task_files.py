@@ -316,9 +316,12 @@ def test_label_score_mean_divides_by_answer_length(tmp_path, tokenizer, tiny_lla
         load_task(write_task(tmp_path / "bad", extra='label_score = "max"'))
 
 
-def test_continuation_rows_hold_every_prefix_once():
+def test_continuation_rows_hold_every_prefix_once_in_groups_of_similar_length():
     rows = rt.continuation_rows([[1, 2, 3], [1, 2], [1, 2, 3], [4], [1, 5], []])
     assert rows == [[1, 2, 3], [1, 5], [4]]
+    assert rt.row_groups([8, 7, 6, 5, 4, 3, 3, 2, 1], prefix=20) == [[0, 1, 2], [3, 4], [5, 6], [7], [8]]
+    assert rt.row_groups([4, 4, 4, 4], prefix=20, budget=50) == [[0, 1], [2, 3]]  # 2 x (20 + 4) <= 50
+    assert rt.row_groups([4], prefix=100, budget=50) == [[0]]                     # alone, never dropped
 
 
 @pytest.mark.parametrize("fmt, runtime", [("onnx", "onnxruntime"), ("openvino", "openvino")])
