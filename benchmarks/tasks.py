@@ -1,13 +1,14 @@
 """Benchmark of task files (issue 17): multi-token label scoring and a two-field task shipped.
 
 Part 1, scoring. Seconds per example of the classification scorer on a task with many
-multi-token labels (default: banking77, 77 intents of 2-9 SmolLM2 tokens, 46 sharing a first
+multi-token labels (default: banking77, 77 intents of 2-9 SmolLM2 tokens, 45 sharing a first
 token), before and after shared-prefix scoring:
   pairs          one full sequence per (example, label), batched: how it was scored before
   shared-prefix  the prompt once per example, the labels' continuations from its KV cache,
                  each distinct answer prefix once (the default now)
 Both score the same rows (the task's [data] sample draws --examples test rows); the table
-gives seconds per example, the speed-up, accuracy and how often the two predictions agree.
+gives wall and process-CPU seconds per example (with --threads 1 the CPU seconds are the
+work done, even on a loaded box), the speed-ups, accuracy and how often the predictions agree.
 
 Part 2, shipping. `sieve-edge run` on a task whose prompt reads two fields (default:
 reviews, "Product: {product} / Review: {text}", with an [[extra_test]]) to a bundle, which
@@ -45,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--task", default="banking77", help="a classification task with multi-token labels")
     p.add_argument("--examples", type=int, default=40, help="test rows scored by each scoring (default 40)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for part 1 (default: torch's); with 1, CPU seconds are the work done "
+                        "even on a loaded box")
     p.add_argument("--scorings", default=",".join(SCORINGS))
     p.add_argument("--no-run", dest="run", action="store_false", help="skip part 2 (sieve-edge run)")
     p.add_argument("--run-task", default="reviews", help="the two-field task of part 2")
@@ -62,10 +66,14 @@ def parse_args(argv=None):
 
 def score_rows(args) -> tuple[list[dict], dict]:
     """Part 1: each scoring on the same rows of the same model; (rows, task facts)."""
+    import torch
+
     from sieve_edge.evaluate import accuracy_from_logprobs, make_scorer
     from sieve_edge.models import load_model, load_tokenizer
     from sieve_edge.tasks import load_task
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     task = load_task(args.task)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model)
@@ -80,17 +88,19 @@ def score_rows(args) -> tuple[list[dict], dict]:
                  "sharing_a_first_token": sum(firsts.count(f) > 1 for f in firsts),
                  "sample": scorer.sample, "prompt_tokens_mean": sum(map(len, scorer.prompt_ids)) / scorer.n}
         scorer.label_logprobs(model, [0])  # warm-up: first-call allocations, untimed
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         logprobs = scorer.label_logprobs(model)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         predictions[scoring] = logprobs.argmax(-1)
         rows.append({"scoring": scoring, "examples": scorer.n, "seconds": seconds,
-                     "seconds_per_example": seconds / scorer.n,
+                     "seconds_per_example": seconds / scorer.n, "cpu_seconds_per_example": cpu / scorer.n,
+                     "threads": torch.get_num_threads(),
                      "accuracy": accuracy_from_logprobs(logprobs, scorer.labels)})
         print(f"{scoring}: {seconds / scorer.n:.3f} s per example on {scorer.n} examples", file=sys.stderr, flush=True)
     base = rows[0]
     for row in rows:
         row["speedup"] = base["seconds_per_example"] / row["seconds_per_example"]
+        row["cpu_speedup"] = base["cpu_seconds_per_example"] / row["cpu_seconds_per_example"]
         row["agreement"] = float((predictions[row["scoring"]] == predictions[base["scoring"]]).double().mean())
     return rows, facts
 
@@ -135,8 +145,10 @@ def tables(rows: list[dict], facts: dict, run: dict | None) -> str:
         out += [f"{facts['task']}: {facts['labels']} labels of {facts['answer_tokens'][0]}-{facts['answer_tokens'][1]} "
                 f"tokens, {facts['sharing_a_first_token']} sharing a first token; {rows[0]['examples']} test rows "
                 f"({facts['sample']['mode']}), prompts of {facts['prompt_tokens_mean']:.0f} tokens on average", "",
-                "| scoring | examples | s / example | speed-up | accuracy | agreement |", "|---|---|---|---|---|---|"]
-        out += [f"| {r['scoring']} | {r['examples']} | {r['seconds_per_example']:.3f} | {r['speedup']:.1f}x | "
+                "| scoring | examples | threads | s / example | speed-up | CPU s / example | CPU speed-up | accuracy "
+                "| agreement |", "|---|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['scoring']} | {r['examples']} | {r['threads']} | {r['seconds_per_example']:.3f} | "
+                f"{r['speedup']:.1f}x | {r['cpu_seconds_per_example']:.3f} | {r['cpu_speedup']:.1f}x | "
                 f"{100 * r['accuracy']:.1f}% | {100 * r['agreement']:.0f}% |" for r in rows]
     if run:
         out += ["", "| task prompt | exit | validation | test (dense) | extra tests (dense) | minutes |",

@@ -5,8 +5,8 @@ tokenized once, and every call only runs the model. For classification with sing
 answers (the usual case, see docs/TASKS.md) one forward pass per batch suffices: the
 hidden state at the last prompt position times the label rows of the LM head, nothing
 else of the vocabulary. Multi-token answers take the shared-prefix path: the prompt runs
-once, then every label's continuation runs from its KV cache in one batch, and each
-distinct answer prefix is scored once. Batches are bounded by padded tokens, not rows.
+once, then the labels' continuations run from its KV cache in a few batches of similar
+length, and each distinct answer prefix is scored once. Batches are bounded by padded tokens, not rows.
 """
 from __future__ import annotations
 

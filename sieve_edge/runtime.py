@@ -21,8 +21,8 @@ counted, or rejected with their file and line. ``--limit`` keeps rows per the ta
 
 Scoring. Classification: log-likelihood of each label's answer tokens after the prompt (sum
 over the answer's tokens, or their mean with ``label_score = "mean"``): the prompt runs
-once, then every label's continuation runs from its KV cache in one batch, each distinct
-answer prefix scored once; a ``task_head`` export gives the label logits directly.
+once, then the labels' continuations run from its KV cache in a few batches of similar
+length, each distinct answer prefix scored once; a ``task_head`` export gives the label logits directly.
 Generation: greedy decoding with the KV cache, exact match of the first non-empty line
 (stripped, case-insensitive). Perplexity: exp of the mean token negative log-likelihood.
 Token ids follow sieve_edge.tasks (special prefix once, answer ids split from

@@ -498,10 +498,18 @@ def test_task_show_prints_prompts_answer_ids_balance_and_lengths(tmp_path, monke
     assert err.exit_code == 1 and "pass --model" in err.output
 
 
-def test_sample_tasks_still_load_and_show_their_fields():
+def test_sample_tasks_load_and_their_data_is_what_they_say():
     for name in ("sst2", "sms_spam", "snips"):
         task = load_task(name)
         assert task.fields == ["text"] and task.sample is None and task.truncation == "left"
+    banking = load_task("banking77")
+    assert len(banking.labels) == 77 and banking.sample == "stratified"
+    test = load_examples(banking, "test")
+    assert len(test) == 3080 and {ex.label for ex in load_examples(banking, "test", 77)} == set(banking.labels)
+    reviews = load_task("reviews")
+    assert reviews.fields == ["product", "text"] and list(reviews.extra_tests) == ["imdb"]
+    assert {ex.fields["product"] for ex in load_examples(reviews, "extra:imdb")} == {"movie"}
+    assert {ex.fields["product"] for ex in load_examples(reviews, "test")} == {"phone accessory", "restaurant"}
 
 
 # ---------------------------------------------------------------- the benchmark script
@@ -531,3 +539,4 @@ def test_tasks_benchmark_runs_with_tiny_settings(tmp_path):
     assert run["exit_code"] == 0 and run["status"] == "pass" and run["prompt"].startswith("Title: {title}")
     assert run["extra_tests"]["shout"]["n"] == 5
     assert "| pairs | 4 |" in proc.stdout and "| shared-prefix | 4 |" in proc.stdout
+    assert all(r["cpu_seconds_per_example"] > 0 for r in doc["scoring"])
