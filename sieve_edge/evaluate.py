@@ -6,7 +6,8 @@ answers (the usual case, see docs/TASKS.md) one forward pass per batch suffices:
 hidden state at the last prompt position times the label rows of the LM head, nothing
 else of the vocabulary. Multi-token answers take the shared-prefix path: the prompt runs
 once, then the labels' continuations run from its KV cache in a few batches of similar
-length, and each distinct answer prefix is scored once. Batches are bounded by padded tokens, not rows.
+length, and each distinct answer prefix is scored once. Batches are bounded by padded
+tokens, not rows.
 """
 from __future__ import annotations
 
@@ -94,23 +95,18 @@ def head_logits(model, hidden: torch.Tensor, token_ids: torch.Tensor | None = No
 
 def _token_logprobs(model, hidden: torch.Tensor, positions: torch.Tensor | None,
                     targets: torch.Tensor) -> torch.Tensor:
-    """log p(target | hidden[position]) (P,) with the full vocabulary; ``hidden`` (K, H) is run
-    through the LM head once per row (``positions`` None: row i for target i), in chunks to
-    bound memory at (_HEAD_CHUNK, V) logits."""
-    logits_at, log_norm = [], []
+    """log p(targets[i] | hidden[positions[i]]) (P,) with the full vocabulary. Each row of
+    ``hidden`` (K, H) runs through the LM head once, however many targets read it
+    (``positions`` None: row i for target i), in chunks of at most (_HEAD_CHUNK, V) logits."""
+    rows = torch.arange(len(targets), device=targets.device) if positions is None else positions
+    out = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], _HEAD_CHUNK):
         logits = head_logits(model, hidden[start:start + _HEAD_CHUNK])            # (k, V)
-        log_norm.append(torch.logsumexp(logits, dim=-1))
-        logits_at.append(logits)
-        if positions is None:  # each row has its one target: keep only that logit
-            logits_at[-1] = logits.gather(1, targets[start:start + _HEAD_CHUNK, None]).squeeze(1)
-    if not log_norm:
-        return hidden.new_zeros(0)
-    norm = torch.cat(log_norm)
-    if positions is None:
-        return torch.cat(logits_at) - norm
-    table = torch.cat(logits_at)                                                 # (K, V)
-    return table[positions, targets] - norm[positions]
+        norm = torch.logsumexp(logits, dim=-1)                                   # (k,)
+        here = (rows >= start) & (rows < start + logits.shape[0])
+        at = rows[here] - start
+        out[here] = logits[at, targets[here]] - norm[at]
+    return out
 
 
 def _run_cached(model, decoder, ids: torch.Tensor, cache):
@@ -331,8 +327,8 @@ class Scorer:
         answers' continuations (``runtime.continuation_rows``: each distinct prefix once) then
         run in a few batches of similar length (``runtime.row_groups``) from copies of that
         cache, right padded (padding only follows a row's tokens, so causal attention keeps
-        it out of them). The LM head runs on the distinct
-        prefixes only, each giving the next-token distribution of every answer that shares it.
+        it out of them). The LM head runs on the distinct prefixes only, each giving the
+        next-token distribution of every answer that shares it.
         """
         device = model_device(model)
         n_labels = len(self.answer_ids)
