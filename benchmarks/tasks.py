@@ -1,8 +1,8 @@
 """Benchmark of task files (issue 17): multi-token label scoring and a two-field task shipped.
 
 Part 1, scoring. Seconds per example of the classification scorer on a task with many
-multi-token labels (default: banking77, 77 intents of 2-9 SmolLM2 tokens, 45 sharing a first
-token), before and after shared-prefix scoring:
+multi-token labels (BANKING77 with --banking77 DIR: 77 intents of 2-9 SmolLM2 tokens, 45
+sharing a first token; or any task given with --task), before and after shared-prefix scoring:
   pairs          one full sequence per (example, label), batched: how it was scored before
   shared-prefix  the prompt once per example, the labels' continuations from its KV cache,
                  each distinct answer prefix once (the default now)
@@ -18,8 +18,12 @@ and extra-test metrics of the pruned bundle and its dense reference.
 Prints Markdown tables and writes benchmarks/results/tasks.json (load averages before and
 after are recorded: a loaded box makes the seconds meaningless, the ratio less so).
 
-    python benchmarks/tasks.py                              # SmolLM2-135M, both parts (~1 h on 2 idle cores)
-    python benchmarks/tasks.py --no-run                     # part 1 only (~15 min)
+BANKING77 (Casanueva et al. 2020, CC BY 4.0; github.com/PolyAI-LDN/task-specific-datasets,
+files banking_data/train.csv and test.csv) is not shipped with sieve-edge: pass the folder
+holding those two CSV files and the script builds the task in --work (see build_banking77).
+
+    python benchmarks/tasks.py --banking77 DIR              # SmolLM2-135M, both parts (~1 h on 2 idle cores)
+    python benchmarks/tasks.py --banking77 DIR --no-run     # part 1 only (~15 min)
     python benchmarks/tasks.py --model DIR --task T.toml --run-task R.toml --target P.toml \\
         --examples 4 --run-args "--tune-steps 0 --calibration 8 --val-limit 8 --strategy uniform"  # smoke
 """
@@ -43,7 +47,9 @@ RUN_ARGS = "--tune-steps 300 --calibration 256 --val-limit 200 --budget-minutes 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--task", default="banking77", help="a classification task with multi-token labels")
+    p.add_argument("--task", default=None, help="a classification task with multi-token labels")
+    p.add_argument("--banking77", type=Path, default=None,
+                   help="a folder with BANKING77's train.csv and test.csv: build the 77-intent task from it")
     p.add_argument("--examples", type=int, default=40, help="test rows scored by each scoring (default 40)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=None,
@@ -57,11 +63,58 @@ def parse_args(argv=None):
     p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "tasks")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tasks.json")
     args = p.parse_args(argv)
+    if (args.task is None) == (args.banking77 is None):
+        p.error("give --banking77 DIR (BANKING77's CSV files) or --task T (a task with multi-token labels)")
     args.scorings = [s.strip() for s in args.scorings.split(",") if s.strip()]
     bad = [s for s in args.scorings if s not in SCORINGS]
     if bad:
         p.error(f"--scorings: unknown {bad}; allowed: {', '.join(SCORINGS)}")
     return args
+
+
+def build_banking77(csv_dir: Path, out: Path) -> Path:
+    """BANKING77's CSV files → a task folder (three JSON Lines splits and the TOML); returns the TOML.
+
+    test = all of test.csv (40 rows per intent); for each intent, in file order, validation =
+    its last 10 rows of train.csv, train = its first 60 of the remaining ones. The answer of an
+    intent is its name in words after a space (``card_arrival`` → `` card arrival``; a trailing
+    ``?`` dropped). The files stay grouped by intent, so the task samples limits by label.
+    """
+    import csv
+
+    csv_dir = Path(csv_dir)
+    if (csv_dir / "banking_data").is_dir():
+        csv_dir = csv_dir / "banking_data"
+
+    def read(name: str) -> list[tuple[str, str]]:
+        path = csv_dir / name
+        if not path.is_file():
+            raise SystemExit(f"--banking77: {path} not found (need train.csv and test.csv of BANKING77)")
+        with open(path, newline="", encoding="utf-8") as f:
+            return [(row["text"].strip(), row["category"]) for row in csv.DictReader(f)]
+
+    train_rows, test_rows = read("train.csv"), read("test.csv")
+    intents = list(dict.fromkeys(label for _, label in train_rows))
+    by_intent: dict[str, list[str]] = {i: [] for i in intents}
+    for text, label in train_rows:
+        by_intent[label].append(text)
+    splits = {"test": test_rows, "validation": [], "train": []}
+    for intent in intents:
+        rows = by_intent[intent]
+        splits["validation"] += [(t, intent) for t in rows[-10:]]
+        splits["train"] += [(t, intent) for t in rows[:-10][:60]]
+    out.mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        with open(out / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for text, label in rows:
+                f.write(json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n")
+    labels = "\n".join(f"{json.dumps(i)} = {json.dumps(' ' + i.replace('_', ' ').rstrip('?'))}" for i in intents)
+    toml = (f'name = "banking77"\nkind = "classification"\nchat_template = false\n'
+            f'prompt = "Customer message to a bank: {{text}}\\nIntent of the message:"\n\n[labels]\n{labels}\n\n'
+            '[data]\ntrain = "train.jsonl"\nvalidation = "validation.jsonl"\ntest = "test.jsonl"\n'
+            'sample = "stratified"\nseed = 0\n')
+    (out / "banking77.toml").write_text(toml, encoding="utf-8")
+    return out / "banking77.toml"
 
 
 def score_rows(args) -> tuple[list[dict], dict]:
@@ -74,7 +127,7 @@ def score_rows(args) -> tuple[list[dict], dict]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    task = load_task(args.task)
+    task = load_task(args.task if args.banking77 is None else build_banking77(args.banking77, args.work / "banking77"))
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model)
     rows, predictions = [], {}
