@@ -7,6 +7,7 @@ Layout (``bundle.json`` is the manifest; ``runner.py`` is a copy of ``sieve_edge
     B/model/               the export folder as exported (model files, tokenizer, export.json)
     B/task/<name>.toml     the task spec, copied verbatim
     B/task/test.jsonl      its test split (the runner reads this, not the TOML's [data])
+    B/task/extra/<n>.jsonl its [[extra_test]] sets, scored beside the test split
     B/prompt.json          the rendered prompt frame (chat template applied at bundle time)
     B/target.toml          the target profile, copied verbatim
     B/reference.json       the dense model's metric on the same test split
@@ -20,6 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -69,29 +71,48 @@ def read_export(export_dir) -> dict:
     return export
 
 
-def prompt_frame(task, tokenizer, examples: list[str] = ()) -> dict:
-    """The prompt as ``prefix + text + suffix`` plus the tokenizer's special prefix ids.
+def prompt_frame(task, tokenizer, examples=()) -> dict:
+    """The prompt as literal pieces and row fields (``parts``), plus the tokenizer's special prefix ids.
 
-    Rendered once with ``sieve_edge.tasks.build_prompt`` (chat template included), then
-    checked: for each of ``examples`` the runner's ids must equal sieve_edge.tasks' ids.
+    Rendered once with ``sieve_edge.tasks.build_prompt`` (chat template included), each field
+    replaced by its own invisible marker, then checked: for each of ``examples`` (Examples,
+    field dicts, or texts of a one-field prompt) the runner's ids must equal sieve_edge.tasks'.
+    A one-``{text}`` prompt also keeps ``prefix`` / ``suffix``, the frame's earlier form.
     """
-    from .tasks import build_prompt, encode_prompts, special_prefix
+    from .tasks import _fields, build_prompt, encode_prompts, special_prefix
 
-    rendered = build_prompt(task, tokenizer, _SENTINEL)
-    if rendered.count(_SENTINEL) != 1:
-        raise TaskSpecError(f"{task.path}: the chat template does not keep the text as one piece; "
+    fields = task.fields
+    marker = {name: _SENTINEL.replace("TEXT", f"FIELD{i}") for i, name in enumerate(fields)}
+    rendered = build_prompt(task, tokenizer, marker)
+    parts: list[list[str]] = []
+    pattern = re.compile("|".join(re.escape(m) for m in marker.values())) if marker else None
+    pos = 0
+    for m in (pattern.finditer(rendered) if pattern else ()):
+        if m.start() > pos:
+            parts.append(["text", rendered[pos:m.start()]])
+        parts.append(["field", next(name for name, v in marker.items() if v == m.group())])
+        pos = m.end()
+    if pos < len(rendered):
+        parts.append(["text", rendered[pos:]])
+    want_count = [value for kind, value in task.parts if kind == "field"]
+    if sorted(v for k, v in parts if k == "field") != sorted(want_count):
+        raise TaskSpecError(f"{task.path}: the chat template does not keep each field of the prompt as one piece; "
                             "the torch-free runner cannot frame this prompt")
-    prefix, suffix = rendered.split(_SENTINEL)
     bos = special_prefix(tokenizer)
-    for text in examples:
-        want = encode_prompts(tokenizer, [build_prompt(task, tokenizer, text)])[0]
-        ids = tokenizer(prefix + text + suffix, add_special_tokens=False)["input_ids"]
+    for example in examples:
+        values = _fields(task, example)
+        want = encode_prompts(tokenizer, [build_prompt(task, tokenizer, values)])[0]
+        text = "".join(v if k == "text" else values[v] for k, v in parts)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         got = ids if bos and ids[:len(bos)] == bos else bos + ids
         if got != want:
             raise TaskSpecError(f"{task.path}: the rendered prompt frame does not reproduce the task's "
                                 f"token ids for {text[:40]!r}; the chat template depends on the text")
-    return {"prefix": prefix, "suffix": suffix, "special_prefix": bos, "chat_template": task.chat_template,
-            "rendered_with": f"transformers tokenizer + sieve_edge.tasks.build_prompt (sieve-edge {__version__})"}
+    frame = {"parts": parts, "special_prefix": bos, "chat_template": task.chat_template,
+             "rendered_with": f"transformers tokenizer + sieve_edge.tasks.build_prompt (sieve-edge {__version__})"}
+    if fields == [task.text_field] and len(want_count) == 1:
+        frame["prefix"], frame["suffix"] = rendered.split(marker[task.text_field])
+    return frame
 
 
 def _toml_value(value) -> str:
@@ -108,18 +129,24 @@ def _toml_key(key: str) -> str:
     return key if key and all(c.isalnum() or c in "-_" for c in key) and key.isascii() else json.dumps(key)
 
 
-def bundled_task_toml(path) -> str:
-    """The task TOML rewritten for the bundle: same spec, [data] holding only test = "test.jsonl"."""
+def bundled_task_toml(path, extra_files: dict[str, str] | None = None) -> str:
+    """The task TOML rewritten for the bundle: same spec, [data] holding only test = "test.jsonl"
+    (and how rows are drawn), each [[extra_test]] pointing at ``extra_files[name]``."""
     import tomllib
 
     path = Path(path)
     raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    data = {k: v for k, v in (raw.get("data") or {}).items() if k in ("text_field", "label_field")}
+    keep = ("text_field", "label_field", "sample", "seed")
+    data = {k: v for k, v in (raw.get("data") or {}).items() if k in keep}
     data["test"] = "test.jsonl"
-    lines = [f"# {path.name} as bundled by sieve-edge {__version__}: only the test split is shipped."]
-    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in raw.items() if not isinstance(v, dict)]
+    lines = [f"# {path.name} as bundled by sieve-edge {__version__}: only the test split and extra tests are shipped."]
+    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in raw.items() if not isinstance(v, (dict, list))]
     for table, values in [*((k, v) for k, v in raw.items() if isinstance(v, dict) and k != "data"), ("data", data)]:
         lines += ["", f"[{_toml_key(table)}]"] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items()]
+    for entry in raw.get("extra_test") or []:
+        name = entry["name"]
+        lines += ["", "[[extra_test]]", f"name = {_toml_value(name)}",
+                  f"path = {_toml_value((extra_files or {}).get(name, entry['path']))}"]
     return "\n".join(lines) + "\n"
 
 
@@ -142,24 +169,31 @@ def load_reference(reference) -> dict | None:
 
 
 def task_fingerprint(spec) -> str:
-    """sha256 of what decides a test score: kind, prompt, system, chat template flag, labels, test rows.
+    """sha256 of what decides a test score: kind, prompt, system, chat template flag, labels, test rows,
+    prompt limit and truncation, label score, row sampling.
 
     A reference measured under another prompt or other test data is no reference: the
     bundle refuses it (a task file edited between the two measurements is the usual cause).
     """
     import hashlib
 
-    h = hashlib.sha256(json.dumps({
+    decides = {
         "kind": spec.kind, "prompt": spec.prompt, "system": spec.system, "chat_template": spec.chat_template,
         "labels": spec.labels, "text_field": spec.text_field, "label_field": spec.label_field,
-    }, sort_keys=True).encode())
+    }
+    # keys that came later count only when set, so that earlier references keep their fingerprint
+    for key, default in (("max_prompt_tokens", None), ("truncation", "left"), ("label_score", "sum"),
+                         ("sample", None), ("seed", 0)):
+        if getattr(spec, key) != default:
+            decides[key] = getattr(spec, key)
+    h = hashlib.sha256(json.dumps(decides, sort_keys=True).encode())
     h.update(Path(spec.split_path("test")).read_bytes())
     return h.hexdigest()
 
 
 def dense_reference(model, task, limit: int | None = None, trust_remote_code: bool = False) -> dict:
-    """Measure the dense model's metric on the task's test split with torch (sieve_edge.evaluate)."""
-    from .evaluate import evaluate
+    """Measure the dense model's metric on the task's test split (and extra tests) with torch."""
+    from .evaluate import evaluate, score_extra_tests
     from .models import load_model, load_tokenizer
     from .tasks import load_task
 
@@ -167,9 +201,12 @@ def dense_reference(model, task, limit: int | None = None, trust_remote_code: bo
     tok = load_tokenizer(model, trust_remote_code=trust_remote_code)
     m = load_model(model, trust_remote_code=trust_remote_code)
     result = evaluate(m, tok, spec, "test", limit=limit)
+    extra = {name: {"metric": r.metric, "value": r.value, "n": r.n, "sample": r.sample}
+             for name, r in score_extra_tests(m, tok, spec, limit=limit).items()}
     # a local model is named by its folder or file name: a bundle carries no path of the machine that built it
-    name = Path(str(model)).name if os.path.exists(str(model)) else str(model)
-    return {"metric": result.metric, "value": result.value, "split": "test", "n": result.n, "model": name,
+    model_name = Path(str(model)).name if os.path.exists(str(model)) else str(model)
+    return {"metric": result.metric, "value": result.value, "split": "test", "n": result.n, "model": model_name,
+            "sample": result.sample, "truncated": result.truncated, "extra_tests": extra,
             "measured_with": "torch (sieve_edge.evaluate), float32", "measured_at": _now(),
             "task_fingerprint": task_fingerprint(spec)}
 
@@ -230,7 +267,7 @@ def make_bundle(export_dir, task, target, out, reference=None, card_info: dict |
     # trust_remote_code explicit: left out, transformers asks on stdin whether to run custom code
     tokenizer = AutoTokenizer.from_pretrained(str(export_dir), trust_remote_code=trust_remote_code)
     examples = load_examples(spec, "test")
-    frame = prompt_frame(spec, tokenizer, [ex.text for ex in examples[:8]])
+    frame = prompt_frame(spec, tokenizer, examples[:8])
 
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
@@ -240,7 +277,12 @@ def make_bundle(export_dir, task, target, out, reference=None, card_info: dict |
         (partial / "task").mkdir()
         task_file = f"task/{spec.path.name}"
         shutil.copy2(spec.split_path("test"), partial / "task" / "test.jsonl")
-        (partial / task_file).write_text(bundled_task_toml(spec.path), encoding="utf-8")
+        extra_files = {}
+        for name, path in spec.extra_tests.items():  # scored beside the test split by the runner
+            extra_files[name] = f"extra/{name}.jsonl"
+            (partial / "task" / "extra").mkdir(exist_ok=True)
+            shutil.copy2(path, partial / "task" / extra_files[name])
+        (partial / task_file).write_text(bundled_task_toml(spec.path, extra_files), encoding="utf-8")
         load_task(partial / task_file)  # the rewritten spec must still be a valid task
         shutil.copy2(profile.path, partial / "target.toml")
         _write_json(partial / "prompt.json", frame)
@@ -274,7 +316,10 @@ def make_bundle(export_dir, task, target, out, reference=None, card_info: dict |
             except RunnerError as e:  # name the user's file, not its copy in the partial folder
                 why = str(e).replace(str(partial / "model"), str(export_dir))
                 raise ArtifactError(f"measuring the dense reference of {export_dir} failed: {why}") from None
+            extra = {name: {"metric": x["metric"], "value": x["value"], "n": x["n_examples"], "sample": x["sample"]}
+                     for name, x in (m.get("extra_tests") or {}).items()}
             reference = {"metric": m["metric"], "value": m["value"], "split": "test", "n": m["n_examples"],
+                         "sample": m.get("sample"), "truncated": m.get("truncated"), "extra_tests": extra,
                          "measured_with": f"this bundle's dense model, {m['runtime']} {m['runtime_version']} "
                                           f"({m['inference_precision']})", "measured_at": _now(),
                          "task_fingerprint": fingerprint}

@@ -92,29 +92,39 @@ def main():
 @click.option("--model", "model_spec", required=True, help="Folder, checkpoint, GGUF file, alias or hub id.")
 @click.option("--task", "task_spec", required=True, help="Task TOML path, or a sample task name (sst2, sms_spam, snips).")
 @click.option("--split", default="test", show_default=True,
-              type=click.Choice(["train", "calibration", "validation", "test"]))
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N rows.")
+              help="train, calibration, validation, test, or extra:NAME for an [[extra_test]] of the task.")
+@click.option("--extra", "with_extra", is_flag=True, help="Also score every [[extra_test]] of the task.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Score N rows of each set, drawn as the task's [data] sample says (default: the first N).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help='Print {"task","split","metric","value","n"} as JSON.')
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"task","split","metric","value","n","truncated","max_prompt_tokens","sample"} as JSON '
+                   "(a list with --extra).")
 @click.option("--trust-remote-code", is_flag=True,
               help="DANGEROUS: let transformers run Python code that the model folder names (auto_map); "
                    "without it such a folder is refused.")
 @handle_errors
-def eval_command(model_spec, task_spec, split, limit, batch_size, as_json, trust_remote_code):
+def eval_command(model_spec, task_spec, split, with_extra, limit, batch_size, as_json, trust_remote_code):
     """Score a model on one split of a task (accuracy, exact match or perplexity)."""
-    from .evaluate import evaluate
+    from .evaluate import evaluate, score_extra_tests
     from .models import load_model, load_tokenizer
     from .tasks import load_task
 
     task = load_task(task_spec)
+    task.split_path(split)  # an unknown split or extra test fails before the model loads
     tokenizer = load_tokenizer(model_spec, trust_remote_code=trust_remote_code)
     model = load_model(model_spec, trust_remote_code=trust_remote_code)
-    result = evaluate(model, tokenizer, task, split=split, limit=limit, batch_size=batch_size)
+    results = [evaluate(model, tokenizer, task, split=split, limit=limit, batch_size=batch_size)]
+    if with_extra:
+        results += [r for r in score_extra_tests(model, tokenizer, task, limit=limit, batch_size=batch_size).values()
+                    if r.split != split]
     if as_json:
-        print_json(result.to_dict())
-    else:
+        print_json([r.to_dict() for r in results] if with_extra else results[0].to_dict())
+        return
+    for result in results:
         value = f"{result.value:.4f}" if result.metric != "accuracy" else f"{100 * result.value:.2f}%"
-        click.echo(f"{result.task} {result.split}: {result.metric} {value} on {result.n} examples")
+        cut = f" ({result.truncated} prompts truncated to {result.max_prompt_tokens} tokens)" if result.truncated else ""
+        click.echo(f"{result.task} {result.split}: {result.metric} {value} on {result.n} examples{cut}")
 
 
 @main.command("tune")
@@ -127,12 +137,14 @@ def eval_command(model_spec, task_spec, split, limit, batch_size, as_json, trust
               help="Learning rate [default: 5e-5, or 5e-4 with --lora].")
 @click.option("--lora", is_flag=True, help="Train LoRA adapters (rank 8) and merge them into the weights.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Train on N rows of the train split, drawn as the task's [data] sample says.")
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint in --out.")
 @click.option("--trust-remote-code", is_flag=True,
               help="DANGEROUS: let transformers run Python code that the model folder names (auto_map); "
                    "without it such a folder is refused.")
 @handle_errors
-def tune_command(model_spec, task_spec, out, steps, batch_size, lr, lora, seed, force, trust_remote_code):
+def tune_command(model_spec, task_spec, out, steps, batch_size, lr, lora, seed, limit, force, trust_remote_code):
     """Fine-tune a model on a task's train split (loss on answer tokens) and save it."""
     from .checkpoint import model_bytes
     from .models import load_model, load_tokenizer
@@ -146,7 +158,7 @@ def tune_command(model_spec, task_spec, out, steps, batch_size, lr, lora, seed, 
     model = load_model(model_spec, trust_remote_code=trust_remote_code)
     check_room(out, model_bytes(model))  # the disk must hold the tuned copy: known now, before the steps
     lr = DEFAULT_LR[lora] if lr is None else lr
-    model = tune(model, tokenizer, task, steps=steps, batch_size=batch_size, lr=lr, lora=lora, seed=seed)
+    model = tune(model, tokenizer, task, steps=steps, batch_size=batch_size, lr=lr, lora=lora, seed=seed, limit=limit)
     path = save_tuned(model, tokenizer, out, base_model=str(model_spec), task=task.name, steps=steps, lora=lora,
                       lr=lr, batch_size=batch_size, seed=seed, force=force)
     click.echo(f"saved tuned model to {path}")
@@ -401,3 +413,46 @@ def run(model, task, target, out, tune_steps, tolerance, strategy, method, budge
         click.echo(f"\nreport: {md}")
     if report.get("status") != "pass":
         raise GateFailure(summary.stages[-1].detail)
+
+
+@main.group("task")
+def task_group():
+    """Look at a task file before a long run."""
+
+
+@task_group.command("show")
+@click.argument("task_spec", metavar="TASK")
+@click.option("--model", "model_spec", default=None,
+              help="Model whose tokenizer (and context window) to use [default: the smollm2-135m alias].")
+@click.option("--n", "n_examples", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Formatted prompts to print.")
+@click.option("--split", default=None, help="Split whose prompts to print (default: test).")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@handle_errors
+def task_show(task_spec, model_spec, n_examples, split, as_json):
+    """The formatted prompts, answer token ids per label, split sizes, label balance and
+    prompt-length percentiles of TASK (a TOML path or a sample name)."""
+    from .errors import ModelLoadError
+    from .models import load_tokenizer
+    from .tasks import describe_task, format_task_summary, load_task, model_context
+
+    task = load_task(task_spec)
+    if split is not None:
+        task.split_path(split)
+    if model_spec is None:
+        try:
+            model_spec = "smollm2-135m"
+            context = model_context(model_spec)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"task show needs a tokenizer: pass --model (a folder, GGUF file, alias or hub "
+                                 f"id); the default alias is not usable here: {e}") from None
+    else:
+        context = model_context(model_spec)
+    tokenizer = load_tokenizer(model_spec)
+    summary = describe_task(task, tokenizer, context=context, n=n_examples, split=split)
+    summary["model"] = model_spec
+    if as_json:
+        print_json(summary)
+    else:
+        click.echo(f"tokenizer and context window of {model_spec}")
+        click.echo(format_task_summary(summary))

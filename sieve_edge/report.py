@@ -42,6 +42,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
             ("host", f"{m['host'].get('processor')} ({m['host'].get('machine')}, {m['host'].get('cpu_count')} CPUs)"),
             ("task", f"{m.get('task')} ({m.get('kind')}), {m.get('n_examples')} test examples"),
             (m.get("metric", "metric"), f"{m['value']:.4f} (dense reference {_fmt(ref.get('value'), 4)})"),
+            *_task_rows(m, ref),
             ("first token ms p50 / p90", _lat(m, "first_token_ms")),
             ("per token ms p50 / p90", _lat(m, "token_ms")),
             ("per example ms p50 / p90", _lat(m, "example_ms")),
@@ -50,6 +51,24 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         ]
     if report.get("reduction") is not None:
         rows.append(("linear parameters removed", f"{100 * report['reduction']:.1f}%"))
+    return rows
+
+
+def _task_rows(m: dict, ref: dict) -> list[tuple[str, str]]:
+    """Which test rows were scored, prompts cut, and each [[extra_test]] beside the test split."""
+    rows = []
+    sample = m.get("sample") or {}
+    if sample and sample.get("rows") != sample.get("of"):
+        how = "first rows" if sample.get("mode") == "head" else f"{sample.get('mode')}, seed {sample.get('seed')}"
+        rows.append(("test rows", f"{sample.get('rows')} of {sample.get('of')} ({how})"))
+    if m.get("truncated"):
+        rows.append(("prompts truncated", f"{m['truncated']} of {m.get('n_examples')} to "
+                                          f"{m.get('max_prompt_tokens')} tokens ({m.get('truncation')} side)"))
+    for name, x in (m.get("extra_tests") or {}).items():
+        dense = ((ref.get("extra_tests") or {}).get(name) or {}).get("value")
+        cut = f", {x['truncated']} prompts truncated" if x.get("truncated") else ""
+        rows.append((f"extra test {name}", f"{x['metric']} {x['value']:.4f} on {x['n_examples']} examples "
+                                           f"(dense reference {_fmt(dense, 4)}){cut}"))
     return rows
 
 

@@ -10,18 +10,24 @@ is copied into every bundle as ``runner.py`` and must run alone on the edge box:
 Exit codes: 0 every gate passed, 3 a gate failed or could not be checked, 1 an error.
 
 Prompts. The runner has no Jinja: the bundle stores the task's rendered prompt frame
-(``prompt.json``: the text before and after ``{text}``, computed at bundle time with the
-tokenizer's real chat template, and verified on test examples), so here a prompt is
-``prefix + text + suffix``. Without a frame, a task that does not use a chat template is
-framed from its ``prompt`` string alone; one that does is an error.
+(``prompt.json``: literal pieces and the row fields between them, computed at bundle time
+with the tokenizer's real chat template, and verified on test examples), so here a prompt
+is those pieces joined with the row's field values. Without a frame, a task that does not
+use a chat template is framed from its ``prompt`` string alone; one that does is an error.
+Every prompt is bounded by ``max_prompt_tokens`` (the task's, else the model's context
+window less the longest answer): longer ones are cut from the task's ``truncation`` side,
+counted, or rejected with their file and line. ``--limit`` keeps rows per the task's
+``[data] sample`` (head, shuffle or stratified by label, seeded), as sieve_edge.tasks does.
 
 Scoring. Classification: log-likelihood of each label's answer tokens after the prompt (sum
-over the answer's tokens); when every answer is one token, one forward pass and the last
-position's logits; a ``task_head`` export gives the label logits directly. Generation:
-greedy decoding with the KV cache, exact match of the first non-empty line (stripped,
-case-insensitive). Perplexity: exp of the mean token negative log-likelihood. Token ids
-follow sieve_edge.tasks (special prefix once, answer ids split from ids(prompt + answer)),
-and tests hold the scores to sieve_edge.evaluate's.
+over the answer's tokens, or their mean with ``label_score = "mean"``): the prompt runs
+once, then the labels' continuations run from its KV cache in a few batches of similar
+length, each distinct answer prefix scored once; a ``task_head`` export gives the label logits directly.
+Generation: greedy decoding with the KV cache, exact match of the first non-empty line
+(stripped, case-insensitive). Perplexity: exp of the mean token negative log-likelihood.
+Token ids follow sieve_edge.tasks (special prefix once, answer ids split from
+ids(prompt + answer)), and tests hold the scores to sieve_edge.evaluate's. The task's
+``[[extra_test]]`` sets are scored after the test split, untimed.
 
 Timing. ``first_token_ms``: the prompt forward pass (prefill) of each example;
 ``token_ms``: one greedy decode step with the KV cache (for classification and perplexity
@@ -40,6 +46,8 @@ import json
 import math
 import os
 import platform
+import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -110,6 +118,11 @@ def _read_toml(path: Path, fallback: dict | None = None) -> dict:
 
 
 def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
+    return [row for _, row in read_jsonl_lines(path, limit)]
+
+
+def read_jsonl_lines(path: Path, limit: int | None = None) -> list[tuple[int, dict]]:
+    """(1-based line, row) per non-blank line, the first ``limit`` rows only when given."""
     rows = []
     n = 0
     try:
@@ -127,11 +140,11 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
                     raise RunnerError(f"{path}:{n}: not valid JSON: {e}") from None
                 if not isinstance(row, dict):
                     raise RunnerError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
+                rows.append((n, row))
                 if limit is not None and len(rows) >= limit:
                     break
     except FileNotFoundError:
-        raise RunnerError(f"missing test data: {path}") from None
+        raise RunnerError(f"missing data file: {path}") from None
     except OSError as e:
         raise RunnerError(f"{path}: cannot be read ({e.strerror or e})") from None
     return rows
@@ -225,6 +238,149 @@ def peak_rss_mb() -> float:
         return getattr(info, "peak_wset", info.rss) / MB
 
 
+# ---------------------------------------------------------------- prompts, rows, lengths
+#
+# sieve_edge.tasks imports these: the torch side and this runner pick the same rows, fill
+# the same fields and cut the same prompts, with one implementation.
+
+# {name} is a placeholder for the row's field `name`; {{name}} is the literal text {name};
+# any other brace ({"a": 1}, {}, {0}) is literal text.
+_PLACEHOLDER = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_]*)\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+SAMPLE_MODES = ("head", "shuffle", "stratified")
+TRUNCATION_SIDES = ("left", "right", "error")
+LABEL_SCORES = ("sum", "mean")
+DEFAULT_CONTEXT = 2048      # prompt tokens when neither the task nor the model says more
+BATCH_TOKENS = 4096         # padded tokens per forward pass (rows x longest row)
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def template_parts(template: str, text_field: str = "text") -> list[tuple[str, str]]:
+    """A prompt template as ("text", literal) and ("field", data field) pieces, in order.
+
+    ``{text}`` stands for the row's ``text_field``; ``{name}`` for its field ``name``.
+    """
+    parts: list[tuple[str, str]] = []
+    literal, pos = [], 0
+    for m in _PLACEHOLDER.finditer(template):
+        literal.append(template[pos:m.start()])
+        pos = m.end()
+        if m.group(1) is not None:          # {{name}}: literal braces
+            literal.append("{" + m.group(1) + "}")
+            continue
+        if any(literal):
+            parts.append(("text", "".join(literal)))
+        literal = []
+        name = m.group(2)
+        parts.append(("field", text_field if name == "text" else name))
+    literal.append(template[pos:])
+    if any(literal):
+        parts.append(("text", "".join(literal)))
+    return parts
+
+
+def parts_fields(parts) -> list[str]:
+    """The data fields a template reads, each once, in order of first use."""
+    return list(dict.fromkeys(value for kind, value in parts if kind == "field"))
+
+
+def render_parts(parts, fields: dict[str, str]) -> str:
+    """The prompt text: literals as they are, each field's value inserted once (never re-parsed)."""
+    return "".join(value if kind == "text" else fields[value] for kind, value in parts)
+
+
+def field_value(row: dict, name: str) -> str | None:
+    """A row's field as prompt text: strings as they are, numbers printed; None if unusable."""
+    value = row.get(name)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def select_rows(labels: list, limit: int | None, mode: str = "head", seed: int = 0) -> list[int]:
+    """Indices (in file order) of the rows a ``limit`` keeps; ``labels`` has one entry per row.
+
+    head: the first rows. shuffle: a seeded draw without replacement. stratified: per label a
+    share of the limit proportional to its rows (largest remainders; every label at least one
+    row when the limit allows), drawn by seed within the label.
+    """
+    n = len(labels)
+    if limit is None or limit >= n:
+        return list(range(n))
+    if mode == "head":
+        return list(range(limit))
+    rng = random.Random(seed)
+    if mode == "shuffle":
+        return sorted(rng.sample(range(n), limit))
+    if mode != "stratified":
+        raise ValueError(f"sample mode {mode!r}; allowed: {', '.join(SAMPLE_MODES)}")
+    groups: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        groups.setdefault("" if label is None else str(label), []).append(i)
+    names = sorted(groups)
+    exact = {g: limit * len(groups[g]) / n for g in names}
+    quota = {g: int(exact[g]) for g in names}
+    by_remainder = sorted(names, key=lambda g: (-(exact[g] - quota[g]), g))
+    for g in by_remainder[:limit - sum(quota.values())]:
+        quota[g] += 1
+    if limit >= len(names):  # a rare label still gets one row, taken from the largest share
+        for g in names:
+            if quota[g] == 0:
+                donor = max(names, key=lambda d: (quota[d], -names.index(d)))
+                quota[donor] -= 1
+                quota[g] = 1
+    chosen = []
+    for g in names:
+        chosen += rng.sample(groups[g], quota[g])
+    return sorted(chosen)
+
+
+def context_window(config: dict | None) -> int | None:
+    """The model's context length from its config.json (None when it does not say)."""
+    for key in _CONTEXT_KEYS:
+        value = (config or {}).get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def default_prompt_tokens(context: int | None, reserve: int) -> int:
+    """The prompt budget when the task sets no ``max_prompt_tokens``: the context window less
+    ``reserve`` tokens for what follows the prompt (the longest answer, or max_new_tokens)."""
+    return max(8, (context or DEFAULT_CONTEXT) - max(reserve, 0))
+
+
+def fit_fields(fields: dict[str, str], count, limit: int, side: str) -> tuple[dict[str, str], int]:
+    """Cut field values until ``count(fields)`` (prompt tokens) is at most ``limit``.
+
+    The longest value gives way first, cut from ``side`` ("left" drops its start, "right" its
+    end) by bisection on characters, so the template itself is never cut; a value emptied
+    without fitting passes the cut on to the next longest. Returns (fields, tokens before).
+    Raises ValueError when the prompt with every field empty is still over the limit.
+    """
+    before = count(fields)
+    if before <= limit:
+        return fields, before
+    out = dict(fields)
+    for name in sorted(out, key=lambda k: -len(out[k])):   # stable: ties keep template order
+        value = out[name]
+        out[name] = ""
+        if count(out) > limit:
+            continue
+        lo, hi = 0, len(value)   # keeping lo characters fits, hi does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            out[name] = value[len(value) - mid:] if side == "left" else value[:mid]
+            if count(out) <= limit:
+                lo = mid
+            else:
+                hi = mid
+        out[name] = value[len(value) - lo:] if side == "left" else value[:lo]
+        return out, before
+    raise ValueError(f"the prompt is {count(out)} tokens with every field empty, over the limit of {limit}")
+
+
 # ---------------------------------------------------------------- task
 
 
@@ -234,6 +390,7 @@ class Task:
     Token sequences follow sieve_edge.tasks exactly: prompt ids are the tokenizer's special
     prefix (BOS, if any; once) + ids(prompt); an answer's ids are what ids(prompt + answer)
     adds after ids(prompt), or the answer tokenized alone when the two merge at the boundary.
+    Rows, fields and prompt cuts come from the shared helpers above.
     """
 
     def __init__(self, spec: dict, path: Path, test_path: Path | None = None, frame: dict | None = None):
@@ -249,31 +406,67 @@ class Task:
         if self.kind == "classification" and len(self.labels) < 2:
             raise RunnerError(f"{path}: a classification task needs a [labels] table with at least 2 entries")
         self.max_new_tokens = int(spec.get("max_new_tokens", 16))
+        self.label_score = self._choice(spec, "label_score", "sum", LABEL_SCORES)
+        self.truncation = self._choice(spec, "truncation", "left", TRUNCATION_SIDES)
+        self.max_prompt_tokens = spec.get("max_prompt_tokens")  # None: from the model's context window
+        if self.max_prompt_tokens is not None and (not isinstance(self.max_prompt_tokens, int)
+                                                   or self.max_prompt_tokens < 8):
+            raise RunnerError(f"{path}: 'max_prompt_tokens' must be an integer >= 8, got {self.max_prompt_tokens!r}")
         data = spec.get("data") or {}
         self.text_field = data.get("text_field", "text")
         self.label_field = data.get("label_field", "label")
+        self.sample = self._choice(data, "sample", "head", SAMPLE_MODES, "data.")
+        self.seed = int(data.get("seed", 0))
         if test_path is None:
             if "test" not in data:
                 raise RunnerError(f"{path}: no [data] test file")
             test_path = self.path.parent / data["test"]
         self.test_path = Path(test_path)
+        self.extra_tests: dict[str, Path] = {}
+        for entry in spec.get("extra_test") or []:
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) \
+                    or not isinstance(entry.get("path"), str):
+                raise RunnerError(f"{path}: each [[extra_test]] needs a string 'name' and 'path', got {entry!r}")
+            self.extra_tests[entry["name"]] = self.path.parent / entry["path"]
         if frame is None:
             if spec.get("chat_template"):
                 raise RunnerError(f"{path}: the task uses a chat template; the runner needs the bundle's "
                                   "prompt.json (rendered at bundle time) to frame its prompts")
-            prompt = spec.get("prompt", "{text}")
-            if prompt.count("{text}") != 1:
-                raise RunnerError(f"{path}: 'prompt' must contain {{text}} exactly once")
+            parts = template_parts(spec.get("prompt", "{text}"), self.text_field)
             if spec.get("system"):
-                prompt = spec["system"] + "\n\n" + prompt
-            prefix, suffix = prompt.split("{text}")
-            frame = {"prefix": prefix, "suffix": suffix, "special_prefix": None}
-        self.prefix, self.suffix = frame["prefix"], frame["suffix"]
+                parts.insert(0, ("text", spec["system"] + "\n\n"))
+            frame = {"parts": parts, "special_prefix": None}
+        if "parts" in frame:
+            self.parts = [(str(kind), str(value)) for kind, value in frame["parts"]]
+        else:  # a frame of one {text} field, as bundles made before prompts had several fields
+            self.parts = [("text", frame["prefix"]), ("field", self.text_field), ("text", frame["suffix"])]
+        self.fields = parts_fields(self.parts)
+        if not self.fields and self.kind != "perplexity":
+            raise RunnerError(f"{path}: the prompt has no placeholder for a field of the row, e.g. {{text}}")
         # None: derive from the tokenizer (what it adds before a text with add_special_tokens)
         self.special_prefix = frame.get("special_prefix")
 
-    def prompt(self, text: str) -> str:
-        return self.prefix + text + self.suffix
+    @staticmethod
+    def _choice(table: dict, key: str, default: str, allowed: tuple, prefix: str = "") -> str:
+        value = table.get(key, default)
+        if value not in allowed:
+            raise RunnerError(f"'{prefix}{key}' = {value!r} is not allowed; allowed: {', '.join(allowed)}")
+        return value
+
+    def prompt(self, fields: dict[str, str]) -> str:
+        return render_parts(self.parts, fields)
+
+    def row_fields(self, row: dict, where: str) -> dict[str, str]:
+        """The values the prompt reads from one row; ``where`` names the file and line."""
+        out = {}
+        for name in self.fields:
+            value = field_value(row, name)
+            if value is None:
+                what = "no field" if name not in row else f"a {type(row[name]).__name__} in field"
+                raise RunnerError(f"{where}: {what} '{name}' for the prompt of {self.path} "
+                                  f"(fields of this row: {', '.join(map(str, row)) or 'none'})")
+            out[name] = value
+        return out
 
     def label(self, row: dict) -> str | None:
         value = row.get(self.label_field)
@@ -360,6 +553,26 @@ class _OrtModel:
             self.cache[n] = outs[n.replace("past_key_values.", "present.")]
         self.length += t
         return outs["logits"][0]
+
+    def forward_rows(self, rows: list[list[int]]) -> np.ndarray:
+        """Logits (R, A, V) of several continuations of the cached tokens, each row right padded
+        to A (padding comes after a row's tokens, so causal attention keeps it out of them).
+        The cache is left as it was: the next call continues the same prefix."""
+        r, a = len(rows), max(len(row) for row in rows)
+        ids = np.zeros((r, a), dtype=self._int["input_ids"])
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = row
+        feeds = {"input_ids": ids}
+        if "attention_mask" in self.inputs:
+            feeds["attention_mask"] = np.ones((r, self.length + a), dtype=self._int["attention_mask"])
+        if "position_ids" in self.inputs:
+            feeds["position_ids"] = np.tile(np.arange(self.length, self.length + a,
+                                                      dtype=self._int["position_ids"]), (r, 1))
+        if "use_cache_branch" in self.inputs:
+            feeds["use_cache_branch"] = np.asarray([self.length > 0])
+        for n in self.past:  # (1, heads, T, head_dim) -> (R, heads, T, head_dim)
+            feeds[n] = np.repeat(self.cache[n], r, axis=0)
+        return self.session.run(["logits"], feeds)[0]
 
 
 class _OvModel:
@@ -448,6 +661,29 @@ class _OvModel:
         self.request.infer(feeds)
         self.length += t
         return self.request.get_tensor("logits").data[0].copy()
+
+    def forward_rows(self, rows: list[list[int]]) -> np.ndarray:
+        """Logits (R, A, V) of several continuations of the cached tokens (see _OrtModel).
+        ``beam_idx`` = zeros copies the one cached row to R rows inside the plugin; the state
+        is saved before and restored after, so the next call continues the same prefix."""
+        import openvino as ov
+
+        saved = [(s, s.state.data.copy()) for s in self.request.query_state()]
+        r, a = len(rows), max(len(row) for row in rows)
+        ids = np.zeros((r, a), dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = row
+        feeds = {"input_ids": ids, "beam_idx": np.zeros(r, dtype=np.int32)}
+        if "attention_mask" in self.inputs:
+            feeds["attention_mask"] = np.ones((r, self.length + a), dtype=np.int64)
+        if "position_ids" in self.inputs:
+            feeds["position_ids"] = np.tile(np.arange(self.length, self.length + a, dtype=np.int64), (r, 1))
+        try:
+            self.request.infer(feeds)
+            return self.request.get_tensor("logits").data.copy()
+        finally:
+            for state, data in saved:
+                state.state = ov.Tensor(data)
 
 
 # Generation loops. "python": the runner's own greedy loop over ``model.forward`` (one call
@@ -671,14 +907,21 @@ def special_prefix(tok) -> list[int]:
 
 
 class Scorer:
-    """Scores one example at a time with a loaded model, recording timings."""
+    """Scores one example at a time with a loaded model, recording timings.
 
-    def __init__(self, model, tokenizer, task: Task, export: dict, eos_ids: set[int], loop=None):
+    ``max_prompt_tokens`` bounds every prompt (the task's truncation side says how);
+    ``last_truncated`` tells whether the last prompt built was cut.
+    """
+
+    def __init__(self, model, tokenizer, task: Task, export: dict, eos_ids: set[int],
+                 max_prompt_tokens: int | None = None, loop=None):
         self.model, self.tok, self.task, self.eos = model, tokenizer, task, eos_ids
         self.loop = loop            # a C++ generation loop (_GenAiLoop), or None: the Python loop
         self.first_ms: list[float] = []
         self.token_ms: list[float] = []
         self.bos = task.special_prefix if task.special_prefix is not None else special_prefix(tokenizer)
+        self.max_prompt_tokens = max_prompt_tokens or task.max_prompt_tokens or DEFAULT_CONTEXT
+        self.last_truncated = False
         head = export.get("task_head")
         self.head_index = None
         # a task-sized head returns k label logits: a decode step feeds the label token it picked
@@ -702,10 +945,56 @@ class Scorer:
     def _ids(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
-    def encode_prompt(self, text: str) -> list[int]:
-        ids = self._ids(self.task.prompt(text))
+    def check_head(self, prompt: str, token_ids: list[int]) -> None:
+        """A task-sized head scores each label by one logit: right only when every label's
+        answer is exactly the one token the head was cut for (``token_ids``, in head order)."""
+        if self.head_index is None or not token_ids:
+            return
+        answers = {k: self.answer_ids(prompt, a) for k, a in self.task.labels.items()}
+        wrong = [f"{k} -> {ids}" for k, ids in answers.items() if ids != [int(token_ids[self.head_index[k]])]]
+        if wrong:
+            raise RunnerError(f"this export's task-sized LM head scores one token per label ({list(token_ids)}), "
+                              f"but {len(wrong)} label answer(s) are other tokens ({'; '.join(wrong[:3])}): "
+                              "export the model without --task-head for answers of several tokens")
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
         bos = self.bos
         return ids if bos and ids[:len(bos)] == bos else list(bos) + ids
+
+    def _fields(self, x) -> dict[str, str]:
+        if isinstance(x, dict):
+            return x
+        if len(self.task.fields) != 1:
+            raise RunnerError(f"{self.task.path}: the prompt reads {len(self.task.fields)} fields "
+                              f"({', '.join(self.task.fields)}); pass them all, not one text")
+        return {self.task.fields[0]: x}
+
+    def prompt(self, x, where: str = "") -> tuple[str, list[int]]:
+        """(prompt text, prompt ids) for a row's fields (or the one field's text), within
+        ``max_prompt_tokens``: cut per the task's truncation, or an error naming ``where``."""
+        fields = self._fields(x)
+        limit = self.max_prompt_tokens
+        text = self.task.prompt(fields)
+        ids = self._with_bos(self._ids(text))
+        self.last_truncated = len(ids) > limit
+        if not self.last_truncated:
+            return text, ids
+        if self.task.truncation == "error":
+            raise RunnerError(f"{where or self.task.path}: the prompt is {len(ids)} tokens, over max_prompt_tokens "
+                              f"= {limit} (truncation = \"error\" in {self.task.path})")
+
+        def count(f):
+            return len(self._with_bos(self._ids(self.task.prompt(f))))
+
+        try:
+            fields, _ = fit_fields(fields, count, limit, self.task.truncation)
+        except ValueError as e:
+            raise RunnerError(f"{self.task.path}: {e} (max_prompt_tokens)") from None
+        text = self.task.prompt(fields)
+        return text, self._with_bos(self._ids(text))
+
+    def encode_prompt(self, x) -> list[int]:
+        return self.prompt(x)[1]
 
     def answer_ids(self, prompt: str, answer: str) -> list[int]:
         plain, joint = self._ids(prompt), self._ids(prompt + answer)
@@ -720,31 +1009,53 @@ class Scorer:
         self.first_ms.append((time.perf_counter() - t0) * 1e3)
         return logits
 
-    def classify(self, text: str) -> tuple[str, dict]:
-        ids = self.encode_prompt(text)
+    def classify(self, x, where: str = "") -> tuple[str, dict]:
+        """(predicted label, score per label). A label's score is the sum (or, with
+        label_score = "mean", the mean) of its answer tokens' log-probabilities after the prompt.
+
+        Shared-prefix scoring: the prompt runs once; every label's continuation then runs
+        from its KV cache, each distinct answer prefix once (see ``continuation_rows``).
+        """
+        prompt, ids = self.prompt(x, where)
         if self.head_index is not None:  # logits (T, k): column k is label k's first-token logit
             last = self._prefill(ids)[-1]
             return max(self.head_index, key=lambda k: last[self.head_index[k]]), {
                 k: float(last[i]) for k, i in self.head_index.items()}
-        prompt = self.task.prompt(text)
         answers = {k: self.answer_ids(prompt, v) for k, v in self.task.labels.items()}
         empty = [k for k, a in answers.items() if not a]
         if empty:
             raise RunnerError(f"{self.task.path}: label answer(s) {empty} encode to no tokens")
-        if all(len(a) == 1 for a in answers.values()):  # fast path: one forward, last position
-            lp = log_softmax(self._prefill(ids)[-1])
-            scores = {k: float(lp[a[0]]) for k, a in answers.items()}
-        else:  # sum of the answer tokens' log-probs, one sequence per label
-            scores = {}
-            for n, (k, ans) in enumerate(answers.items()):
-                if n == 0:
-                    logits = self._prefill(ids + ans)
-                else:
-                    self.model.reset()
-                    logits = self.model.forward(ids + ans)
-                lp = log_softmax(logits[len(ids) - 1:-1])  # (len(ans), V): positions predicting ans
-                scores[k] = float(sum(lp[j, t] for j, t in enumerate(ans)))
+        lp = log_softmax(self._prefill(ids)[-1])           # (V,) the first answer token
+        scores = {k: float(lp[a[0]]) for k, a in answers.items()}
+        rows = continuation_rows([a[:-1] for a in answers.values() if len(a) > 1])
+        if rows:
+            after = self._continuations(rows, ids)
+            for k, a in answers.items():
+                scores[k] += sum(float(after[tuple(a[:j])][a[j]]) for j in range(1, len(a)))
+        if self.task.label_score == "mean":
+            scores = {k: s / len(answers[k]) for k, s in scores.items()}
         return max(scores, key=scores.get), scores  # first label wins a tie, as in evaluate.py
+
+    def _continuations(self, rows: list[list[int]], prompt_ids: list[int]) -> dict[tuple, np.ndarray]:
+        """Log-probabilities (V,) after each distinct prefix of ``rows``, which continue the
+        prompt held in the model's KV cache; rows go in groups of similar length (``row_groups``)."""
+        out: dict[tuple, np.ndarray] = {}
+        batched = hasattr(self.model, "forward_rows")
+        for group in row_groups([len(r) for r in rows], len(prompt_ids)):
+            chunk = [rows[i] for i in group]
+            if batched:
+                logits = self.model.forward_rows(chunk)                    # (R, A, V)
+            else:  # a model without batched continuations: prompt + row, one row at a time
+                logits = []
+                for row in chunk:
+                    self.model.reset()
+                    logits.append(self.model.forward(prompt_ids + row)[len(prompt_ids):])
+            for r, row in enumerate(chunk):
+                for t in range(len(row)):
+                    key = tuple(row[:t + 1])
+                    if key not in out:
+                        out[key] = log_softmax(logits[r][t])
+        return out
 
     def generate(self, ids: list[int], max_new: int, stop_at_eos: bool = True) -> list[int]:
         if self.loop is not None:
@@ -771,13 +1082,43 @@ class Scorer:
             self.token_ms.append((time.perf_counter() - t0) * 1e3)
         return out
 
-    def nll(self, text: str, max_length: int = 1024) -> tuple[float, int]:
-        ids = self.encode_prompt(text)
-        ids = ids[len(ids) - max_length:] if len(ids) > max_length else ids  # keep the end, as evaluate.py
+    def nll(self, x, where: str = "") -> tuple[float, int]:
+        ids = self.prompt(x, where)[1]
         if len(ids) < 2:
             return 0.0, 0
         lp = log_softmax(self._prefill(ids)[:-1])
         return -float(sum(lp[j, t] for j, t in enumerate(ids[1:]))), len(ids) - 1
+
+
+def row_groups(lengths: list[int], prefix: int, budget: int = BATCH_TOKENS) -> list[list[int]]:
+    """Consecutive groups of ``lengths`` (longest first, as ``continuation_rows`` gives them),
+    each one forward pass after a ``prefix``-token cache: a group closes when its next row is
+    shorter than 3/4 of its first (so padding stays under a third) or when rows x (prefix +
+    its first length) would pass ``budget`` (the cache copies and attention scale with both)."""
+    groups: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        if groups:
+            group = groups[-1]
+            width = lengths[group[0]]
+            if 4 * n >= 3 * width and (len(group) + 1) * (prefix + width) <= budget:
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
+def continuation_rows(prefixes: list[list[int]]) -> list[list[int]]:
+    """The fewest token rows that hold every given prefix as a prefix of one of them.
+
+    For answers a of two tokens or more, ``prefixes`` are a[:-1]: feeding a row after the
+    prompt gives, at its position t, the distribution over the token after row[:t + 1].
+    Duplicates and prefixes of longer rows are dropped; longest first, then by ids.
+    """
+    rows: list[list[int]] = []
+    for p in sorted({tuple(p) for p in prefixes if p}, key=lambda p: (-len(p), p)):
+        if not any(r[:len(p)] == list(p) for r in rows):
+            rows.append(list(p))
+    return rows
 
 
 def normalize_prediction(text: str) -> str:
@@ -820,9 +1161,54 @@ def _eos_ids(model_dir: Path, tok) -> set[int]:
     return set()
 
 
+def answer_reserve(kind: str, answer_lengths: list[int], max_new_tokens: int) -> int:
+    """Tokens that follow a prompt: the longest answer, or the generation length."""
+    if kind == "generation":
+        return max_new_tokens
+    return max(answer_lengths, default=0) if kind == "classification" else 0
+
+
+def load_rows(task: Task, path: Path, limit: int | None) -> tuple[list[tuple[int, dict]], dict]:
+    """(line, row) pairs a ``limit`` keeps per the task's [data] sample, and a record of the draw."""
+    lines = read_jsonl_lines(path)
+    if not lines:
+        raise RunnerError(f"{path}: no examples")
+    keep = select_rows([task.label(row) for _, row in lines], limit, task.sample, task.seed)
+    sample = {"mode": task.sample, "seed": task.seed, "limit": limit, "rows": len(keep), "of": len(lines)}
+    return [lines[i] for i in keep], sample
+
+
+def _check_gold(task: Task, path: Path, rows: list[tuple[int, dict]]) -> list:
+    gold = [task.label(r) for _, r in rows]
+    if task.kind == "classification":
+        for (line, _), g in zip(rows, gold):
+            if g not in task.labels:
+                raise RunnerError(f"{path}:{line}: label {g!r} is not in the task's [labels] "
+                                  f"({', '.join(task.labels)})")
+    if task.kind == "generation" and None in gold:
+        line = rows[gold.index(None)][0]
+        raise RunnerError(f"{path}:{line}: generation needs a '{task.label_field}' answer on every row")
+    return gold
+
+
+def _metric(task: Task, rows, gold, preds) -> float:
+    if task.kind == "classification":
+        if task.metric == "accuracy":
+            return float(np.mean([p == g for p, g in zip(preds, gold)]))
+        return macro_f1(gold, preds)
+    if task.kind == "generation":
+        return float(np.mean([normalize_prediction(p) == task.answer(r).strip().casefold()
+                              for p, (_, r) in zip(preds, rows)]))
+    tokens = sum(t for _, t in preds)
+    if tokens == 0:
+        raise RunnerError(f"{task.test_path}: no tokens to score for perplexity")
+    return math.exp(sum(n for n, _ in preds) / tokens)
+
+
 def run_task(model, model_dir: Path, task: Task, export: dict, limit: int | None = None,
              warmup: int = 2, decode_tokens: int = 8, decode_examples: int = 3, loop=None) -> dict:
-    """Score ``task``'s test split with a loaded model and time it. Returns the measurement.
+    """Score ``task``'s test split (and its extra tests) with a loaded model and time the test
+    split. Returns the measurement.
 
     ``loop``: a C++ generation loop for generation tasks (``generation_loop``), else None."""
     from tokenizers import Tokenizer
@@ -830,74 +1216,83 @@ def run_task(model, model_dir: Path, task: Task, export: dict, limit: int | None
     if not (model_dir / "tokenizer.json").is_file():
         raise RunnerError(f"{model_dir}: no tokenizer.json (the runner needs a fast tokenizer file)")
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    rows = read_jsonl(task.test_path, limit)
-    if not rows:
-        raise RunnerError(f"{task.test_path}: no examples")
-    scorer = Scorer(model, tok, task, export, _eos_ids(model_dir, tok),
+    answer_lengths = [len(tok.encode(a, add_special_tokens=False).ids) for a in task.labels.values()]
+    max_prompt = task.max_prompt_tokens or default_prompt_tokens(
+        context_window(_maybe_json(model_dir / "config.json")),
+        answer_reserve(task.kind, answer_lengths, task.max_new_tokens))
+    scorer = Scorer(model, tok, task, export, _eos_ids(model_dir, tok), max_prompt_tokens=max_prompt,
                     loop=loop if task.kind == "generation" else None)
 
-    def text(row: dict) -> str:
-        value = row.get(task.text_field)
-        if not isinstance(value, str):
-            raise RunnerError(f"{task.test_path}: a row has no string field '{task.text_field}'")
-        return value
-
-    def one(row: dict):
+    def one(fields: dict, where: str):
         if task.kind == "classification":
-            return scorer.classify(text(row))[0]
+            return scorer.classify(fields, where)[0]
         if task.kind == "generation":
-            out = scorer.generate(scorer.encode_prompt(text(row)), task.max_new_tokens)
+            out = scorer.generate(scorer.prompt(fields, where)[1], task.max_new_tokens)
             return tok.decode(out, skip_special_tokens=True)
-        return scorer.nll(text(row))
+        return scorer.nll(fields, where)
 
-    gold = [task.label(r) for r in rows]
-    if task.kind == "classification":
-        unknown = sorted({str(g) for g in gold} - set(task.labels))
-        if unknown:
-            raise RunnerError(f"{task.test_path}: labels {unknown} are not in the task's [labels]")
-    if task.kind == "generation" and None in gold:
-        raise RunnerError(f"{task.test_path}: generation needs a '{task.label_field}' answer on every row")
+    def fields_of(path: Path, rows) -> list[tuple[dict, str]]:
+        return [(task.row_fields(row, f"{path}:{line}"), f"{path}:{line}") for line, row in rows]
 
-    for row in rows[:warmup]:  # warm-up: first-call allocations and kernel selection, untimed
-        one(row)
+    rows, sample = load_rows(task, task.test_path, limit)
+    gold = _check_gold(task, task.test_path, rows)
+    inputs = fields_of(task.test_path, rows)
+    if scorer.head_index is not None:
+        scorer.check_head(scorer.prompt(*inputs[0])[0], export["task_head"].get("token_ids") or [])
+
+    for fields, where in inputs[:warmup]:  # warm-up: first-call allocations and kernel selection, untimed
+        one(fields, where)
     scorer.first_ms.clear()
     scorer.token_ms.clear()
 
-    example_ms, preds = [], []
-    for row in rows:
+    example_ms, preds, truncated = [], [], 0
+    for fields, where in inputs:
         t0 = time.perf_counter()
-        preds.append(one(row))
+        preds.append(one(fields, where))
         example_ms.append((time.perf_counter() - t0) * 1e3)
+        truncated += scorer.last_truncated
+    value = _metric(task, rows, gold, preds)
+
+    def shown_text(fields: dict) -> str:
+        return " | ".join(fields.values())[:80]
 
     if task.kind == "classification":
-        value = float(np.mean([p == g for p, g in zip(preds, gold)])) if task.metric == "accuracy" \
-            else macro_f1(gold, preds)
-        shown = [{"text": text(r)[:80], "label": g, "pred": p} for r, g, p in zip(rows[:5], gold, preds)]
+        shown = [{"text": shown_text(f), "label": g, "pred": p} for (f, _), g, p in zip(inputs[:5], gold, preds)]
     elif task.kind == "generation":
-        hits = [normalize_prediction(p) == task.answer(r).strip().casefold() for p, r in zip(preds, rows)]
-        value = float(np.mean(hits))
-        shown = [{"text": text(r)[:80], "answer": task.answer(r), "output": p} for r, p in zip(rows[:5], preds)]
+        shown = [{"text": shown_text(f), "answer": task.answer(r), "output": p}
+                 for (f, _), (_, r), p in zip(inputs[:5], rows, preds)]
     else:
-        total = sum(n for n, _ in preds)
-        tokens = sum(t for _, t in preds)
-        if tokens == 0:
-            raise RunnerError(f"{task.test_path}: no tokens to score for perplexity")
-        value = math.exp(total / tokens)
         shown = []
 
     if task.kind != "generation" and decode_tokens > 0:
         # Decode-step latency for tasks that do not generate: a few forced greedy steps.
         first = list(scorer.first_ms)
-        for row in rows[:decode_examples]:
-            scorer.generate(scorer.encode_prompt(text(row)), decode_tokens + 1, stop_at_eos=False)
+        for fields, where in inputs[:decode_examples]:
+            scorer.generate(scorer.prompt(fields, where)[1], decode_tokens + 1, stop_at_eos=False)
         scorer.first_ms[:] = first
+
+    extra = {}
+    timings = (list(scorer.first_ms), list(scorer.token_ms))
+    for name, path in task.extra_tests.items():  # scored like the test split, not timed
+        x_rows, x_sample = load_rows(task, path, limit)
+        x_gold = _check_gold(task, path, x_rows)
+        x_preds, x_truncated = [], 0
+        for fields, where in fields_of(path, x_rows):
+            x_preds.append(one(fields, where))
+            x_truncated += scorer.last_truncated
+        extra[name] = {"metric": task.metric, "value": _metric(task, x_rows, x_gold, x_preds),
+                       "n_examples": len(x_rows), "truncated": x_truncated, "sample": x_sample,
+                       "data": str(path)}
+    scorer.first_ms[:], scorer.token_ms[:] = timings
     return {
         "generation_loop": scorer.loop.name if scorer.loop is not None else "python",
         "task": task.name, "kind": task.kind, "metric": task.metric, "value": value,
         "higher_is_better": METRICS[task.metric], "n_examples": len(rows), "test_data": str(task.test_path),
+        "sample": sample, "max_prompt_tokens": max_prompt, "truncation": task.truncation, "truncated": truncated,
+        "label_score": task.label_score if task.kind == "classification" else None,
         "latency": {"first_token_ms": _stats(scorer.first_ms), "token_ms": _stats(scorer.token_ms),
                     "example_ms": _stats(example_ms), "warmup_examples": min(warmup, len(rows))},
-        "examples": shown,
+        "examples": shown, "extra_tests": extra,
     }
 
 
@@ -926,6 +1321,11 @@ def evaluate_gates(measurement: dict, budget: dict, reference: dict | None) -> l
             gates.append(_gate("metric drop", "max_metric_drop", None, limit, metric, "not run",
                                f"scored {measurement['n_examples']} test examples, the reference "
                                f"{reference['n']} (--limit?)"))
+        elif reference.get("sample") and measurement.get("sample") \
+                and _draw(reference["sample"]) != _draw(measurement["sample"]):
+            gates.append(_gate("metric drop", "max_metric_drop", None, limit, metric, "not run",
+                               f"the reference scored other test rows ({_draw(reference['sample'])}) than "
+                               f"the runner ({_draw(measurement['sample'])}): [data] sample or seed changed"))
         else:
             drop = (ref - value) if METRICS.get(metric, True) else (value - ref)
             ok = drop <= limit + 1e-9
@@ -954,6 +1354,13 @@ def evaluate_gates(measurement: dict, budget: dict, reference: dict | None) -> l
     return gates
 
 
+def _draw(sample: dict) -> tuple | None:
+    """Which rows a score is on: None for every row of its file, else the draw (mode, seed)."""
+    if sample.get("rows") == sample.get("of"):
+        return None
+    return sample.get("mode"), sample.get("seed") if sample.get("mode") != "head" else 0
+
+
 def overall_status(gates: list[dict]) -> str:
     statuses = {g["status"] for g in gates}
     if "fail" in statuses:
@@ -974,6 +1381,13 @@ def format_table(measurement: dict, gates: list[dict]) -> str:
                     f"{measurement['threads']} threads, precision {measurement['inference_precision']}"),
         ("task", f"{measurement['task']} ({measurement['kind']}), {measurement['n_examples']} examples"),
         (measurement["metric"], f"{measurement['value']:.4f}"),
+    ]
+    if measurement.get("truncated"):
+        rows.append(("prompts truncated", f"{measurement['truncated']} of {measurement['n_examples']} "
+                                          f"(max_prompt_tokens {measurement.get('max_prompt_tokens')})"))
+    for name, x in (measurement.get("extra_tests") or {}).items():
+        rows.append((f"extra test {name}", f"{x['metric']} {x['value']:.4f} on {x['n_examples']} examples"))
+    rows += [
         ("first token ms p50/p90", ms(lat["first_token_ms"])),
         ("per token ms p50/p90", ms(lat["token_ms"]) + (f"  ({measurement['generation_loop']} loop)"
                                                          if measurement.get("generation_loop") else "")),
@@ -1066,7 +1480,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="runner.py" if (here / "bundle.json").is_file() else "python -m sieve_edge.runtime",
                                 description="Run a sieve-edge bundle's task check with its target's settings.")
     p.add_argument("bundle", nargs="?", help="bundle folder (default: the folder holding this runner)")
-    p.add_argument("--limit", type=int, help="score only the first N test examples")
+    p.add_argument("--limit", type=int, help="score N test examples (which ones: the task's [data] sample)")
     p.add_argument("--json", dest="json_out", help="write the measurement and gates as JSON to this file")
     p.add_argument("--task", help="task TOML to use instead of the bundle's")
     p.add_argument("--prompt-frame", help="prompt.json to use (needed with --task when it uses a chat template)")

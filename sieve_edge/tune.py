@@ -4,6 +4,11 @@ A 135M model is weak zero-shot and strong once tuned, so tuning is the usual fir
 before pruning. The loss is on the answer tokens only (prompt tokens are labelled -100);
 for perplexity tasks it is on every token of the text. Runs are deterministic for a seed:
 the data order comes from a private generator and the global RNG is forked, not touched.
+
+Row order: the train split (or ``limit`` rows of it, drawn as the task's ``[data] sample``
+says) is read in full, then each epoch draws its batches from a fresh seeded permutation,
+so the file order never matters. A step whose batch holds more than ``max_batch_tokens``
+padded tokens runs as several micro-batches whose gradients add up to the full batch's.
 """
 from __future__ import annotations
 
@@ -17,7 +22,9 @@ from torch import nn
 from . import architectures as arch
 from .errors import TaskSpecError
 from .progress import log
-from .tasks import TaskSpec, example_sequences, load_examples, load_task, pad_id, right_pad, special_prefix
+from .runtime import BATCH_TOKENS
+from .tasks import TaskSpec, example_sequences, load_examples, load_task, pad_id, prompt_limit, right_pad, \
+    special_prefix, token_batches
 
 DEFAULT_LR = {False: 5e-5, True: 5e-4}  # full fine-tuning, LoRA
 LORA_R = 8
@@ -26,22 +33,33 @@ LORA_ALPHA = 16
 
 # ---------------------------------------------------------------- data
 
+class TrainingData(list):
+    """(input ids, labels) per example, with how many prompts were cut (``truncated``)."""
+
+    truncated: int = 0
+
+
 def training_sequences(task: TaskSpec, tokenizer, split: str = "train", limit: int | None = None,
-                       max_length: int = 256) -> list[tuple[list[int], list[int]]]:
+                       max_length: int = 256, max_prompt_tokens: int | None = None) -> TrainingData:
     """(input ids, labels) per example; labels are -100 on the prompt (and the BOS).
 
-    Generation answers end with EOS so that the model learns to stop. Sequences longer
-    than ``max_length`` lose the start of their prompt (after the BOS), never the answer.
+    Generation answers end with EOS so that the model learns to stop. Prompts are held to
+    ``max_prompt_tokens`` (default ``tasks.prompt_limit``) and to ``max_length`` with their
+    answer: the prompt's longest field gives way (the task's truncation side), never the
+    template or the answer; an answer longer than that keeps its end after the BOS.
     """
     examples = load_examples(task, split, limit)
     if task.kind != "perplexity" and any(ex.answer is None for ex in examples):
         line = next(ex.line for ex in examples if ex.answer is None)
         raise TaskSpecError(f"{task.split_path(split)}:{line}: no answer ('{task.label_field}') to train on")
     eos = tokenizer.eos_token_id
+    stop = task.kind == "generation" and eos is not None
     head = len(special_prefix(tokenizer))
-    out = []
-    for prompt, answer in example_sequences(task, tokenizer, examples):
-        if task.kind == "generation" and eos is not None:
+    pairs = example_sequences(task, tokenizer, examples, max_prompt_tokens, max_length=max_length - stop)
+    out = TrainingData()
+    out.truncated = pairs.truncated
+    for prompt, answer in pairs:
+        if stop:
             answer = answer + [eos]
         ids = prompt + answer
         labels = [-100] * len(prompt) + answer
@@ -66,20 +84,25 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _scored(labels: list[int]) -> int:
+    """Tokens a sequence's loss averages over (labels are shifted by one position)."""
+    return sum(1 for t in labels[1:] if t != -100)
+
+
 @torch.no_grad()
 def answer_loss(model, tokenizer, task: TaskSpec | str | Path, split: str = "train", limit: int | None = 64,
-                batch_size: int = 16, max_length: int = 256) -> float:
+                batch_size: int = 16, max_length: int = 256, max_batch_tokens: int = BATCH_TOKENS) -> float:
     """Mean cross-entropy per answer token (the quantity ``tune`` minimises) on a split."""
     if not isinstance(task, TaskSpec):
         task = load_task(task)
-    data = training_sequences(task, tokenizer, split, limit, max_length)
+    data = training_sequences(task, tokenizer, split, limit, max_length, prompt_limit(task, tokenizer, model))
     device = _device(model)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for start in range(0, len(data), batch_size):
-            ids, mask, labels = _collate(data[start:start + batch_size], pad_id(tokenizer), device)
+        for group in token_batches([len(ids) for ids, _ in data], batch_size, max_batch_tokens):
+            ids, mask, labels = _collate([data[i] for i in group], pad_id(tokenizer), device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()  # (B, T, V)
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
             target = labels[:, 1:]
@@ -125,15 +148,42 @@ def train_step(loss, optimizer, schedule, params, diverged: str) -> None:
     schedule.step()
 
 
+def _accumulate(batch: list[tuple[list[int], list[int]]], model, pad: int, device, max_batch_tokens: int,
+                diverged: str) -> float:
+    """Backward of one batch's mean answer-token loss, in micro-batches of at most
+    ``max_batch_tokens`` padded tokens when it holds more (each weighted by its share of the
+    batch's scored tokens, so the gradients add up to the whole batch's). Returns the loss."""
+    groups = [list(range(len(batch)))]
+    if len(batch) * max(len(ids) for ids, _ in batch) > max_batch_tokens:
+        order = sorted(range(len(batch)), key=lambda i: -len(batch[i][0]))
+        groups = [[order[g] for g in group]
+                  for group in token_batches([len(batch[i][0]) for i in order], len(batch), max_batch_tokens)]
+    total = max(sum(_scored(labels) for _, labels in batch), 1)
+    value = 0.0
+    for group in groups:
+        part = [batch[i] for i in group]
+        ids, mask, labels = _collate(part, pad, device)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        if not math.isfinite(loss.item()):
+            raise TaskSpecError(diverged.format(loss=loss.item()))
+        share = sum(_scored(lab) for _, lab in part) / total
+        (loss * share).backward()
+        value += loss.item() * share
+    return value
+
+
 def tune(model, tokenizer, task: TaskSpec | str | Path, steps: int = 100, batch_size: int = 16,
          lr: float | None = None, lora: bool = False, seed: int = 0, progress: bool = True,
-         max_length: int = 256, weight_decay: float = 0.0, warmup: float = 0.1):
+         max_length: int = 256, weight_decay: float = 0.0, warmup: float = 0.1, limit: int | None = None,
+         max_batch_tokens: int = BATCH_TOKENS):
     """Fine-tune on the train split and return the model (the same object, in eval mode).
 
     ``lr`` defaults to 5e-5 (full) or 5e-4 (LoRA, rank 8, alpha 16, on every registry
     matrix). The rate warms up linearly over ``warmup`` of the steps, then decays linearly
     to zero; gradients are clipped at norm 1. With ``lora`` the adapters are merged into
     the weights before returning, so the model has its original modules and names.
+    ``limit`` trains on that many train rows (the task's [data] sample draws them); each
+    sequence is at most ``max_length`` tokens (see ``training_sequences``).
     """
     if not isinstance(task, TaskSpec):
         task = load_task(task)
@@ -142,7 +192,12 @@ def tune(model, tokenizer, task: TaskSpec | str | Path, steps: int = 100, batch_
     lr = DEFAULT_LR[bool(lora)] if lr is None else float(lr)
     if not lr > 0:
         raise TaskSpecError(f"lr must be > 0, got {lr}")
-    data = training_sequences(task, tokenizer, "train", None, max_length)
+    if max_batch_tokens < 1:
+        raise TaskSpecError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+    data = training_sequences(task, tokenizer, "train", limit, max_length, prompt_limit(task, tokenizer, model))
+    if progress and data.truncated:
+        log(f"tune: {data.truncated} of {len(data)} train prompts cut to fit max_prompt_tokens "
+            f"or {max_length} tokens with the answer (truncation = {task.truncation!r})")
     pad = pad_id(tokenizer)
     device = _device(model)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -177,12 +232,14 @@ def tune(model, tokenizer, task: TaskSpec | str | Path, steps: int = 100, batch_
                     perm, cursor = torch.randperm(len(data), generator=order), 0
                 idx = perm[cursor:cursor + batch_size].tolist()
                 cursor += batch_size
-                ids, mask, labels = _collate([data[i] for i in idx], pad, device)
-                loss = trained(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
-                train_step(loss, optimizer, schedule, params,
-                           f"tuning diverged at step {step} (loss {{loss}}); lower --lr (was {lr})")
+                loss = _accumulate([data[i] for i in idx], trained, pad, device, max_batch_tokens,
+                                   f"tuning diverged at step {step} (loss {{loss}}); lower --lr (was {lr})")
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
                 if progress and (step % every == 0 or step == steps or step == 1):
-                    log(f"tune step {step}/{steps}  loss {loss.item():.4f}  "
+                    log(f"tune step {step}/{steps}  loss {loss:.4f}  "
                         f"lr {optimizer.param_groups[0]['lr']:.2e}  elapsed {time.monotonic() - start:.1f}s")
         except BaseException:
             if lora:  # leave the model as it came: drop the adapters unmerged

@@ -53,12 +53,21 @@ class ValidationReport:
         return self.status == "pass"
 
     @property
+    def extra_tests(self) -> dict[str, dict]:
+        """The task's [[extra_test]] sets as scored here, each with the dense reference's value."""
+        dense = (self.reference or {}).get("extra_tests") or {}
+        return {name: {"metric": x["metric"], "value": x["value"], "n": x["n_examples"],
+                       "dense": (dense.get(name) or {}).get("value")}
+                for name, x in ((self.measurement or {}).get("extra_tests") or {}).items()}
+
+    @property
     def failed_gates(self) -> list[dict]:
         return [g for g in self.gates if g["status"] != "pass"]
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["bundle_name"] = Path(self.bundle).name
+        d["extra_tests"] = self.extra_tests
         d["paths"] = {k: str(v) for k, v in self.paths.items()}
         return d
 
@@ -213,7 +222,9 @@ def validate(bundle, target, task=None, out=None, limit: int | None = None, time
             measurement = _child(bundle, profile, task, frame_tmp.name if frame_tmp else None, limit, timeout,
                                  affinity)
             if limit:
-                notes.append(f"scored only the first {limit} test examples (--limit)")
+                mode = (measurement.get("sample") or {}).get("mode", "head")
+                notes.append(f"scored {measurement.get('n_examples')} test examples (--limit {limit}, drawn "
+                             f"{'as the first rows' if mode == 'head' else f'by [data] sample = {mode!r}'})")
     finally:
         if frame_tmp is not None:
             os.unlink(frame_tmp.name)

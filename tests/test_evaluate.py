@@ -121,8 +121,10 @@ def test_evaluate_classification(tmp_path, tokenizer, tiny_llama):
     assert isinstance(result, EvalResult)
     assert result.n == 5 and 0.0 <= result.value <= 1.0
     assert result.to_dict() == {"task": "classification", "split": "validation", "metric": "accuracy",
-                                "value": result.value, "n": 5}
-    assert list(result.to_dict()) == ["task", "split", "metric", "value", "n"]
+                                "value": result.value, "n": 5, "truncated": 0, "max_prompt_tokens": 128 - 6,
+                                "sample": {"mode": "head", "seed": 0, "limit": 5, "rows": 5, "of": 7}}
+    # 128: the tiny context; 6: tokens of " positive". The first keys are the original contract.
+    assert list(result.to_dict())[:5] == ["task", "split", "metric", "value", "n"]
     scorer = make_scorer(tokenizer, task, "validation", limit=5)
     assert result.value == accuracy_from_logprobs(scorer.label_logprobs(tiny_llama), scorer.labels)
 

@@ -114,9 +114,19 @@ def test_missing_data_file(tmp_path):
 
 def test_prompt_needs_placeholder(tmp_path):
     path = write_task(tmp_path)
-    path.write_text(path.read_text().replace("{text}", "{txt}"))
-    with pytest.raises(TaskSpecError, match=r"key 'prompt' must contain the placeholder \{text\}"):
+    path.write_text(path.read_text().replace("{text}", "{ text }"))  # braces, but no placeholder
+    with pytest.raises(TaskSpecError, match=r"key 'prompt' must contain a placeholder for a field of the row, "
+                                            r"such as \{text\}"):
         load_task(path)
+
+
+def test_placeholder_the_data_lacks_names_the_row(tmp_path):
+    path = write_task(tmp_path)
+    path.write_text(path.read_text().replace("{text}", "{txt}"))
+    task = load_task(path)  # the spec is fine: only the data can say which fields exist
+    with pytest.raises(DataError, match=r"data\.jsonl:1: no field 'txt' for the placeholder \{txt\} in the prompt "
+                                        r"of .*t\.toml \(fields of this row: text, label\)"):
+        load_examples(task, "test")
 
 
 def test_invalid_toml(tmp_path):

@@ -89,8 +89,9 @@ def task_prompts(task, tokenizer, limit: int | None, split: str | None = None) -
             raise InputError(f"{spec.path}: task '{spec.name}' has no validation, test or calibration split "
                              "to check the export on")
     examples = T.load_examples(spec, split, limit)
-    texts = [T.build_prompt(spec, tokenizer, ex.text) for ex in examples]
-    prompts = Prompts(ids=T.encode_prompts(tokenizer, texts), source=f"task:{spec.name}/{split}")
+    encoded = T.encode_examples(spec, tokenizer, examples, T.prompt_limit(spec, tokenizer))  # long rows cut
+    texts = encoded.texts
+    prompts = Prompts(ids=encoded.ids, source=f"task:{spec.name}/{split}")
     if spec.kind == "classification" and spec.labels:
         prompts.labels = spec.label_names
         prompts.gold = [ex.label_index for ex in examples]
