@@ -208,7 +208,7 @@ def build_cases(root: Path, bundles: dict[str, Path] | None = None, export: Path
     add("data-missing-field", "data", eval_(model, write_task(d / "nofield", rows={
         "test": '{"body": "a film", "label": "positive"}\n'})), ["nofield/test.jsonl:1", "text"])
     add("data-wrong-type", "data", eval_(model, write_task(d / "number", rows={
-        "test": '{"text": 42, "label": "positive"}\n'})), ["number/test.jsonl:1", "text"])
+        "test": '{"text": ["a", "film"], "label": "positive"}\n'})), ["number/test.jsonl:1", "text"])
     add("data-empty-file", "data", eval_(model, write_task(d / "empty", rows={"test": ""})), ["empty/test.jsonl"])
     add("data-undeclared-label", "data", eval_(model, write_task(d / "label", rows={
         "test": '{"text": "a film", "label": "neutral"}\n'})), ["label/test.jsonl:1", "neutral"])
