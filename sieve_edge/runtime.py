@@ -8,6 +8,13 @@ is copied into every bundle as ``runner.py`` and must run alone on the edge box:
     python runner.py [BUNDLE] [--limit N] [--json OUT]     # inside a bundle
 
 Exit codes: 0 every gate passed, 3 a gate failed or could not be checked, 1 an error.
+``sieve-edge validate --emulate`` (this runner under QEMU's ARM64 emulator) adds 4,
+accuracy-only: the accuracy gates passed, latency and memory were not measured (emulated);
+this runner itself never returns 4.
+
+Per example (``--per-example``): the measurement also lists every scored example's
+prediction and, for classification, its label scores, so that two runs of the same bundle
+(e.g. ARM64 under emulation and x86) can be compared example by example.
 
 Prompts. The runner has no Jinja: the bundle stores the task's rendered prompt frame
 (``prompt.json``: the text before and after ``{text}``, computed at bundle time with the
@@ -45,6 +52,7 @@ import numpy as np
 
 RUNNER_VERSION = 1
 EXIT_OK, EXIT_ERROR, EXIT_GATE = 0, 1, 3
+EXIT_ACCURACY_ONLY = 4  # sieve-edge validate --emulate: accuracy gates passed, latency/memory not measured
 MB = float(1 << 20)
 
 # metric name -> True when higher is better
@@ -538,8 +546,13 @@ def _eos_ids(model_dir: Path, tok) -> set[int]:
 
 
 def run_task(model, model_dir: Path, task: Task, export: dict, limit: int | None = None,
-             warmup: int = 2, decode_tokens: int = 8, decode_examples: int = 3) -> dict:
-    """Score ``task``'s test split with a loaded model and time it. Returns the measurement."""
+             warmup: int = 2, decode_tokens: int = 8, decode_examples: int = 3, per_example: bool = False,
+             progress=None) -> dict:
+    """Score ``task``'s test split with a loaded model and time it. Returns the measurement.
+
+    per_example: add ``per_example``, one entry per scored example (see ``_example_entry``).
+    progress: called as ``progress(done, total)`` after each timed example.
+    """
     from tokenizers import Tokenizer
 
     if not (model_dir / "tokenizer.json").is_file():
@@ -556,9 +569,12 @@ def run_task(model, model_dir: Path, task: Task, export: dict, limit: int | None
             raise RunnerError(f"{task.test_path}: a row has no string field '{task.text_field}'")
         return value
 
+    last: dict = {}  # label scores behind the latest classification, for per_example
+
     def one(row: dict):
         if task.kind == "classification":
-            return scorer.classify(text(row))[0]
+            pred, last["scores"] = scorer.classify(text(row))
+            return pred
         if task.kind == "generation":
             out = scorer.generate(scorer.encode_prompt(text(row)), task.max_new_tokens)
             return tok.decode(out, skip_special_tokens=True)
@@ -577,11 +593,15 @@ def run_task(model, model_dir: Path, task: Task, export: dict, limit: int | None
     scorer.first_ms.clear()
     scorer.token_ms.clear()
 
-    example_ms, preds = [], []
-    for row in rows:
+    example_ms, preds, entries = [], [], []
+    for i, row in enumerate(rows):
         t0 = time.perf_counter()
         preds.append(one(row))
         example_ms.append((time.perf_counter() - t0) * 1e3)
+        if per_example:
+            entries.append(_example_entry(i, task.kind, preds[-1], last.get("scores")))
+        if progress is not None:
+            progress(i + 1, len(rows))
 
     if task.kind == "classification":
         value = float(np.mean([p == g for p, g in zip(preds, gold)])) if task.metric == "accuracy" \
@@ -605,13 +625,27 @@ def run_task(model, model_dir: Path, task: Task, export: dict, limit: int | None
         for row in rows[:decode_examples]:
             scorer.generate(scorer.encode_prompt(text(row)), decode_tokens + 1, stop_at_eos=False)
         scorer.first_ms[:] = first
-    return {
+    m = {
         "task": task.name, "kind": task.kind, "metric": task.metric, "value": value,
         "higher_is_better": METRICS[task.metric], "n_examples": len(rows), "test_data": str(task.test_path),
         "latency": {"first_token_ms": _stats(scorer.first_ms), "token_ms": _stats(scorer.token_ms),
                     "example_ms": _stats(example_ms), "warmup_examples": min(warmup, len(rows))},
         "examples": shown,
     }
+    if per_example:
+        m["per_example"] = entries
+        m["scores_are"] = "label logit (task head)" if scorer.head_index is not None else "label log-prob"
+    return m
+
+
+def _example_entry(index: int, kind: str, pred, scores: dict | None) -> dict:
+    """One example of ``per_example``: classification {index, pred, scores: label -> score};
+    generation {index, pred (normalized first line), output}; perplexity {index, nll, tokens}."""
+    if kind == "classification":
+        return {"index": index, "pred": pred, "scores": scores}
+    if kind == "generation":
+        return {"index": index, "pred": normalize_prediction(pred), "output": pred}
+    return {"index": index, "nll": pred[0], "tokens": pred[1]}
 
 
 # ---------------------------------------------------------------- gates
@@ -703,8 +737,9 @@ def format_table(measurement: dict, gates: list[dict]) -> str:
 
 def run_bundle(bundle, limit: int | None = None, task_path=None, frame_path=None, target_path=None,
                threads: int | None = None, precision: str | None = None, warmup: int = 2,
-               decode_tokens: int = 8) -> dict:
-    """Load a bundle's model with its target's settings and run its task check."""
+               decode_tokens: int = 8, per_example: bool = False, progress=None) -> dict:
+    """Load a bundle's model with its target's settings and run its task check
+    (``per_example``, ``progress``: see ``run_task``)."""
     bundle = Path(bundle)
     manifest = _read_json(bundle / "bundle.json")
     model_dir = bundle / manifest.get("model_dir", "model")
@@ -727,7 +762,8 @@ def run_bundle(bundle, limit: int | None = None, task_path=None, frame_path=None
                        dynamic_quantization=bool(target.get("dynamic_quantization", False)),
                        cache_capacity=_cache_capacity(target))
     load_s = time.perf_counter() - t0
-    m = run_task(model, model_dir, task, export, limit=limit, warmup=warmup, decode_tokens=decode_tokens)
+    m = run_task(model, model_dir, task, export, limit=limit, warmup=warmup, decode_tokens=decode_tokens,
+                 per_example=per_example, progress=progress)
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     m.update({
         "runner_version": RUNNER_VERSION, "bundle": str(bundle.resolve()), "target": target.get("name"),
@@ -754,6 +790,11 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
+def _print_progress(done: int, total: int) -> None:
+    if done == total or done % max(1, total // 20) == 0:  # about every 5%
+        print(f"progress: {done}/{total}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parent
     p = argparse.ArgumentParser(prog="runner.py" if (here / "bundle.json").is_file() else "python -m sieve_edge.runtime",
@@ -772,6 +813,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-tokens", type=int, default=8,
                    help="decode steps timed per example for tasks that do not generate (default 8)")
     p.add_argument("--no-gates", action="store_true", help="measure only; exit 0 whatever the budgets say")
+    p.add_argument("--per-example", action="store_true",
+                   help="list every example's prediction (and label scores) in the --json output")
+    p.add_argument("--progress", action="store_true", help="print 'progress: DONE/TOTAL' lines on stderr")
     args = p.parse_args(argv)
     bundle = Path(args.bundle) if args.bundle else here
     try:
@@ -795,7 +839,8 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as e:
                 raise RunnerError(f"cannot pin to CPUs {sorted(cpus)}: {e} (pass --cpu-affinity none)") from None
         m = run_bundle(bundle, args.limit, args.task, args.prompt_frame, args.target, args.threads,
-                       args.precision, args.warmup, args.decode_tokens)
+                       args.precision, args.warmup, args.decode_tokens, args.per_example,
+                       _print_progress if args.progress else None)
         ref_path = bundle / manifest.get("reference", "reference.json")
         reference = _read_json(ref_path) if ref_path.is_file() else None
         if args.task:
