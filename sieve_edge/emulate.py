@@ -118,7 +118,7 @@ def load_emulator(arch: str = "aarch64") -> dict:
     info_path = folder / "emulator.json"
     if not folder.is_dir():
         raise EmulatorError(f"the {arch} emulator is not set up ({folder} does not exist); build it once with "
-                            f"`{setup_command(arch)}` (downloads ~200 MB: QEMU, a Debian {ARCHES[arch].debian} "
+                            f"`{setup_command(arch)}` (downloads ~155 MB: QEMU, a Debian {ARCHES[arch].debian} "
                             "Python, the runtimes' wheels)")
     if not info_path.is_file():
         raise EmulatorError(f"the {arch} emulator in {folder} is incomplete (no emulator.json: setup was "

@@ -323,3 +323,21 @@ def test_tiny_bundle_under_emulation_predicts_as_on_x86(tmp_path):
     gates = {g["budget_key"]: g["status"] for g in report["gates"]}
     assert gates["max_metric_drop"] == gates["x86_fidelity"] == "pass" and gates["max_example_ms"] == "not measured"
     assert "ACCURACY-ONLY" in result.output
+
+
+def test_benchmark_table_and_arguments():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "emulation.py"
+    spec = importlib.util.spec_from_file_location("bench_emulation", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.parse_args(["--cpus", "cortex-a72, max"]).cpus == ["cortex-a72", "max"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--cpus", ","])
+    r = {"cpu": "cortex-a72", "status": "accuracy-only", "n": 500, "metric": "accuracy", "x86": 0.904, "arm64": 0.902,
+         "reference": 0.908, "agreement": 0.994, "disagreements": 3, "max_logprob_diff": 0.0123,
+         "mean_logprob_diff": 0.001, "x86_s_per_example": 0.05, "arm64_s_per_example": 2.5}
+    assert "| cortex-a72 | 0.9040 | 0.9020 | 0.9080 | 99.4% | 3/500 | 0.0123 / 0.001 | 0.050 | 2.50 | 50x | " \
+           "accuracy-only |" in bench.table([r])
