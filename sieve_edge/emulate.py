@@ -467,8 +467,12 @@ def emulated_env(info: dict, base: dict | None = None) -> dict:
 
 def probe(info: dict, cpu: str | None = None, timeout: float = 600) -> dict:
     """Import the runtimes in the emulated Python; return its versions and the CPU features it sees."""
-    proc = subprocess.run(emulated_prefix(info, cpu) + ["-c", _PROBE, *BASE_WHEELS, *info["runtimes"]],
-                          capture_output=True, text=True, env=emulated_env(info), timeout=timeout)
+    try:
+        proc = subprocess.run(emulated_prefix(info, cpu) + ["-c", _PROBE, *BASE_WHEELS, *info["runtimes"]],
+                              capture_output=True, text=True, env=emulated_env(info), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise EmulatorError(f"the emulated Python in {info['dir']} did not import the runtimes within "
+                            f"{timeout:.0f} s") from None
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-3:]
         raise EmulatorError(f"the emulated Python in {info['dir']} failed (exit {proc.returncode}): "
@@ -659,7 +663,8 @@ def run_runner(prefix: list[str], env: dict, bundle: Path, profile, task, frame_
                what: str, log) -> dict:
     """Run the bundle's runner.py under ``prefix`` (a Python command) with ``--per-example``.
 
-    The profile's threads and precision, no CPU pinning (time is not what is measured).
+    The profile's threads and precision; no CPU pinning, warm-up or decode-step timing (time is
+    not what is compared, and every emulated example costs a hundred native ones).
     Progress lines of the runner go to ``log``; the measurement JSON is returned.
     """
     with tempfile.TemporaryDirectory(prefix="sieve-edge-emulate-") as tmp:
@@ -667,7 +672,9 @@ def run_runner(prefix: list[str], env: dict, bundle: Path, profile, task, frame_
         cmd = prefix + [str(bundle / "runner.py"), str(bundle), "--json", str(out), "--no-gates",
                         "--target", str(profile.path), "--threads", str(profile.threads),
                         "--precision", profile.inference_precision, "--cpu-affinity", "none",
-                        "--per-example", "--progress"]
+                        "--per-example", "--progress",
+                        # nothing is timed: no untimed warm-up, no extra decode steps for token latency
+                        "--warmup", "0", "--decode-tokens", "0"]
         if limit:
             cmd += ["--limit", str(limit)]
         if task is not None:
