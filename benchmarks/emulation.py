@@ -7,7 +7,9 @@ settings. The CPU model decides which ARM64 kernels the runtime picks (cortex-a7
 cortex-a76 / neoverse-n1: + dot product and fp16; neoverse-n2 / max: + i8mm, SVE2, and for max
 SME), so several models show whether the kernel paths differ in their predictions. The
 per-example wall time shows the emulation's cost: a correctness check, not a speed figure.
-Needs `sieve-edge emulator setup` first.
+Needs `sieve-edge emulator setup` first. It is slow: with SmolLM2-135M int8 on SST-2 one
+emulated example costs ~45 host CPU-seconds with `cortex-a72` and ~15 with `cortex-a76`
+(measured under load), i.e. roughly 3 h and 1 h for 500 examples on an idle 2-core box.
 
     python benchmarks/emulation.py --bundle runs/smollm2-sst2-arm64-panel --cpus cortex-a72,cortex-a76,max
 """
@@ -86,6 +88,12 @@ def main(argv=None) -> int:
     info = load_emulator()
     rows = []
     t0 = time.perf_counter()
+    doc = {
+        "bundle": str(args.bundle), "target": args.target, "limit": args.limit, "box": args.box,
+        "machine": {"processor": _cpu_name(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "emulator": {k: info.get(k) for k in ("suite", "qemu_version", "python_version", "versions")},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for cpu in args.cpus:
         with tempfile.TemporaryDirectory(prefix="emulation-bench-") as tmp:
             log(f"[{cpu}] validate --emulate on {args.bundle}")
@@ -93,15 +101,10 @@ def main(argv=None) -> int:
                               log=log)
             rows.append(row(cpu, report))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
-    doc = {
-        "bundle": str(args.bundle), "target": args.target, "limit": args.limit, "box": args.box,
-        "machine": {"processor": _cpu_name(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "emulator": {k: info.get(k) for k in ("suite", "qemu_version", "python_version", "versions")},
-        "minutes": (time.perf_counter() - t0) / 60, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+        # after every CPU model: an interrupted multi-hour run keeps the rows it finished
+        doc.update(minutes=(time.perf_counter() - t0) / 60, rows=rows,
+                   created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print()
     print(table(rows))
     print(f"\n{args.bundle.name}, {args.box}, {doc['minutes']:.1f} min; JSON: {args.out}")
