@@ -178,7 +178,7 @@ def host_versions(names=RUNTIMES + BASE_WHEELS) -> dict:
 # ---------------------------------------------------------------- Debian packages
 
 
-def _fetch(url: str, dest: Path | None = None, sha256: str | None = None, size: int | None = None,
+def _fetch(url: str, dest: Path | None = None, sha256: str | None = None,
            tries: int = 3) -> bytes | None:
     """Download ``url`` (into ``dest``, else return the bytes), checking its SHA-256 when given."""
     last = None
