@@ -1,6 +1,7 @@
 """Thin click layer: parse, call one library function, print, exit code.
 
-Exit codes: 0 ok, 1 error (a SieveEdgeError or bad usage), 3 a validation gate failed.
+Exit codes: 0 ok, 1 error (a SieveEdgeError or bad usage), 3 a validation gate failed,
+4 accuracy-only (``validate --emulate``: accuracy gates passed, latency and memory not measured).
 Each command lives in its own function below; heavy modules are imported inside them so
 that ``sieve-edge --help`` stays fast.
 """
@@ -323,17 +324,38 @@ def export_cmd(model_dir, fmt, weights, int4, task, task_head, no_fuse, densify,
 @click.option("--out", default=None, help="Report folder (default: BUNDLE/reports/<target>).")
 @click.option("--limit", type=int, default=None, help="Score only the first N test examples.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the summary.")
+@click.option("--emulate", is_flag=True,
+              help="Run the runner under QEMU's emulation of the target's CPU architecture (aarch64 on an x86_64 "
+                   "host; set up once with `sieve-edge emulator setup`) and natively, and compare: accuracy only.")
+@click.option("--emulate-cpu", default=None, metavar="MODEL",
+              help="QEMU CPU model for --emulate (default cortex-a72; e.g. cortex-a76, neoverse-n1, max): its "
+                   "features decide which runtime kernels run.")
 @handle_errors
-def validate_command(bundle_dir, target, task, out, limit, as_json):
-    """Run a bundle's runner for a target in a child process and apply every gate (exit 3 if one fails)."""
+def validate_command(bundle_dir, target, task, out, limit, as_json, emulate, emulate_cpu):
+    """Run a bundle's runner for a target in a child process and apply every gate.
+
+    Exit codes: 0 every gate passed; 3 a gate failed or could not be checked; 4 accuracy-only
+    (--emulate: the accuracy gates and the arm64-vs-x86 comparison passed, latency and memory
+    are not measured under emulation, so this is never a pass); 1 an error (e.g. a target of
+    another CPU architecture without --emulate, or --emulate without the emulator set up).
+    """
+    from .errors import InputError
     from .validate import validate
 
-    report = validate(bundle_dir, target, task=task, out=out, limit=limit, log=lambda m: click.echo(m, err=True))
+    if emulate_cpu and not emulate:
+        raise InputError("--emulate-cpu needs --emulate")
+    report = validate(bundle_dir, target, task=task, out=out, limit=limit, log=lambda m: click.echo(m, err=True),
+                      emulate=emulate, emulate_cpu=emulate_cpu)
     if as_json:
         print_json(report.to_dict())
     else:
         click.echo(report.paths["md"].read_text(encoding="utf-8"))
         click.echo(f"reports: {report.paths['md'].parent}", err=True)
+    if report.status == "accuracy-only":  # not an error, and not a pass: its own exit code
+        from .errors import AccuracyOnly
+
+        click.echo(report.message(), err=True)
+        sys.exit(AccuracyOnly.exit_code)
     report.check()
 
 
@@ -456,3 +478,73 @@ def task_show(task_spec, model_spec, n_examples, split, as_json):
     else:
         click.echo(f"tokenizer and context window of {model_spec}")
         click.echo(format_task_summary(summary))
+
+
+@main.group("emulator")
+def emulator_group():
+    """The ARM64 emulator behind `validate --emulate`: QEMU user mode + an ARM64 Python + the runtimes' wheels."""
+
+
+_ARCH_OPTION = click.option("--arch", default="aarch64", show_default=True, type=click.Choice(["aarch64"]),
+                            help="Architecture to emulate.")
+
+
+@emulator_group.command("setup")
+@_ARCH_OPTION
+@click.option("--suite", default=None, help="Debian suite of the ARM64 Python and QEMU [default: trixie].")
+@click.option("--mirror", default=None, help="Debian mirror URL [default: https://deb.debian.org/debian].")
+@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(["onnxruntime", "openvino"]),
+              help="Runtime wheels to install (repeatable; default: those installed here).")
+@click.option("--force", is_flag=True, help="Rebuild even if the emulator is already set up.")
+@click.option("--json", "as_json", is_flag=True, help="Print emulator.json.")
+@handle_errors
+def emulator_setup(arch, suite, mirror, runtimes, force, as_json):
+    """Download and cache QEMU, an ARM64 Python and the runtimes' ARM64 wheels (the only step that uses the network)."""
+    from .emulate import DEFAULT_MIRROR, DEFAULT_SUITE, setup_emulator
+    from .progress import log
+
+    info = setup_emulator(arch, suite or DEFAULT_SUITE, mirror or DEFAULT_MIRROR, runtimes or None, force, log=log)
+    if as_json:
+        print_json(info)
+    else:
+        click.echo(f"{arch} emulator in {info['dir']}: {info['bytes'] / 2**20:.0f} MB on disk; Python "
+                   f"{info['python_version']}, {info['qemu_version']}, "
+                   + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+
+
+@emulator_group.command("status")
+@_ARCH_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@handle_errors
+def emulator_status_command(arch, as_json):
+    """Show whether the emulator is set up, where, its size and versions (exit 1 if it is not)."""
+    from .emulate import emulator_status
+
+    st = emulator_status(arch)
+    if as_json:
+        print_json(st)
+    elif st["installed"]:
+        click.echo(f"{arch} emulator: {st['dir']} ({st['bytes'] / 2**20:.0f} MB), Debian {st['suite']}, Python "
+                   f"{st['python']}, {st['qemu_version']}")
+        click.echo("  " + ", ".join(f"{k} {v}" for k, v in st["versions"].items()))
+        click.echo(f"  CPU models (--emulate-cpu, default {st['default_cpu']}): {', '.join(st['cpus'] or [])}")
+        for name, v in st["stale"].items():
+            click.echo(f"  warning: {name} {v['emulator']} here vs {v['host']} on the host: "
+                       "rerun `sieve-edge emulator setup --force`", err=True)
+    else:
+        click.echo(st["problem"], err=True)
+    if not st["installed"]:
+        sys.exit(1)
+
+
+@emulator_group.command("remove")
+@_ARCH_OPTION
+@handle_errors
+def emulator_remove(arch):
+    """Delete the cached emulator."""
+    from .emulate import emulator_dir, remove_emulator
+
+    freed = remove_emulator(arch)
+    click.echo(f"removed {emulator_dir(arch)} ({freed / 2**20:.0f} MB freed)" if freed else
+               f"nothing to remove at {emulator_dir(arch)}")
+

@@ -52,6 +52,10 @@ class BackendMissingError(SieveEdgeError):
         self.install = install
 
 
+class EmulatorError(SieveEdgeError):
+    """The CPU emulator behind ``validate --emulate``: not set up, incomplete, or failing to build."""
+
+
 class FidelityError(SieveEdgeError):
     """An exported model whose outputs miss the reference beyond tolerance."""
 
@@ -65,3 +69,10 @@ class GateFailure(SieveEdgeError):
     """A validation gate that failed: exit code 3."""
 
     exit_code = 3
+
+
+class AccuracyOnly(GateFailure):
+    """A validation under emulation whose accuracy gates passed: latency and memory were not
+    measured, so it is no pass either. Exit code 4."""
+
+    exit_code = 4

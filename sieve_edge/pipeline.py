@@ -241,8 +241,18 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
           lambda p: (p / "bundle.json").is_file(), do_bundle, key=f"bundle {out.resolve()}")
 
     # 6. validate on this machine, per the profile, in a child process (always rerun: it is the check)
-    from .validate import validate
+    from .validate import host_arch, validate
 
+    if profile.arch not in ("any", host_arch()):
+        # another CPU's kernels cannot run here; emulation (accuracy only, slow) is the user's call
+        command = f"sieve-edge validate --bundle {out} --target {profile.path or profile.name}"
+        detail = (f"not run: target {profile.name} is for {profile.arch}, this host is {host_arch()}; check the "
+                  f"accuracy on emulated {profile.arch} with `{command} --emulate` (after `sieve-edge emulator "
+                  "setup`), and everything with `python runner.py` in the bundle on the device")
+        say(f"[validate] {detail}")
+        summary.stages.append(StageRecord("validate", "not run", 0.0, str(out), detail))
+        (work / "summary.json").write_text(json.dumps(asdict(summary), indent=2, default=str))
+        return summary
     t0 = time.perf_counter()
     say(f"[validate] running the bundle's runner for target {profile.name} ...")
     report = validate(out, profile, limit=test_limit, log=say)

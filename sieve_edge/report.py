@@ -30,6 +30,7 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     m = report.get("measurement") or {}
     ref = report.get("reference") or {}
     prof = report.get("profile") or {}
+    emu = report.get("emulation")
     rows = [
         ("target", f"{report['target']} ({prof.get('runtime')}, {prof.get('device')}, {prof.get('weights')} weights, "
                    f"{prof.get('threads')} threads)"),
@@ -43,12 +44,25 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
             ("task", f"{m.get('task')} ({m.get('kind')}), {m.get('n_examples')} test examples"),
             (m.get("metric", "metric"), f"{m['value']:.4f} (dense reference {_fmt(ref.get('value'), 4)})"),
             *_task_rows(m, ref),
-            ("first token ms p50 / p90", _lat(m, "first_token_ms")),
-            ("per token ms p50 / p90", _lat(m, "token_ms")),
-            ("per example ms p50 / p90", _lat(m, "example_ms")),
-            ("peak RSS MB", _fmt(m.get("peak_rss_mb"))),
-            ("model size MB", _fmt(m.get("size_mb"))),
         ]
+        if emu:  # QEMU's time and memory are not the device's: none is shown as a measurement
+            c = emu["comparison"]
+            rows += [
+                ("emulated", f"{emu['arch']}, QEMU -cpu {emu['cpu']} ({emu.get('qemu')}), Python {emu.get('python')}"),
+                ("x86 run (same runner, same examples)",
+                 f"{c['metric']} {c['x86']:.4f}; arm64 {c['arm64']:.4f}"
+                 + ("" if c["agreement"] is None else f"; predictions agree on {c['n'] - len(c['disagreements'])}"
+                    f" of {c['n']}")),
+                ("latency, peak RSS", "not measured (emulated)"),
+            ]
+        else:
+            rows += [
+                ("first token ms p50 / p90", _lat(m, "first_token_ms")),
+                ("per token ms p50 / p90", _lat(m, "token_ms")),
+                ("per example ms p50 / p90", _lat(m, "example_ms")),
+                ("peak RSS MB", _fmt(m.get("peak_rss_mb"))),
+            ]
+        rows.append(("model size MB", _fmt(m.get("size_mb"))))
     if report.get("reduction") is not None:
         rows.append(("linear parameters removed", f"{100 * report['reduction']:.1f}%"))
     return rows
@@ -80,11 +94,39 @@ def render_markdown(report: dict) -> str:
         unit = g["unit"] if g["unit"] in ("ms", "MB") else ""
         measured = "-" if g["measured"] is None else f"{g['measured']:.4g} {unit}".strip()
         lines.append(f"| {g['gate']} | {g['limit']:g} {unit} | {measured} | {g['status'].upper()} | {g['detail']} |")
+    if report.get("emulation"):
+        lines += [""] + emulation_markdown(report["emulation"])
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     lines += ["", f"Latency gates apply to p90. MB = 2^20 bytes. Created {report.get('created_at')} "
               f"by {report.get('created_by')}.", ""]
     return "\n".join(lines)
+
+
+def emulation_markdown(emu: dict, max_rows: int = 50) -> list[str]:
+    """The arm64-vs-x86 section: summary, then the examples whose predictions differ."""
+    c = emu["comparison"]
+    score = c.get("score", "label log-prob")
+    lines = [f"## {emu['arch']} under emulation vs x86", "",
+             f"Both runs: this bundle's runner, same {c['n']} examples, {emu.get('runtime')}. {emu['arch']}: QEMU "
+             f"-cpu {emu['cpu']} (CPU features seen by the runtime: {' '.join(emu.get('features') or ['?'])}).", "",
+             "| | x86 | " + emu["arch"] + " |", "|---|---|---|",
+             f"| {c['metric']} | {c['x86']:.4f} | {c['arm64']:.4f} |",
+             f"| wall time per example (s) | {_fmt(emu.get('x86_s_per_example'), 3)} | "
+             f"{_fmt(emu.get('arm64_s_per_example'), 3)} (emulated: not the device's speed) |", ""]
+    if c.get("max_logprob_diff") is not None:
+        lines.append(f"Largest {score} difference over all examples: {c['max_logprob_diff']:.3g} "
+                     f"(mean of the per-example maxima {c['mean_logprob_diff']:.3g}).")
+    if c.get("agreement") is not None:
+        d = c["disagreements"]
+        lines.append(f"Predictions agree on {c['n'] - len(d)} of {c['n']} examples ({100 * c['agreement']:.1f}%).")
+        if d:
+            lines += ["", f"| example | x86 | {emu['arch']} | max {score} diff |", "|---|---|---|---|"]
+            lines += [f"| {r['index']} | {r['x86']} | {r['arm64']} | {_fmt(r['max_logprob_diff'], 3)} |"
+                      for r in d[:max_rows]]
+            if len(d) > max_rows:
+                lines.append(f"| ... | {len(d) - max_rows} more in report.json | | |")
+    return lines
 
 
 def _png(fig) -> str:
@@ -126,7 +168,7 @@ def plots(report: dict, others: list[dict]) -> dict[str, str]:
     out["metric_vs_reduction"] = _png(fig)
     plt.close(fig)
 
-    runs = [r for r in [report, *others] if r.get("measurement")]
+    runs = [r for r in [report, *others] if r.get("measurement") and not r.get("emulation")]  # no emulated times
     if runs:
         fig, ax = plt.subplots(figsize=(5.5, 3.2))
         keys = [("first_token_ms", "first token"), ("token_ms", "per token"), ("example_ms", "per example")]
@@ -157,6 +199,9 @@ def render_html(report: dict, others: list[dict] = ()) -> str:
         f"<td style='color:{colour.get(g['status'], 'black')}'><b>{esc(g['status'].upper())}</b></td>"
         f"<td>{esc(g['detail'])}</td></tr>" for g in report["gates"])
     notes = "".join(f"<li>{esc(n)}</li>" for n in report.get("notes") or [])
+    emulation = ""
+    if report.get("emulation"):  # the Markdown section, as preformatted text
+        emulation = f"<pre>{esc(chr(10).join(emulation_markdown(report['emulation'])))}</pre>"
     figs = "".join(f"<figure><img src='data:image/png;base64,{b64}' alt='{esc(name)}'>"
                    f"<figcaption>{esc(name.replace('_', ' '))}</figcaption></figure>" for name, b64 in images.items())
     return f"""<!doctype html>
@@ -168,6 +213,7 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}figure{{display:
 <table>{rows}</table>
 <h2>Gates</h2>
 <table><tr><th>gate</th><th>budget</th><th>measured</th><th>status</th><th>detail</th></tr>{gates}</table>
+{emulation}
 {f'<h2>Notes</h2><ul>{notes}</ul>' if notes else ''}
 <h2>Plots</h2>{figs}
 <p><small>Latency gates apply to p90. MB = 2^20 bytes. Created {esc(str(report.get('created_at')))}.</small></p>

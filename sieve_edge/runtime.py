@@ -8,6 +8,13 @@ is copied into every bundle as ``runner.py`` and must run alone on the edge box:
     python runner.py [BUNDLE] [--limit N] [--json OUT]     # inside a bundle
 
 Exit codes: 0 every gate passed, 3 a gate failed or could not be checked, 1 an error.
+``sieve-edge validate --emulate`` (this runner under QEMU's ARM64 emulator) adds 4,
+accuracy-only: the accuracy gates passed, latency and memory were not measured (emulated);
+this runner itself never returns 4.
+
+Per example (``--per-example``): the measurement also lists every scored example's
+prediction and, for classification, its label scores, so that two runs of the same bundle
+(e.g. ARM64 under emulation and x86) can be compared example by example.
 
 Prompts. The runner has no Jinja: the bundle stores the task's rendered prompt frame
 (``prompt.json``: literal pieces and the row fields between them, computed at bundle time
@@ -63,6 +70,7 @@ import numpy as np  # noqa: E402 - after the sys.path guard above
 
 RUNNER_VERSION = 1
 EXIT_OK, EXIT_ERROR, EXIT_GATE = 0, 1, 3
+EXIT_ACCURACY_ONLY = 4  # sieve-edge validate --emulate: accuracy gates passed, latency/memory not measured
 MB = float(1 << 20)
 
 # metric name -> True when higher is better
@@ -1206,11 +1214,15 @@ def _metric(task: Task, rows, gold, preds) -> float:
 
 
 def run_task(model, model_dir: Path, task: Task, export: dict, limit: int | None = None,
-             warmup: int = 2, decode_tokens: int = 8, decode_examples: int = 3, loop=None) -> dict:
+             warmup: int = 2, decode_tokens: int = 8, decode_examples: int = 3, loop=None,
+             per_example: bool = False, progress=None) -> dict:
     """Score ``task``'s test split (and its extra tests) with a loaded model and time the test
     split. Returns the measurement.
 
-    ``loop``: a C++ generation loop for generation tasks (``generation_loop``), else None."""
+    ``loop``: a C++ generation loop for generation tasks (``generation_loop``), else None.
+    per_example: add ``per_example``, one entry per scored test example (see ``_example_entry``).
+    progress: called as ``progress(done, total)`` after each timed example.
+    """
     from tokenizers import Tokenizer
 
     if not (model_dir / "tokenizer.json").is_file():
@@ -1223,9 +1235,12 @@ def run_task(model, model_dir: Path, task: Task, export: dict, limit: int | None
     scorer = Scorer(model, tok, task, export, _eos_ids(model_dir, tok), max_prompt_tokens=max_prompt,
                     loop=loop if task.kind == "generation" else None)
 
+    last: dict = {}  # label scores behind the latest classification, for per_example
+
     def one(fields: dict, where: str):
         if task.kind == "classification":
-            return scorer.classify(fields, where)[0]
+            pred, last["scores"] = scorer.classify(fields, where)
+            return pred
         if task.kind == "generation":
             out = scorer.generate(scorer.prompt(fields, where)[1], task.max_new_tokens)
             return tok.decode(out, skip_special_tokens=True)
@@ -1245,12 +1260,16 @@ def run_task(model, model_dir: Path, task: Task, export: dict, limit: int | None
     scorer.first_ms.clear()
     scorer.token_ms.clear()
 
-    example_ms, preds, truncated = [], [], 0
-    for fields, where in inputs:
+    example_ms, preds, truncated, entries = [], [], 0, []
+    for i, (fields, where) in enumerate(inputs):
         t0 = time.perf_counter()
         preds.append(one(fields, where))
         example_ms.append((time.perf_counter() - t0) * 1e3)
         truncated += scorer.last_truncated
+        if per_example:
+            entries.append(_example_entry(i, task.kind, preds[-1], last.get("scores")))
+        if progress is not None:
+            progress(i + 1, len(inputs))
     value = _metric(task, rows, gold, preds)
 
     def shown_text(fields: dict) -> str:
@@ -1284,7 +1303,7 @@ def run_task(model, model_dir: Path, task: Task, export: dict, limit: int | None
                        "n_examples": len(x_rows), "truncated": x_truncated, "sample": x_sample,
                        "data": str(path)}
     scorer.first_ms[:], scorer.token_ms[:] = timings
-    return {
+    m = {
         "generation_loop": scorer.loop.name if scorer.loop is not None else "python",
         "task": task.name, "kind": task.kind, "metric": task.metric, "value": value,
         "higher_is_better": METRICS[task.metric], "n_examples": len(rows), "test_data": str(task.test_path),
@@ -1294,6 +1313,20 @@ def run_task(model, model_dir: Path, task: Task, export: dict, limit: int | None
                     "example_ms": _stats(example_ms), "warmup_examples": min(warmup, len(rows))},
         "examples": shown, "extra_tests": extra,
     }
+    if per_example:
+        m["per_example"] = entries
+        m["scores_are"] = "label logit (task head)" if scorer.head_index is not None else "label log-prob"
+    return m
+
+
+def _example_entry(index: int, kind: str, pred, scores: dict | None) -> dict:
+    """One example of ``per_example``: classification {index, pred, scores: label -> score};
+    generation {index, pred (normalized first line), output}; perplexity {index, nll, tokens}."""
+    if kind == "classification":
+        return {"index": index, "pred": pred, "scores": scores}
+    if kind == "generation":
+        return {"index": index, "pred": normalize_prediction(pred), "output": pred}
+    return {"index": index, "nll": pred[0], "tokens": pred[1]}
 
 
 # ---------------------------------------------------------------- gates
@@ -1405,11 +1438,12 @@ def format_table(measurement: dict, gates: list[dict]) -> str:
 
 def run_bundle(bundle, limit: int | None = None, task_path=None, frame_path=None, target_path=None,
                threads: int | None = None, precision: str | None = None, warmup: int = 2,
-               decode_tokens: int = 8, loop: str = "auto") -> dict:
+               decode_tokens: int = 8, loop: str = "auto", per_example: bool = False, progress=None) -> dict:
     """Load a bundle's model with its target's settings and run its task check.
 
     ``loop``: the generation loop of a generation task (``LOOPS``; auto: OpenVINO GenAI's
-    C++ loop for an OpenVINO bundle when it is installed, else the Python loop)."""
+    C++ loop for an OpenVINO bundle when it is installed, else the Python loop).
+    ``per_example``, ``progress``: see ``run_task``."""
     bundle = Path(bundle)
     manifest = _read_json(bundle / "bundle.json")
     model_dir = bundle / manifest.get("model_dir", "model")
@@ -1435,7 +1469,8 @@ def run_bundle(bundle, limit: int | None = None, task_path=None, frame_path=None
     if cpp is None:
         model.open()  # compile / open now, so that load_s includes it (a C++ loop opens its own copy)
     load_s = time.perf_counter() - t0
-    m = run_task(model, model_dir, task, export, limit=limit, warmup=warmup, decode_tokens=decode_tokens, loop=cpp)
+    m = run_task(model, model_dir, task, export, limit=limit, warmup=warmup, decode_tokens=decode_tokens, loop=cpp,
+                 per_example=per_example, progress=progress)
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     m.update({
         "runner_version": RUNNER_VERSION, "bundle": str(bundle.resolve()), "target": target.get("name"),
@@ -1475,6 +1510,11 @@ def _error_log(exc: BaseException) -> str:
     return f"details in {path}"
 
 
+def _print_progress(done: int, total: int) -> None:
+    if done == total or done % max(1, total // 20) == 0:  # about every 5%
+        print(f"progress: {done}/{total}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parent
     p = argparse.ArgumentParser(prog="runner.py" if (here / "bundle.json").is_file() else "python -m sieve_edge.runtime",
@@ -1496,6 +1536,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="generation loop for generation tasks: cpp (OpenVINO GenAI's LLMPipeline), python "
                         "(this runner's), auto (cpp when installed; default)")
     p.add_argument("--no-gates", action="store_true", help="measure only; exit 0 whatever the budgets say")
+    p.add_argument("--per-example", action="store_true",
+                   help="list every example's prediction (and label scores) in the --json output")
+    p.add_argument("--progress", action="store_true", help="print 'progress: DONE/TOTAL' lines on stderr")
     args = p.parse_args(argv)
     bundle = Path(args.bundle) if args.bundle else here
     try:
@@ -1520,7 +1563,8 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as e:
                 raise RunnerError(f"cannot pin to CPUs {sorted(cpus)}: {e} (pass --cpu-affinity none)") from None
         m = run_bundle(bundle, args.limit, args.task, args.prompt_frame, args.target, args.threads,
-                       args.precision, args.warmup, args.decode_tokens, args.loop)
+                       args.precision, args.warmup, args.decode_tokens, args.loop, args.per_example,
+                       _print_progress if args.progress else None)
         ref_path = bundle / manifest.get("reference", "reference.json")
         reference = _read_json(ref_path) if ref_path.is_file() else None
         if args.task:

@@ -186,3 +186,40 @@ def load_profile(path_or_name) -> TargetProfile:
     except OSError as e:
         raise ProfileError(f"{path}: cannot be read ({e.strerror or e})") from None
     return parse_profile(data, path)
+
+
+def check_host_arch(profile: TargetProfile, host: str, emulate: bool = False) -> None:
+    """Raise ``InputError`` unless ``profile`` can be validated on a ``host`` CPU this way.
+
+    Natively: a profile for ``any`` CPU or for the host's architecture. A profile for another
+    architecture needs emulation (``validate --emulate``: accuracy only), which exists for
+    aarch64 profiles on x86_64 hosts; measuring an ARM64 bundle's accuracy with the x86 build
+    of the runtime would check other kernels than the device runs.
+    """
+    from .errors import InputError
+
+    where = f"target '{profile.name}'" + (f" ({profile.path})" if profile.path else "")
+    emulated = profile.arch == "aarch64" and host == "x86_64"
+    if not emulate:
+        if profile.arch in ("any", host):
+            return
+        if emulated:
+            raise InputError(f"{where} is for aarch64 CPUs and this host is x86_64: its runtime's ARM64 kernels "
+                             "cannot run here natively. Check its accuracy under emulation with --emulate "
+                             "(set up once with `sieve-edge emulator setup`; latency and memory are not measured "
+                             "then), or run `python runner.py` in the bundle on the device")
+        raise InputError(f"{where} is for {profile.arch} CPUs and this host is {host}: validate it on a {profile.arch} "
+                         f"host, or run `python runner.py` in the bundle on the device (emulation covers aarch64 "
+                         "targets on x86_64 hosts only)")
+    if profile.arch == "any":
+        raise InputError(f"{where} has arch = \"any\": --emulate has no architecture to emulate; set "
+                         "arch = \"aarch64\" in a copy of the profile to check it on ARM64 kernels, or validate "
+                         "without --emulate")
+    if profile.arch == host:
+        raise InputError(f"{where} is for {host} CPUs, which this host is: validate without --emulate")
+    if not emulated:
+        raise InputError(f"no emulator for {profile.arch} targets on a {host} host (emulation covers aarch64 "
+                         "targets on x86_64 hosts)")
+    if profile.device != "cpu":
+        raise InputError(f"{where} uses device '{profile.device}': --emulate runs the CPU only (QEMU's user-mode "
+                         "emulation has no GPU or NPU)")

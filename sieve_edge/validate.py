@@ -8,9 +8,12 @@ own. The parent compares with the dense reference stored in the bundle and write
 ``report.json``, ``report.md`` and ``report.html`` (default: ``BUNDLE/reports/<target>/``).
 
 Statuses: ``pass`` (every gate passed), ``fail`` (a gate missed its budget), ``not run``
-(something could not be checked here: a device that is absent, a target of another CPU
-architecture, no reference). Only ``pass`` is a pass: ``ValidationReport.check()`` raises
-``GateFailure`` (exit code 3) for the other two.
+(something could not be checked here: a device that is absent, no reference), and, with
+``emulate``, ``accuracy-only`` (see ``sieve_edge.emulate``: the runner ran under QEMU's ARM64
+emulator and natively on x86; the accuracy gates and the arm64-vs-x86 fidelity passed, latency
+and memory are "not measured"). Only ``pass`` is a pass: ``ValidationReport.check()`` raises
+``GateFailure`` (exit code 3) for ``fail`` and ``not run``, ``AccuracyOnly`` (exit code 4) for
+``accuracy-only``. A target of another CPU architecture is an error without ``emulate``.
 """
 from __future__ import annotations
 
@@ -25,11 +28,9 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
-from .errors import ArtifactError, GateFailure
-from .targets import TargetProfile, load_profile
+from .errors import AccuracyOnly, ArtifactError, GateFailure
+from .targets import TargetProfile, check_host_arch, load_profile
 
-# Gates whose measurement depends on the CPU: meaningless when measured on another architecture.
-_HOST_GATES = ("max_first_token_ms", "max_token_ms", "max_example_ms", "max_peak_memory_mb")
 _FORMAT_RUNTIME = {"onnx": "onnxruntime", "openvino": "openvino"}
 
 
@@ -37,7 +38,7 @@ _FORMAT_RUNTIME = {"onnx": "onnxruntime", "openvino": "openvino"}
 class ValidationReport:
     target: str
     bundle: str
-    status: str                       # pass | fail | not run
+    status: str                       # pass | fail | not run | accuracy-only (emulated)
     gates: list[dict]                 # runtime.evaluate_gates entries
     profile: dict
     measurement: dict | None = None   # what the runner measured (None when not run)
@@ -45,6 +46,7 @@ class ValidationReport:
     reduction: float | None = None    # linear_param_reduction of the pruned model
     notes: list[str] = dataclasses.field(default_factory=list)
     paths: dict = dataclasses.field(default_factory=dict)  # report files written
+    emulation: dict | None = None     # validate --emulate: emulator, CPU model, arm64-vs-x86 comparison
     created_at: str = ""
     created_by: str = f"sieve-edge {__version__}"
 
@@ -74,11 +76,19 @@ class ValidationReport:
     def message(self) -> str:
         if self.passed:
             return f"target {self.target}: every gate passed ({len(self.gates)} gates)"
+        if self.status == "accuracy-only":
+            c = self.emulation["comparison"]
+            return (f"target {self.target}: ACCURACY-ONLY: accuracy gates passed on {self.emulation['arch']} under "
+                    f"emulation (QEMU -cpu {self.emulation['cpu']}), {c['n'] - len(c['disagreements'])} of {c['n']} "
+                    "predictions as on x86; latency and memory not measured (emulated): check them on the device")
         bad = "; ".join(f"{g['gate']} {g['status'].upper()}: {g['detail']}" for g in self.failed_gates)
         return f"target {self.target}: {self.status.upper()}: {bad or 'no gate could be checked'}"
 
     def check(self) -> "ValidationReport":
-        """Raise ``GateFailure`` (exit 3) unless every gate passed; return self otherwise."""
+        """Raise ``GateFailure`` (exit 3) unless every gate passed, ``AccuracyOnly`` (exit 4) for an
+        emulated validation whose accuracy gates passed; return self otherwise."""
+        if self.status == "accuracy-only":
+            raise AccuracyOnly(self.message())
         if not self.passed:
             raise GateFailure(self.message())
         return self
@@ -142,13 +152,15 @@ def _child(bundle: Path, profile: TargetProfile, task, frame_file, limit, timeou
 
 
 def validate(bundle, target, task=None, out=None, limit: int | None = None, timeout: float | None = 3600,
-             log=None) -> ValidationReport:
+             log=None, emulate: bool = False, emulate_cpu: str | None = None) -> ValidationReport:
     """Validate ``bundle`` on ``target`` (a profile name, path or TargetProfile) and write the reports.
 
     task: another task TOML to score instead of the bundle's (no reference then: the metric
     gate is "not run"). out: report folder (default ``BUNDLE/reports/<target>``). limit:
-    score only the first N test examples. Returns the report; call ``.check()`` to raise
-    ``GateFailure`` unless every gate passed.
+    score only the first N test examples. emulate: run the runner under QEMU's emulation of
+    the target's architecture (and natively, to compare), CPU model ``emulate_cpu`` (default
+    ``sieve_edge.emulate.DEFAULT_CPU``); a target of another architecture needs it. Returns
+    the report; call ``.check()`` to raise ``GateFailure`` unless every gate passed.
     """
     from .bundle import read_bundle
     from .report import model_card, write_reports
@@ -168,6 +180,13 @@ def validate(bundle, target, task=None, out=None, limit: int | None = None, time
     if profile.runtime != needed:
         raise ArtifactError(f"bundle {bundle} holds a {manifest.get('model_format')} model (runtime {needed}); "
                             f"target '{profile.name}' runs {profile.runtime}")
+    check_host_arch(profile, host_arch(), emulate)
+    emulator = emulation = None
+    if emulate:  # before any work: a missing emulator is an error naming the setup command
+        from .emulate import check_ready, load_emulator
+
+        emulator = load_emulator(profile.arch)
+        emulate_cpu = check_ready(emulator, profile.runtime, emulate_cpu)
     export = json.loads((bundle / manifest["model_dir"] / "export.json").read_text(encoding="utf-8"))
     reference = json.loads((bundle / manifest["reference"]).read_text(encoding="utf-8"))
     source = export.get("source") or {}
@@ -197,16 +216,21 @@ def validate(bundle, target, task=None, out=None, limit: int | None = None, time
         notes.append(f"task {spec.name} from {spec.path} instead of the bundle's; no dense reference for it")
 
     try:
-        if not device_available(profile.runtime, profile.device):
+        if emulator is not None:
+            from .emulate import measure_emulated
+
+            measurement, emulation = measure_emulated(
+                emulator, bundle, profile, task, frame_tmp.name if frame_tmp else None, limit, timeout,
+                emulate_cpu, log)
+            notes.append(f"emulated: {emulation['arch']} under {emulation['qemu']} -cpu {emulate_cpu} (features: "
+                         f"{' '.join(emulation['features'] or ['?'])}); the runner also ran on this x86 host, same "
+                         "examples, for the comparison; latency and memory not measured")
+            if limit:
+                notes.append(f"scored only the first {limit} test examples (--limit)")
+        elif not device_available(profile.runtime, profile.device):
             not_run["*"] = f"device absent ({profile.device} for {profile.runtime} is not on this host)"
             notes.append(f"not run: device absent: {profile.device}")
         else:
-            arch = host_arch()
-            if profile.arch not in ("any", arch):
-                why = (f"measured on {arch}, target is {profile.arch}; run `python runner.py` in the bundle "
-                       f"on the device")
-                not_run.update({k: why for k in _HOST_GATES})
-                notes.append(f"latency and memory gates not run: {why}")
             cpus = os.cpu_count() or 1
             if profile.threads > cpus:
                 notes.append(f"the profile asks {profile.threads} threads, this host has {cpus} CPUs: "
@@ -230,10 +254,15 @@ def validate(bundle, target, task=None, out=None, limit: int | None = None, time
             os.unlink(frame_tmp.name)
 
     gates, status = apply_gates(measurement, profile, reference, not_run)
+    if emulation is not None:
+        from .emulate import emulated_gates
+
+        gates, status = emulated_gates(gates, profile, emulation["comparison"], emulate_cpu)
     report = ValidationReport(
         target=profile.name, bundle=str(bundle.resolve()), status=status, gates=gates,
         profile=profile.to_dict(), measurement=measurement, reference=reference, reduction=reduction,
         notes=notes, created_at=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        emulation=emulation,
     )
     others = _other_reports(out)
     report.paths = write_reports(report.to_dict(), out, others)

@@ -91,3 +91,19 @@ def test_two_targets_share_one_work_folder(setup, tmp_path):
     assert [s.status for s in again.stages[:-1]] == ["skipped (done)"] * 4
     with pytest.raises(Exception, match="must not be the bundle folder"):
         _run(setup, tmp_path / "x", work=tmp_path / "x" / "inside")
+
+
+def test_run_for_another_architecture_builds_the_bundle_and_leaves_validation_not_run(setup, tmp_path):
+    import platform
+
+    root, model_dir, task, _ = setup
+    other = "x86_64" if platform.machine().lower() in ("aarch64", "arm64") else "aarch64"
+    panel = write_profile(tmp_path, "onnxruntime", name="panel", extra=f'arch = "{other}"', max_metric_drop=1.0)
+    summary = run(str(model_dir), str(task), str(panel), tmp_path / "panel-bundle", strategy="uniform",
+                  n_calibration=32, val_limit=None, work=root / "bundle.work")   # the first test's stages, reused
+    assert (tmp_path / "panel-bundle" / "bundle.json").is_file() and summary.report is None
+    last = summary.stages[-1]
+    assert (last.name, last.status) == ("validate", "not run")
+    assert f"is for {other}" in last.detail and "python runner.py" in last.detail
+    if other == "aarch64":
+        assert "--emulate" in last.detail
