@@ -99,7 +99,7 @@ def _toml_key(key: str) -> str:
 
 def bundled_task_toml(path) -> str:
     """The task TOML rewritten for the bundle: same spec, [data] holding only test = "test.jsonl"."""
-    import tomllib
+    from .tasks import tomllib
 
     path = Path(path)
     raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -224,7 +224,7 @@ def make_bundle(export_dir, task, target, out, reference=None, card_info: dict |
         shutil.copy2(profile.path, partial / "target.toml")
         _write_json(partial / "prompt.json", frame)
         shutil.copy2(Path(__file__).with_name("runtime.py"), partial / "runner.py")
-        import tomllib
+        from .tasks import tomllib
 
         manifest = {
             "format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION,

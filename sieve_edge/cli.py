@@ -143,7 +143,10 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
               help="Genetic algorithm per matrix, or bisection on one keep fraction for all.")
 @click.option("--objective", type=click.Choice(["params", "latency"]), default="params", show_default=True)
 @click.option("--target", default=None, help="Target profile (name or TOML) whose runtime times the latency objective.")
-@click.option("--budget-minutes", type=float, default=None, help="Stop searching after this long (calibration included).")
+@click.option("--budget-minutes", type=float, default=None,
+              help="Time for the search proper: scoring candidates and breeding (not loading, calibration, "
+                   "decomposition, the sensitivity pass or the dense model's scores). When it ends, the best plan "
+                   "scored so far is kept; a rerun with a larger budget continues.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--population", type=click.IntRange(min=2), default=16, show_default=True)
 @click.option("--generations", type=click.IntRange(min=0), default=12, show_default=True)
@@ -161,7 +164,9 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
 @click.option("--weights", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="Score candidates as the export will compute: int8 simulates int8 weights (NNCF INT8_ASYM).")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--force", is_flag=True, help="Start over even if --out holds an unfinished or finished search.")
+@click.option("--force", is_flag=True,
+              help="Start the search over even if --out holds an unfinished or finished one (also one of another "
+                   "model, task or settings); a calibration that matches is reused.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (search.json) as JSON.")
 @handle_errors
 def search_command(model_spec, task_spec, tolerance, relative, method, strategy, objective, target, budget_minutes,
@@ -169,7 +174,9 @@ def search_command(model_spec, task_spec, tolerance, relative, method, strategy,
                    heal_lr, weights, out, force, as_json):
     """Search a keep level per matrix within an accuracy tolerance; write the refit checkpoint.
 
-    Rerunning the same command after an interruption resumes from OUT/search_state.json.
+    Stages: calibrate → sensitivity → search → reference → refit, kept in OUT/.stages.
+    Rerunning the same command after an interruption resumes the search from its last
+    generation and reuses a finished calibration.
     """
     from .errors import InputError
     from .progress import log
@@ -297,7 +304,10 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @click.option("--strategy", type=click.Choice(["ga", "uniform"]), default="ga", show_default=True)
 @click.option("--method", type=click.Choice(["svd", "input-pca", "output", "sieve"]), default="sieve",
               show_default=True)
-@click.option("--budget-minutes", type=float, default=None, help="Wall-time budget of the search.")
+@click.option("--budget-minutes", type=float, default=None,
+              help="Time for the search stage proper: scoring candidates and breeding (not tuning, loading, "
+                   "calibration, decomposition, the sensitivity pass or the dense scores). When it ends, the best "
+                   "plan scored so far is kept.")
 @click.option("--calibration", "n_calibration", type=int, default=512, show_default=True)
 @click.option("--val-limit", type=int, default=300, show_default=True,
               help="Validation examples the search scores per candidate.")
@@ -305,13 +315,19 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @click.option("--heal-steps", type=int, default=0, show_default=True)
 @click.option("--task-head", is_flag=True, help="Export an LM head restricted to the label tokens.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--force", is_flag=True, help="Redo every stage, even those already done.")
+@click.option("--force", is_flag=True, help="Redo every stage, even those already done (the search starts over).")
 @click.option("--work", type=click.Path(file_okay=False), default=None,
               help="Stage folder (default: OUT.work). Share it between targets to tune and search once.")
 @handle_errors
 def run(model, task, target, out, tune_steps, tolerance, strategy, method, budget_minutes, n_calibration,
         val_limit, test_limit, heal_steps, task_head, seed, force, work):
-    """tune? → calibrate → search → export → validate → bundle, in one command (rerun resumes)."""
+    """tune? → calibrate → sensitivity → search → reference → refit → export → bundle → validate.
+
+    Every stage has a key made of its settings, the content of what it reads (model, task
+    TOML and data files, profile) and the keys of the stages it consumes. A rerun skips the
+    stages whose key matches and whose output verifies, reruns the others and what follows
+    them (OUT.work/run.json says which and why); a killed run resumes. validate always runs.
+    """
     from .errors import GateFailure
     from .pipeline import run as run_pipeline
     from .progress import log

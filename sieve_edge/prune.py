@@ -1,4 +1,4 @@
-"""Prune a model per RankPlan with one of the four methods (DESIGN §2), layer by layer.
+"""Prune a model per RankPlan with one of the four methods (``lowrank.py``), layer by layer.
 
 - `svd`, `input-pca`, `output`: statistics from the dense model, one layer at a time.
 - `sieve`: sequential and error-correcting. A dense stream and a pruned stream walk the

@@ -7,14 +7,15 @@ whose outputs it consumes. Its key is the sha256 of all that plus the keys of th
 upstream stages, so a key changes when anything upstream of it changed.
 
 A ``Workflow`` runs a list of stages in order. A stage is skipped only when the record of
-its last finished run (``stage.json``) holds the same key AND its output still verifies
+its last finished run (``SLOT.stage.json``) holds the same key AND its output still verifies
 (every file listed in the record is there with its size); otherwise it runs, and so does
 every stage that consumes it. ``run.json`` in the work folder shows, per stage, its key,
 its inputs, whether it ran or was skipped, why, and how long it took.
 
-A stage writes into ``SLOT.partial-<pid>`` beside its slot; the record goes in last and
-the folder is renamed into place, so a folder that exists is complete and a killed run
-leaves only a partial folder (removed by the next run). File hashes are cached by
+A stage writes into ``SLOT.partial-<pid>`` beside its slot, which is renamed into place when
+complete; its record (``SLOT.stage.json``, beside the folder so that whoever copies the
+folder does not copy it) is written last. A killed run leaves a partial folder (removed by
+the next run) or an output without a record: either way the stage runs again. File hashes are cached by
 (path, size, mtime_ns, inode) in ``WORK/.cache/hashes.json``: a multi-GB model is hashed
 once, not on every run.
 
@@ -125,7 +126,7 @@ def _tree(folder: Path) -> list[tuple[str, Path]]:
     return sorted(out)
 
 
-def list_files(folder: Path, skip: tuple[str, ...] = (RECORD,)) -> dict[str, int]:
+def list_files(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, int]:
     """relative path -> size of every file of an output folder (what its record verifies);
     ``skip`` holds names, and folders ending in '/', left out."""
     return {rel: f.stat().st_size for rel, f in _tree(folder)
@@ -241,7 +242,8 @@ class Stage:
         return work / self.slot
 
     def record_path(self, work: Path) -> Path:
-        return self.output(work) / RECORD
+        # beside the output, not in it: consumers copy outputs (an export into a bundle)
+        return work / f"{self.slot}.{RECORD}"
 
     def verify(self, output: Path) -> str | None:
         """Stage-specific check of a finished output beyond the listed files; None when fine."""
@@ -457,30 +459,28 @@ class Workflow:
         kill_point(stage.slot, "start")
         if stage.always:
             return dict(stage.build(self.ctx, output) or {})
+        record = stage.record_path(self.work)
+        record.unlink(missing_ok=True)  # until the new output is in place, nothing here is done
         if stage.external:
-            # the stage writes `output` atomically itself; its record lives in the work folder
-            stage.record_path(self.work).unlink(missing_ok=True)
+            # the stage writes `output` atomically itself (the bundle)
             summary = dict(stage.build(self.ctx, output) or {})
             kill_point(stage.slot, "commit")
-            write_json_atomic(stage.record_path(self.work), self._record(stage, summary, output, t0))
-            stage.committed(self.ctx, output)
-            return summary
-        clean_partials(output)
-        partial = output.with_name(f"{output.name}.partial-{os.getpid()}")
-        partial.mkdir(parents=True)
-        try:
-            summary = dict(stage.build(self.ctx, partial) or {})
-            kill_point(stage.slot, "commit")
-            write_json_atomic(partial / RECORD, self._record(stage, summary, partial, t0))
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        replace_folder(partial, output)
+        else:
+            clean_partials(output)
+            partial = output.with_name(f"{output.name}.partial-{os.getpid()}")
+            partial.mkdir(parents=True)
+            try:
+                summary = dict(stage.build(self.ctx, partial) or {})
+                kill_point(stage.slot, "commit")
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+            replace_folder(partial, output)
+        write_json_atomic(record, self._record(stage, summary, output, t0))
         stage.committed(self.ctx, output)
         return summary
 
     def _record(self, stage: Stage, summary: dict, folder: Path, t0: float) -> dict:
-        skip = (RECORD,) + tuple(stage.unverified)
         return {
             "format": RECORD_FORMAT, "format_version": FORMAT_VERSION,
             "name": stage.name, "slot": stage.slot, "key": self._keys[stage.slot],
@@ -488,7 +488,7 @@ class Workflow:
             "upstream": self._descriptions[stage.slot]["upstream"],
             "description": self._descriptions[stage.slot],
             "finished": now_iso(), "seconds": round(time.perf_counter() - t0, 3),
-            "summary": summary, "files": list_files(folder, skip),
+            "summary": summary, "files": list_files(folder, tuple(stage.unverified)),
         }
 
     def _write_log(self) -> None:

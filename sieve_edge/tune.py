@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import architectures as arch
-from .errors import TaskSpecError
+from .errors import InputError, TaskSpecError, TrainingError
 from .progress import log
 from .tasks import TaskSpec, example_sequences, load_examples, load_task, pad_id, right_pad, special_prefix
 
@@ -117,7 +117,7 @@ def lora_targets(model) -> list[str]:
 def train_step(loss, optimizer, schedule, params, diverged: str) -> None:
     """One clipped optimizer step; a non-finite loss is an error (`diverged` names the fix, `{loss}` the value)."""
     if not math.isfinite(loss.item()):
-        raise TaskSpecError(diverged.format(loss=loss.item()))
+        raise TrainingError(diverged.format(loss=loss.item()))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -138,10 +138,10 @@ def tune(model, tokenizer, task: TaskSpec | str | Path, steps: int = 100, batch_
     if not isinstance(task, TaskSpec):
         task = load_task(task)
     if steps < 1 or batch_size < 1:
-        raise TaskSpecError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
+        raise InputError(f"tuning steps and batch size must be >= 1, got steps={steps}, batch_size={batch_size}")
     lr = DEFAULT_LR[bool(lora)] if lr is None else float(lr)
-    if not lr > 0:
-        raise TaskSpecError(f"lr must be > 0, got {lr}")
+    if not lr > 0 or not math.isfinite(lr):
+        raise InputError(f"tuning learning rate (--lr) must be a positive number, got {lr}")
     data = training_sequences(task, tokenizer, "train", None, max_length)
     pad = pad_id(tokenizer)
     device = _device(model)

@@ -25,6 +25,7 @@ from typing import Callable
 
 from ..errors import BudgetError, InputError, TaskSpecError
 from ..ga import Evaluation, GAConfig, GeneticSearch, Genome, key, unkey
+from ..stages import kill_point
 from .budget import Budget
 from .config import BEFORE_FIRST_GENERATION, UNIFORM_STEP, SearchConfig, SearchResult, SearchState
 from .evaluator import CandidateEvaluator
@@ -129,6 +130,7 @@ def run_genetic(ctx: SearchContext, saved: dict | None, costs: tuple[dict[str, l
             if record is None:
                 raise _BudgetSpent
             save()
+            kill_point("search", f"generation-{ga.generation}")
             ctx.progress(f"generation {ga.generation}/{config.generations}", record.best_gain, record.best_metric,
                          record.total_evaluations)
         else:

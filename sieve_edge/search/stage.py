@@ -402,14 +402,13 @@ def publish(src: Path, out: Path) -> None:
     manifest goes first out and last in, and the state file first in: a half-published OUT
     reads as a search in progress, never as a finished checkpoint."""
     from ..checkpoint import MANIFEST
-    from ..stages import RECORD
 
     (out / MANIFEST).unlink(missing_ok=True)
     for p in out.iterdir():
         if p.name.startswith("."):
             continue
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    files = sorted((f for f in src.iterdir() if f.is_file() and f.name not in (RECORD, MANIFEST)),
+    files = sorted((f for f in src.iterdir() if f.is_file() and f.name != MANIFEST),
                    key=lambda f: (f.name != STATE, f.name))
     for f in [*files, src / MANIFEST]:
         try:
