@@ -218,3 +218,35 @@ def test_sigkill_in_each_stage_then_rerun_gives_the_same_bundle(setup, tmp_path)
         a = json.loads((tmp_path / "killed.work" / stage / "plan.json").read_text())
         b = json.loads((tmp_path / "clean.work" / stage / "plan.json").read_text())
         assert a == b, stage
+
+
+def test_run_for_another_task_starts_an_interrupted_search_over(setup, tmp_path, monkeypatch):
+    # `run` keys the search on the model and task: an interrupted search of another task is
+    # not resumed (its scores are foreign), it starts over and finds what a fresh run finds.
+    import sieve_edge.search.drivers as D
+
+    root, model_dir, task, profile = setup
+    other = write_task(tmp_path / "other-task")
+    rows = (other.parent / "validation.jsonl").read_text().splitlines()
+    (other.parent / "validation.jsonl").write_text("\n".join(rows[2:]) + "\n")
+
+    def interrupt(slot, point):
+        if point == "generation-0":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(D, "kill_point", interrupt)
+    kw = dict(strategy="ga", n_calibration=16, val_limit=None)
+    with pytest.raises(KeyboardInterrupt):
+        run(str(model_dir), str(task), str(profile), tmp_path / "b", **kw)
+    monkeypatch.setattr(D, "kill_point", lambda slot, point: None)
+    lines = []
+    second = run(str(model_dir), str(other), str(profile), tmp_path / "b", log=lines.append, **kw)
+    assert any("a search of another model or task" in line and "starting over" in line for line in lines)
+    assert {s.slot: s.status for s in second.stages}["calibrate"] == "skipped"   # same calibration data
+    fresh = run(str(model_dir), str(other), str(profile), tmp_path / "fresh", **kw)
+    for stage in ("search", "refit"):
+        a = json.loads((tmp_path / "b.work" / stage / "plan.json").read_text())
+        b = json.loads((tmp_path / "fresh.work" / stage / "plan.json").read_text())
+        assert a == b, stage
+    assert json.loads((tmp_path / "b.work" / "search" / "result.json").read_text())["evaluations"] == \
+        json.loads((tmp_path / "fresh.work" / "search" / "result.json").read_text())["evaluations"]

@@ -391,3 +391,76 @@ def test_cli_search_uniform(tuned, tmp_path):
     # an `output` refit reuses the search's factors: it scores what the search scored
     assert abs(summary["validation"]["refit"] - summary["validation"]["search"]) <= 1 / summary["validation"]["n"]
     assert (out / "plan.json").is_file() and (out / "heatmap.png").is_file()
+
+
+def _interrupt_after_generation_0(monkeypatch):
+    """Ctrl-C right after generation 0 was saved (the search's test hook, in process)."""
+    import sieve_edge.search.drivers as D
+
+    def hook(slot, point):
+        if point == "generation-0":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(D, "kill_point", hook)
+    return lambda: monkeypatch.setattr(D, "kill_point", lambda slot, point: None)
+
+
+def test_search_resumed_into_a_folder_of_another_task_or_model_refuses(tuned, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from sieve_edge.cli import main
+
+    root, task_path = tuned
+    other_task = write_task(tmp_path / "other-task")
+    lines = (other_task.parent / "validation.jsonl").read_text().splitlines()
+    (other_task.parent / "validation.jsonl").write_text("\n".join(lines[1:]) + "\n")   # one row fewer
+    other_model = tmp_path / "other-model"
+    make_model("llama", seed=1).save_pretrained(other_model)
+    make_tokenizer().save_pretrained(other_model)
+    cfg = small_config(generations=2)
+    out = tmp_path / "out"
+    resume = _interrupt_after_generation_0(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(str(root / "model"), task_path, out, cfg)
+    resume()
+    state = out / ".stages" / "search.resume" / "search_state.json"
+    assert json.loads(state.read_text())["ga"]["generation"] == 0
+    before = state.read_bytes()
+
+    for model, task in ((root / "model", other_task), (other_model, task_path)):
+        with pytest.raises(ArtifactError, match=r"another model or task \(.*\) left this state.*--force"):
+            run_search(str(model), task, out, cfg)
+    res = CliRunner().invoke(main, ["search", "--model", str(other_model), "--task", str(task_path),
+                                    "--tolerance", "0.05", "--out", str(out)])
+    assert res.exit_code == 1 and "another model or task" in res.output and "Traceback" not in res.output
+    assert state.read_bytes() == before                      # refused before anything ran
+    calibration = json.loads((out / ".stages" / "calibrate.stage.json").read_text())
+    assert Path(calibration["inputs"]["model"]["path"]) == (root / "model").resolve()   # not recalibrated
+
+    # --force starts over: what it finds is exactly what a fresh search finds, no foreign score reused
+    forced = run_search(str(other_model), task_path, out, cfg, force=True)
+    fresh = run_search(str(other_model), task_path, tmp_path / "fresh", cfg)
+    assert forced["resumed_from"] is None
+    for key in ("evaluations", "linear_param_reduction", "validation", "test"):
+        assert forced[key] == fresh[key], key
+    assert json.loads((out / "plan.json").read_text())["ranks"] == \
+        json.loads((tmp_path / "fresh" / "plan.json").read_text())["ranks"]
+
+
+def test_an_interrupted_search_resumes_without_recalibrating(tuned, tmp_path, monkeypatch):
+    root, task_path = tuned
+    cfg = small_config(generations=2)
+    out = tmp_path / "out"
+    resume = _interrupt_after_generation_0(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(str(root / "model"), task_path, out, cfg)
+    resume()
+    summary = run_search(str(root / "model"), task_path, out, cfg)
+    log = {s["slot"]: s for s in json.loads((out / ".stages" / "run.json").read_text())["stages"]}
+    assert log["calibrate"]["status"] == "skipped" and log["sensitivity"]["status"] == "skipped"
+    assert log["search"]["status"] == "ran" and summary["resumed_from"] == 0
+    fresh = run_search(str(root / "model"), task_path, tmp_path / "fresh", cfg)
+    assert json.loads((out / "plan.json").read_text())["ranks"] == \
+        json.loads((tmp_path / "fresh" / "plan.json").read_text())["ranks"]
+    assert summary["evaluations"] == fresh["evaluations"]
+    assert not (out / ".stages" / "search.resume").exists()    # the finished output holds the state
