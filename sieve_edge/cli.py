@@ -112,17 +112,22 @@ def tune_command(model_spec, task_spec, out, steps, batch_size, lr, lora, seed, 
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available).")
+@click.option("--decompositions", type=click.Path(file_okay=False, exists=True), default=None,
+              help="A calibrate stage's folder of this model and task (OUT.work/calibrate of `run`, "
+                   "OUT/.stages/calibrate of `search`): reuse its factors instead of calibrating "
+                   "(methods output, input-pca, svd).")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the checkpoint manifest as JSON.")
 @handle_errors
-def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed, device, out, force, as_json):
+def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed, device, decompositions, out, force,
+          as_json):
     """Factorize every linear matrix to low rank, calibrated on the task; write a checkpoint."""
     from .prune import prune_checkpoint
 
     manifest = prune_checkpoint(model, task, out, method=method, keep=keep, plan_file=plan_file,
                                 n_calibration=n_calibration, batch_size=batch_size, seed=seed, device=device,
-                                force=force)
+                                force=force, decompositions=decompositions)
     if as_json:
         print_json({k: v for k, v in manifest.items() if k not in ("ranks", "shapes")})
     else:
