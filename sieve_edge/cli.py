@@ -326,7 +326,7 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @handle_errors
 def run(model, task, target, out, tune_steps, tolerance, strategy, method, budget_minutes, n_calibration,
         val_limit, test_limit, heal_steps, task_head, seed, force, work):
-    """tune? → calibrate → sensitivity → search → reference → refit → export → bundle → validate.
+    """tune? → calibrate → sensitivity → search → refit → export → reference → bundle → validate.
 
     Every stage has a key made of its settings, the content of what it reads (model, task
     TOML and data files, profile) and the keys of the stages it consumes. A rerun skips the

@@ -1,6 +1,6 @@
 """The one-command pipeline, and the only module that knows the stage order.
 
-    tune? → calibrate → sensitivity → search → reference → refit → export → bundle → validate
+    tune? → calibrate → sensitivity → search → refit → export → reference → bundle → validate
 
 Each stage is a ``stages.Stage`` with a content-addressed key (its settings, the content of
 the files it reads, the keys of the stages it consumes) and an output folder written
@@ -13,7 +13,9 @@ stages after them. ``validate`` always runs: it is the check.
 
 Layout: the bundle is ``OUT``; the stages live beside it in ``OUT.work/`` (``--work`` to
 share them between targets): ``tune/``, ``calibrate/``, ``sensitivity/``, ``search/``,
-``reference/``, ``refit/`` (the factorized checkpoint), ``export-FORMAT-WEIGHTS/``.
+``refit/`` (the factorized checkpoint), ``export-FORMAT-WEIGHTS/``, ``reference/`` (the
+dense model's test metric, what the accuracy gate compares with), each with its record
+``SLOT.stage.json`` beside it, and ``run.json``.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from typing import Callable
 from .errors import ArtifactError, BudgetError, InputError
 from .stages import ModelRef, Stage, StageContext, StageRecord, Workflow, model_ref, task_inputs
 
-ORDER = "tune? → calibrate → sensitivity → search → reference → refit → export → bundle → validate"
+ORDER = "tune? → calibrate → sensitivity → search → refit → export → reference → bundle → validate"
 
 
 @dataclass
@@ -168,7 +170,7 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
     """
     from .checkpoint import describe_folder
     from .search import SearchConfig, search_stages
-    from .search.stage import check_search_task
+    from .search.stage import ReferenceStage, check_search_task
     from .targets import load_profile
     from .tasks import load_task
 
@@ -204,12 +206,14 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
     if tune_steps:
         stages.append(TuneStage(base, spec, tune_steps, seed))
         source = ModelRef(str(work / "tune"), needs=("tune",))
-    # an unfinished search of other inputs is started over: its stage key changed
+    # an unfinished search of other inputs is started over: its stage key changed. The refit
+    # is not scored on test with torch: validate scores the bundle on the target's runtime.
     stages += search_stages(source, spec, config, budget_minutes=budget_minutes, test_limit=test_limit,
-                            on_state_mismatch="restart")
+                            on_state_mismatch="restart", score_test=False)
     fmt = {"onnxruntime": "onnx", "openvino": "openvino"}[profile.runtime]
     export = ExportStage(fmt, profile.weights, spec, task_head)
-    stages += [export, BundleStage(out, export.slot, spec, profile), ValidateStage(out, profile, test_limit)]
+    stages += [export, ReferenceStage(source, spec, test_limit), BundleStage(out, export.slot, spec, profile),
+               ValidateStage(out, profile, test_limit)]
     flow = Workflow(work, stages, force=force, log=say,
                     meta={"command": "run", "model": str(model), "task": str(spec.path), "target": profile.name,
                           "bundle": str(out), "order": ORDER})

@@ -383,8 +383,10 @@ class Workflow:
             return "forced"
         rec = self._read_record(stage)
         output = stage.output(self.work)
-        if rec is None or not output.exists():
+        if not output.exists():
             return "output missing"
+        if rec is None:
+            return "no record of a finished run"
         if rec.get("key") != self._keys[stage.slot]:
             return "key changed: " + key_change(rec.get("description") or {}, self._descriptions[stage.slot],
                                                 rec.get("inputs") or {}, self._input_paths(stage))

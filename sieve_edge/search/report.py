@@ -67,6 +67,9 @@ def search_report(summary: dict, result: dict) -> str:
     if s.get("test"):
         lines.append(f"| test {s['metric']} ({s['test']['n']} examples, never seen by the search) | "
                      f"{s['test']['dense']:.4f} | |" + (f" | {s['test']['pruned']:.4f} |" if refit else ""))
+    elif refit:
+        lines += ["", "The test split, never seen by the search, is scored on the exported bundle by `validate` "
+                  "(its report: `OUT/reports/TARGET/`)."]
     lines.append("")
     if s.get("heal"):
         h = s["heal"]

@@ -252,10 +252,18 @@ class ReferenceStage(Stage):
 
 
 class RefitStage(Stage):
+    """The plan's ranks refit with --method, healed if asked: the factorized checkpoint.
+
+    ``score_test``: score it on the test split with torch against the reference stage's
+    dense score (``sieve-edge search``); the pipeline leaves that to ``validate``, which
+    scores the exported bundle on the target's runtime.
+    """
+
     name = "refit"
 
-    def __init__(self, model: ModelRef, task, config: SearchConfig, test_limit: int | None, progress: bool = False):
-        splits = ("validation", "test")
+    def __init__(self, model: ModelRef, task, config: SearchConfig, test_limit: int | None, progress: bool = False,
+                 score_test: bool = True):
+        splits = ("validation", "test") if score_test else ("validation",)
         if config.method != config.search_method:
             splits += ("calibration",)
         if config.heal_steps:
@@ -265,8 +273,12 @@ class RefitStage(Stage):
                     "n_calibration": config.n_calibration, "calibration_batch": config.calibration_batch,
                     "multiple": config.multiple, "val_limit": config.val_limit, "batch_size": config.batch_size,
                     "test_limit": test_limit, "seed": config.seed},
-            inputs=task_inputs(task, splits), needs=("calibrate", "search", "reference") + model.needs)
+            inputs=task_inputs(task, splits),
+            needs=("calibrate", "search") + (("reference",) if score_test else ()) + model.needs)
         self.model, self.task, self.settings, self.test_limit, self.progress = model, task, config, test_limit, progress
+        self.score_test = score_test
+        if not score_test:
+            self.config.pop("test_limit")
 
     def build(self, ctx: StageContext, out: Path) -> dict:
         import time
@@ -284,14 +296,12 @@ class RefitStage(Stage):
         plan = RankPlan.from_json(searched / "plan.json")
         data = _read_json(searched / "result.json")
         summary = dict(data["summary"])
-        reference = _read_json(ctx.output("reference") / "reference.json")
         higher = task.metric != "perplexity"
         sign = 1.0 if higher else -1.0
         model, tok = ctx.model(self.model.spec, take=True)  # refit in place
         ctx.log(f"refit: plan {100 * plan.linear_param_reduction:.1f}% of linear parameters removed, validation "
                 f"{task.metric} {data['metric']:.4f} (dense {data['dense_metric']:.4f}); refitting with '{cfg.method}'")
         val_scorer = make_scorer(tok, task, "validation", limit=cfg.val_limit, batch_size=cfg.batch_size)
-        test_scorer = make_scorer(tok, task, "test", limit=self.test_limit, batch_size=cfg.batch_size)
         search_method = plan.meta["search_method"]
 
         def searched_factors():
@@ -333,18 +343,22 @@ class RefitStage(Stage):
             val_final = heal.metric_after if heal.kept else heal.metric_before
         else:
             val_final = val_refit
-        test_metric = float(test_scorer.metric(refit))
-        dense_test = float(reference["value"])
+        test = None
+        if self.score_test:
+            test_scorer = make_scorer(tok, task, "test", limit=self.test_limit, batch_size=cfg.batch_size)
+            test_metric = float(test_scorer.metric(refit))
+            dense_test = float(_read_json(ctx.output("reference") / "reference.json")["value"])
+            test = {"dense": dense_test, "pruned": test_metric, "drop": sign * (dense_test - test_metric),
+                    "n": test_scorer.n}
+            plan.meta.update({"test_metric": test_metric, "dense_test_metric": dense_test})
         total = sum(ctx.seconds.get(s, 0.0) for s in ("calibrate", "sensitivity", "search", "reference"))
         summary.update({
             "method": method_used,
             "validation": {**summary["validation"], "refit": val_refit, "final": val_final},
-            "test": {"dense": dense_test, "pruned": test_metric, "drop": sign * (dense_test - test_metric),
-                     "n": test_scorer.n},
-            "heal": None if heal is None else asdict(heal), "notes": notes,
+            "test": test, "heal": None if heal is None else asdict(heal), "notes": notes,
             "total_seconds": total + time.perf_counter() - t0,
         })
-        plan.meta.update({"test_metric": test_metric, "dense_test_metric": dense_test, "refit_method": method_used})
+        plan.meta.update({"refit_method": method_used})
         manifest = build_manifest(refit, base_model=self.model.spec, method=method_used, task=task.name,
                                   search={k: summary[k] for k in ("strategy", "objective", "tolerance", "relative",
                                                                   "validation", "test", "seed")})
@@ -355,17 +369,22 @@ class RefitStage(Stage):
             if (searched / name).is_file():  # the state is absent only when nothing was scored
                 shutil.copy2(searched / name, out / name)
         (out / "search_report.md").write_text(search_report(summary, data))
-        return {"detail": f"{method_used}: linear params -{plan.linear_param_reduction:.1%}, test {task.metric} "
-                          f"{test_metric:.4f} (dense {dense_test:.4f})",
-                "linear_param_reduction": plan.linear_param_reduction, "test": summary["test"]}
+        scores = (f"test {task.metric} {test['pruned']:.4f} (dense {test['dense']:.4f})" if test else
+                  f"validation {task.metric} {val_final:.4f}")
+        return {"detail": f"{method_used}: linear params -{plan.linear_param_reduction:.1%}, {scores}",
+                "linear_param_reduction": plan.linear_param_reduction, "test": test}
 
 
 def search_stages(model: ModelRef, task, config: SearchConfig, *, budget_minutes: float | None,
-                  test_limit: int | None, on_state_mismatch: str = "restart", progress: bool = False) -> list[Stage]:
-    """calibrate → sensitivity → search → reference → refit, for a model and a task."""
-    return [CalibrateStage(model, task, config, progress), SensitivityStage(model, task, config),
-            SearchStage(model, task, config, budget_minutes, on_state_mismatch=on_state_mismatch, progress=progress),
-            ReferenceStage(model, task, test_limit), RefitStage(model, task, config, test_limit, progress)]
+                  test_limit: int | None, on_state_mismatch: str = "restart", progress: bool = False,
+                  score_test: bool = True) -> list[Stage]:
+    """calibrate → sensitivity → search → [reference →] refit, for a model and a task
+    (the reference stage, the dense test metric, only when the refit is scored on test)."""
+    stages = [CalibrateStage(model, task, config, progress), SensitivityStage(model, task, config),
+              SearchStage(model, task, config, budget_minutes, on_state_mismatch=on_state_mismatch, progress=progress)]
+    if score_test:
+        stages.append(ReferenceStage(model, task, test_limit))
+    return stages + [RefitStage(model, task, config, test_limit, progress, score_test)]
 
 
 # ---------------------------------------------------------------- sieve-edge search
