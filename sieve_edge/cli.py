@@ -151,7 +151,7 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
 @click.option("--budget-minutes", type=float, default=None,
               help="Time for the search proper: scoring candidates and breeding (not loading, calibration, "
                    "decomposition, the sensitivity pass or the dense model's scores). When it ends, the best plan "
-                   "scored so far is kept; a rerun with a larger budget continues.")
+                   "scored so far is kept and the command succeeds.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--population", type=click.IntRange(min=2), default=16, show_default=True)
 @click.option("--generations", type=click.IntRange(min=0), default=12, show_default=True)
@@ -312,7 +312,7 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @click.option("--budget-minutes", type=float, default=None,
               help="Time for the search stage proper: scoring candidates and breeding (not tuning, loading, "
                    "calibration, decomposition, the sensitivity pass or the dense scores). When it ends, the best "
-                   "plan scored so far is kept.")
+                   "plan scored so far is kept; rerunning with a larger budget continues the search.")
 @click.option("--calibration", "n_calibration", type=int, default=512, show_default=True)
 @click.option("--val-limit", type=int, default=300, show_default=True,
               help="Validation examples the search scores per candidate.")

@@ -5,6 +5,9 @@ from pathlib import Path
 
 from .config import BEFORE_FIRST_GENERATION
 
+CONTINUE = ("`sieve-edge run` with a larger --budget-minutes continues from the saved state "
+            "(`sieve-edge search --force` starts over)")
+
 
 def bottlenecks(levels: dict[str, float], sensitivity: dict[str, float], n: int = 8
                 ) -> tuple[list[tuple[str, float, float]], list[tuple[str, float, float]]]:
@@ -22,11 +25,9 @@ def stop_reason(summary: dict) -> str:
     budget = summary.get("budget_minutes")
     if stopped == BEFORE_FIRST_GENERATION:
         return (f"**{BEFORE_FIRST_GENERATION}** ({budget:g} min of searching): the plan is the best candidate "
-                "fully scored while seeding (at worst the dense model); rerun with a larger --budget-minutes "
-                "to continue from the saved state")
+                f"fully scored while seeding (at worst the dense model); {CONTINUE}")
     if stopped == "budget":
-        return (f"the budget ({budget:g} min of searching) ended after {summary['generations']} {steps}s; "
-                "rerun with a larger --budget-minutes to continue from the saved state")
+        return f"the budget ({budget:g} min of searching) ended after {summary['generations']} {steps}s; {CONTINUE}"
     if stopped == "stalled":
         return "no better plan for several generations"
     return f"finished ({summary['generations']} {steps}s)"
