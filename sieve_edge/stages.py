@@ -266,7 +266,7 @@ class StageRecord:
 
     name: str
     slot: str
-    status: str                  # pending | running | ran | skipped | failed
+    status: str                  # pending | running | ran | skipped | failed | interrupted
     why: str = ""
     key: str = ""
     seconds: float = 0.0
@@ -442,8 +442,9 @@ class Workflow:
             t0 = time.perf_counter()
             try:
                 summary = self._build(stage, output, t0)
-            except BaseException:
-                record.status, record.seconds = "failed", time.perf_counter() - t0
+            except BaseException as e:
+                record.status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+                record.seconds = time.perf_counter() - t0
                 self._write_log()
                 raise
             record.status, record.seconds = "ran", time.perf_counter() - t0

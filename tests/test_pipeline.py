@@ -162,11 +162,29 @@ def test_a_change_reruns_exactly_the_stages_downstream_of_it(setup, tmp_path):
     shutil.rmtree(other_model)
 
 
-_RUN = r'''
-import json, sys
-from sieve_edge.pipeline import run
-summary = run(**json.loads(sys.argv[1]))
-print(summary.report["status"])
+# Every killed run is a child forked from one process that imported the heavy modules once
+# (a fresh interpreter per run would spend most of this test importing torch and optimum).
+_ZYGOTE = r'''
+import json, os, sys
+import torch, transformers, onnxruntime                       # imported once, before any fork
+import optimum.exporters.onnx
+from sieve_edge import calibrate, evaluate, models, pipeline, tune
+from sieve_edge.export import onnx as _onnx_backend
+from sieve_edge.search import stage
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:                                                 # the run, killed by its hook
+        os.dup2(2, 1)                                            # stdout is the parent's channel
+        os.environ["SIEVE_EDGE_KILL_AT"] = job["kill"]
+        try:
+            pipeline.run(**job["kw"])
+            os._exit(0)
+        except BaseException as e:
+            print(repr(e), file=sys.stderr, flush=True)
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None}), flush=True)
 '''
 
 # One kill per stage: when its output is written but not yet committed (the worst moment), inside
@@ -194,20 +212,29 @@ def test_sigkill_in_each_stage_then_rerun_gives_the_same_bundle(setup, tmp_path)
 
     out = tmp_path / "killed"
     log_file = tmp_path / "killed.work" / "run.json"
-    env = dict(os.environ, SIEVE_EDGE_NO_PROGRESS="1")
+    errors = open(tmp_path / "runs.log", "w")
+    zygote = subprocess.Popen([sys.executable, "-c", _ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=errors, text=True, env=dict(os.environ, SIEVE_EDGE_NO_PROGRESS="1"))
     calibrated = False
-    for point in KILLS:
-        child = subprocess.run([sys.executable, "-c", _RUN, json.dumps({**kw, "out": str(out)})],
-                               env={**env, "SIEVE_EDGE_KILL_AT": point}, capture_output=True, text=True, timeout=600)
-        assert child.returncode == -signal.SIGKILL, (point, child.stdout[-2000:], child.stderr[-3000:])
-        stages = {s["slot"]: s for s in json.loads(log_file.read_text())["stages"]}
-        assert stages[point.split(":")[0]]["status"] == "running", point
-        if calibrated:  # a finished calibration is never redone
-            assert stages["calibrate"]["status"] == "skipped", (point, stages["calibrate"])
-        calibrated = calibrated or (tmp_path / "killed.work" / "calibrate.stage.json").is_file()
-        if point == "search:generation-1":
-            state = json.loads((tmp_path / "killed.work" / "search.resume" / "search_state.json").read_text())
-            assert state["ga"]["generation"] == 1
+    try:
+        for point in KILLS:
+            zygote.stdin.write(json.dumps({"kill": point, "kw": {**kw, "out": str(out)}}) + "\n")
+            zygote.stdin.flush()
+            line = zygote.stdout.readline()
+            assert line and json.loads(line)["signal"] == signal.SIGKILL, \
+                (point, line, (tmp_path / "runs.log").read_text()[-3000:])
+            stages = {s["slot"]: s for s in json.loads(log_file.read_text())["stages"]}
+            assert stages[point.split(":")[0]]["status"] == "running", point
+            if calibrated:  # a finished calibration is never redone
+                assert stages["calibrate"]["status"] == "skipped", (point, stages["calibrate"])
+            calibrated = calibrated or (tmp_path / "killed.work" / "calibrate.stage.json").is_file()
+            if point == "search:generation-1":
+                state = json.loads((tmp_path / "killed.work" / "search.resume" / "search_state.json").read_text())
+                assert state["ga"]["generation"] == 1
+    finally:
+        zygote.stdin.close()
+        zygote.wait(timeout=60)
+        errors.close()
     final = run(out=out, **kw)
     assert final.report["status"] == "pass"
     assert {s.slot: s.status for s in final.stages} == {**{s.slot: "skipped" for s in final.stages},
@@ -218,35 +245,3 @@ def test_sigkill_in_each_stage_then_rerun_gives_the_same_bundle(setup, tmp_path)
         a = json.loads((tmp_path / "killed.work" / stage / "plan.json").read_text())
         b = json.loads((tmp_path / "clean.work" / stage / "plan.json").read_text())
         assert a == b, stage
-
-
-def test_run_for_another_task_starts_an_interrupted_search_over(setup, tmp_path, monkeypatch):
-    # `run` keys the search on the model and task: an interrupted search of another task is
-    # not resumed (its scores are foreign), it starts over and finds what a fresh run finds.
-    import sieve_edge.search.drivers as D
-
-    root, model_dir, task, profile = setup
-    other = write_task(tmp_path / "other-task")
-    rows = (other.parent / "validation.jsonl").read_text().splitlines()
-    (other.parent / "validation.jsonl").write_text("\n".join(rows[2:]) + "\n")
-
-    def interrupt(slot, point):
-        if point == "generation-0":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(D, "kill_point", interrupt)
-    kw = dict(strategy="ga", n_calibration=16, val_limit=None)
-    with pytest.raises(KeyboardInterrupt):
-        run(str(model_dir), str(task), str(profile), tmp_path / "b", **kw)
-    monkeypatch.setattr(D, "kill_point", lambda slot, point: None)
-    lines = []
-    second = run(str(model_dir), str(other), str(profile), tmp_path / "b", log=lines.append, **kw)
-    assert any("a search of another model or task" in line and "starting over" in line for line in lines)
-    assert {s.slot: s.status for s in second.stages}["calibrate"] == "skipped"   # same calibration data
-    fresh = run(str(model_dir), str(other), str(profile), tmp_path / "fresh", **kw)
-    for stage in ("search", "refit"):
-        a = json.loads((tmp_path / "b.work" / stage / "plan.json").read_text())
-        b = json.loads((tmp_path / "fresh.work" / stage / "plan.json").read_text())
-        assert a == b, stage
-    assert json.loads((tmp_path / "b.work" / "search" / "result.json").read_text())["evaluations"] == \
-        json.loads((tmp_path / "fresh.work" / "search" / "result.json").read_text())["evaluations"]

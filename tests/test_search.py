@@ -458,9 +458,43 @@ def test_an_interrupted_search_resumes_without_recalibrating(tuned, tmp_path, mo
     summary = run_search(str(root / "model"), task_path, out, cfg)
     log = {s["slot"]: s for s in json.loads((out / ".stages" / "run.json").read_text())["stages"]}
     assert log["calibrate"]["status"] == "skipped" and log["sensitivity"]["status"] == "skipped"
-    assert log["search"]["status"] == "ran" and summary["resumed_from"] == 0
-    fresh = run_search(str(root / "model"), task_path, tmp_path / "fresh", cfg)
-    assert json.loads((out / "plan.json").read_text())["ranks"] == \
-        json.loads((tmp_path / "fresh" / "plan.json").read_text())["ranks"]
-    assert summary["evaluations"] == fresh["evaluations"]
+    assert log["search"]["status"] == "ran" and summary["resumed_from"] == 0 and summary["generations"] == 3
     assert not (out / ".stages" / "search.resume").exists()    # the finished output holds the state
+    # (that a resumed search ends with the uninterrupted run's plan: test_sigkill_then_rerun_resumes_to_the_same_plan)
+
+
+def test_search_stages_of_run_start_a_foreign_state_over(tuned, tmp_path, monkeypatch):
+    # `sieve-edge run` builds its search stages with on_state_mismatch="restart": an interrupted
+    # search of another task is not resumed (its scores are foreign); it starts over and ends
+    # where a fresh search ends
+    from sieve_edge.search import search_stages
+    from sieve_edge.stages import Workflow, model_ref
+
+    root, task_path = tuned
+    other = write_task(tmp_path / "other-task")
+    rows = (other.parent / "validation.jsonl").read_text().splitlines()
+    (other.parent / "validation.jsonl").write_text("\n".join(rows[2:]) + "\n")
+    cfg = small_config(generations=2)
+
+    def flow(task, work, log=None):
+        stages = search_stages(model_ref(str(root / "model")), load_task(task), cfg, budget_minutes=None,
+                               test_limit=None, on_state_mismatch="restart", score_test=False)
+        return Workflow(work, stages, log=log)
+
+    resume = _interrupt_after_generation_0(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        flow(task_path, tmp_path / "work").run()
+    resume()
+    assert json.loads((tmp_path / "work" / "run.json").read_text())["stages"][2]["status"] == "interrupted"
+    lines = []
+    records = {r.slot: r for r in flow(other, tmp_path / "work", lines.append).run()}
+    assert any("a search of another model or task" in line and "starting over" in line for line in lines)
+    assert records["calibrate"].status == "skipped"          # the calibration data did not change
+    assert records["search"].status == "ran" and records["sensitivity"].why.startswith("key changed: input task data validation")
+    flow(other, tmp_path / "fresh").run()
+    for name in ("plan.json", "history.json"):
+        a = json.loads((tmp_path / "work" / "search" / name).read_text())
+        b = json.loads((tmp_path / "fresh" / "search" / name).read_text())
+        if name == "history.json":  # wall times differ; what was scored may not
+            a, b = ([{k: v for k, v in g.items() if k != "seconds"} for g in d["generations"]] for d in (a, b))
+        assert a == b, name
