@@ -95,7 +95,7 @@ def run_genetic(ctx: SearchContext, saved: dict | None, costs: tuple[dict[str, l
                                 elite=min(2, config.population - 1)))
     # the dense genome was scored when the evaluator measured the reference (or in int8 after it)
     ga.cache[key(ladder.uniform(0))] = ctx.dense
-    resumed_from, task_sensitivity = None, {}
+    resumed_from, task_sensitivity = None, _at_half(costs, ladder)
     if saved is not None:
         ga.load_state_dict(saved["ga"])
         task_sensitivity = saved.get("task_sensitivity", {})
@@ -117,7 +117,7 @@ def run_genetic(ctx: SearchContext, saved: dict | None, costs: tuple[dict[str, l
     stopped, cut_short = "done", False
     try:
         if ga.generation < 0:
-            task_sensitivity = _seed(ga, ctx, measured, costs)
+            _seed(ga, ctx, measured, costs)
         while not ga.done():
             if ga.generation >= 0 and _next_generation_too_long(ga, ctx):
                 ctx.log(f"search: stopping after generation {ga.generation}: the next one would exceed the budget")
@@ -159,6 +159,14 @@ def run_genetic(ctx: SearchContext, saved: dict | None, costs: tuple[dict[str, l
                    task_sensitivity)
 
 
+def _at_half(costs: tuple[dict[str, list[float]], str] | None, ladder: Ladder) -> dict[str, float]:
+    """For the bottleneck report: each matrix's label-Fisher cost at the level nearest keep 0.5."""
+    if costs is None or costs[1] != "label-Fisher KL":
+        return {}
+    half = min(range(len(ladder.keeps)), key=lambda i: abs(ladder.keeps[i] - 0.5))
+    return {name: costs[0][name][half] for name in ladder.names}
+
+
 def _next_generation_too_long(ga: GeneticSearch, ctx: SearchContext) -> bool:
     # a generation costs about what the recent ones did (and at least one full evaluation)
     recent = [r.seconds for r in ga.history[-3:]] + [ctx.evaluator.dense_seconds]
@@ -166,11 +174,10 @@ def _next_generation_too_long(ga: GeneticSearch, ctx: SearchContext) -> bool:
 
 
 def _seed(ga: GeneticSearch, ctx: SearchContext, measured: Callable[[Genome], Evaluation],
-          costs: tuple[dict[str, list[float]], str] | None) -> dict[str, float]:
+          costs: tuple[dict[str, list[float]], str] | None) -> None:
     """Seeds (replayed from the cache on resume): the best uniform level, and the best trade
     of estimated task cost for gain (per matrix, the level maximizing gain - λ·cost, for a
-    range of λ), the largest feasible one found by bisection, plus its neighbours. Returns
-    the task sensitivity at keep 0.5 for the report (empty when costs are the spectrum's)."""
+    range of λ), the largest feasible one found by bisection, plus its neighbours."""
     from ..sensitivity import lagrangian_genomes
 
     ladder = ctx.ladder
@@ -181,10 +188,6 @@ def _seed(ga: GeneticSearch, ctx: SearchContext, measured: Callable[[Genome], Ev
     if costs is None:
         raise ValueError("the GA's first run needs the seed costs")
     table, source = costs
-    task_sensitivity = {}
-    if source == "label-Fisher KL":  # for the bottleneck report: each matrix at the level nearest keep 0.5
-        half = min(range(n_levels), key=lambda i: abs(ladder.keeps[i] - 0.5))
-        task_sensitivity = {name: table[name][half] for name in ladder.names}
     gains = {name: [ctx.objective.gain({name: r}) for r in ladder.ranks[name]] for name in ladder.names}
     table = {name: [0.0 if r is None else c for r, c in zip(ladder.ranks[name], table[name])]
              for name in ladder.names}
@@ -200,7 +203,6 @@ def _seed(ga: GeneticSearch, ctx: SearchContext, measured: Callable[[Genome], Ev
     ctx.log(f"search: seeds: uniform keep {ladder.keeps[u]} ({100 * measured(ladder.uniform(u)).gain:.1f}%), "
             f"best {source} trade {'-' if e == 0 else f'{100 * measured(genomes[e - 1]).gain:.1f}%'} "
             f"(step {e} of {len(genomes)}); {len(ga.cache)} evaluations")
-    return task_sensitivity
 
 
 # ---------------------------------------------------------------- uniform bisection
@@ -409,6 +411,11 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
             outcome = run_uniform(ctx, saved)
         else:
             outcome = run_genetic(ctx, saved, costs)
+        if outcome.stopped == BEFORE_FIRST_GENERATION:
+            need = (10 + config.population) * evaluator.dense_seconds / 60
+            say(f"search: one full evaluation takes {evaluator.dense_seconds:.0f} s here; the seeds need about 10 "
+                f"and a generation up to {config.population}: --budget-minutes {max(need, 0.1):.1f} or more lets "
+                "the GA breed")
         # the exact factors the search scored the chosen plan with (B (m, r), A (r, n), model dtype)
         factors = {}
         for name, r in outcome.ranks.items():
