@@ -509,18 +509,23 @@ def key_change(old: dict, new: dict, old_inputs: dict, new_inputs: dict) -> str:
         reasons.append(f"sieve-edge {old.get('sieve_edge')} made it (now {new.get('sieve_edge')})")
     oc, nc = old.get("config") or {}, new.get("config") or {}
     for k in sorted(set(oc) | set(nc)):
-        if oc.get(k) != nc.get(k):
-            reasons.append(f"config {k} {_short(oc.get(k))} -> {_short(nc.get(k))}")
+        if k not in nc:
+            reasons.append(f"config {k} no longer used")
+        elif k not in oc:
+            reasons.append(f"config {k} added ({_short(nc[k])})")
+        elif oc[k] != nc[k]:
+            reasons.append(f"config {k} {_short(oc[k])} -> {_short(nc[k])}")
     oi, ni = old.get("inputs") or {}, new.get("inputs") or {}
     for label in sorted(set(oi) | set(ni)):
         if oi.get(label) != ni.get(label):
             path = (new_inputs.get(label) or old_inputs.get(label) or {}).get("path", "")
-            what = "added" if label not in oi else "removed" if label not in ni else "changed"
+            what = "now read" if label not in oi else "no longer read" if label not in ni else "changed"
             reasons.append(f"input {label} {path} {what}".replace("  ", " "))
     ou, nu = old.get("upstream") or {}, new.get("upstream") or {}
     for slot in sorted(set(ou) | set(nu)):
         if ou.get(slot) != nu.get(slot):
-            reasons.append(f"upstream {slot} changed")
+            what = "no longer consumed" if slot not in nu else "now consumed" if slot not in ou else "changed"
+            reasons.append(f"upstream {slot} {what}")
     if not reasons:
         return "made by another version of this stage"
     return "; ".join(reasons[:4]) + (f" (+{len(reasons) - 4} more)" if len(reasons) > 4 else "")
