@@ -148,14 +148,10 @@ def main(argv=None) -> int:
         if task_name == "sst2" and args.cross:
             for name in CROSS:
                 cross_dense[name] = evaluate(dense, tok, cross_task(args.work, name), "test").value
-        # Every strategy searches `output` factors of the same calibration: decompose once per task.
-        from sieve_edge.calibrate import decompose_all
-        from sieve_edge.tasks import calibration_batches, load_task
-
-        t0 = time.perf_counter()
-        batches = list(calibration_batches(load_task(task_name), tok, args.calibration, 16))
-        decompositions = decompose_all(dense, batches, "output")
-        print(f"decomposed {len(decompositions[0])} matrices in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        # Every strategy searches `output` factors of the same calibration: the rows share one
+        # stage folder per task, so the calibrate stage runs once (its key matches) and so does
+        # the dense reference.
+        stages = args.work / f"stages-{task_name}{'-quick' if args.quick else ''}"
         for tol, label in args.pairs:
             cfg = SearchConfig(tolerance=tol, seed=args.seed, population=args.population,
                                generations=args.generations, n_calibration=args.calibration,
@@ -164,7 +160,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             summary = run_search(spec, task_name, out, cfg, budget_minutes=args.budget_minutes, force=True,
                                  test_limit=args.test_limit, log=log, model=copy.deepcopy(dense),
-                                 tokenizer=tok, decompositions=decompositions)
+                                 tokenizer=tok, work=stages)
             row = {"task": task_name, "strategy": label, "tolerance": tol,
                    "reduction": summary["linear_param_reduction"],
                    "val_dense": summary["validation"]["dense"], "val_final": summary["validation"]["final"],
@@ -185,7 +181,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
             _write(args, _merged(kept, rows), started)
-        del dense, decompositions
+        del dense
     rows = _merged(kept, rows)
     _write(args, rows, started)
     print(table(rows))

@@ -11,16 +11,20 @@ _LAZY = {
     "load_model": ("sieve_edge.models", "load_model"),
     "load_tokenizer": ("sieve_edge.models", "load_tokenizer"),
     "load_task": ("sieve_edge.tasks", "load_task"),
-    "evaluate": ("sieve_edge.evaluate", "evaluate"),
 }
+# ``sieve_edge.evaluate`` is always the module (a function of that name would be replaced by
+# the module as soon as anything imports it); the function is ``sieve_edge.evaluate.evaluate``.
+_MODULES = ("evaluate",)
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
+    if name in _MODULES:
+        return importlib.import_module(f"sieve_edge.{name}")
     raise AttributeError(f"module 'sieve_edge' has no attribute '{name}'")
 
 

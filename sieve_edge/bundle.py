@@ -132,7 +132,7 @@ def _toml_key(key: str) -> str:
 def bundled_task_toml(path, extra_files: dict[str, str] | None = None) -> str:
     """The task TOML rewritten for the bundle: same spec, [data] holding only test = "test.jsonl"
     (and how rows are drawn), each [[extra_test]] pointing at ``extra_files[name]``."""
-    import tomllib
+    from .tasks import tomllib
 
     path = Path(path)
     raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -193,13 +193,20 @@ def task_fingerprint(spec) -> str:
 
 def dense_reference(model, task, limit: int | None = None, trust_remote_code: bool = False) -> dict:
     """Measure the dense model's metric on the task's test split (and extra tests) with torch."""
-    from .evaluate import evaluate, score_extra_tests
     from .models import load_model, load_tokenizer
     from .tasks import load_task
 
     spec = load_task(task)
     tok = load_tokenizer(model, trust_remote_code=trust_remote_code)
     m = load_model(model, trust_remote_code=trust_remote_code)
+    return measure_reference(m, tok, spec, model, limit)
+
+
+def measure_reference(m, tok, spec, model, limit: int | None = None) -> dict:
+    """The reference record of a loaded dense model ``m`` (named ``model``): its metric on the
+    test split and each extra test, with torch."""
+    from .evaluate import evaluate, score_extra_tests
+
     result = evaluate(m, tok, spec, "test", limit=limit)
     extra = {name: {"metric": r.metric, "value": r.value, "n": r.n, "sample": r.sample}
              for name, r in score_extra_tests(m, tok, spec, limit=limit).items()}
@@ -287,7 +294,7 @@ def make_bundle(export_dir, task, target, out, reference=None, card_info: dict |
         shutil.copy2(profile.path, partial / "target.toml")
         _write_json(partial / "prompt.json", frame)
         shutil.copy2(Path(__file__).with_name("runtime.py"), partial / "runner.py")
-        import tomllib
+        from .tasks import tomllib
 
         manifest = {
             "format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION,

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from . import architectures as arch
+from .errors import ArtifactError, UnsupportedArchitectureError
 from .lowrank import Decomposition, decompose, whitening
 from .progress import progress_bar
 
@@ -81,7 +83,11 @@ def capture_layer_inputs(model: nn.Module, batches: Iterable[dict]) -> list[Laye
             for h in handles:
                 h.remove()
         if record.hidden is None:
-            raise RuntimeError(f"{type(model).__name__}: decoder layers were not called; registry mismatch")
+            spec = arch.get_arch(model)
+            raise UnsupportedArchitectureError(
+                f"{type(model).__name__} ({type(model).__module__}): a forward pass never called the decoder "
+                f"layers at '{spec.layers}' that the '{spec.name}' registry entry names; the registry does not "
+                "match this model class")
         captured.append(record)
     return captured
 
@@ -110,7 +116,9 @@ def capture_module_input(layer: nn.Module, module_rel: str, inputs: LayerInputs,
     finally:
         handle.remove()
     if "x" not in seen:
-        raise RuntimeError(f"layer {i}: module '{module_rel}' was never called")
+        raise UnsupportedArchitectureError(
+            f"{type(layer).__name__} ({type(layer).__module__}), layer {i}: the registry's module '{module_rel}' "
+            "was never called in a forward pass; the registry does not match this model class")
     return seen["x"]
 
 
@@ -188,10 +196,22 @@ def collect_stats(model: nn.Module, batches: Iterable[dict], names: Iterable[str
 def decompose_all(model: nn.Module, batches: Iterable[dict] | None, method: str = "output",
                   max_rank: Callable[[str, int, int], int | None] | None = None,
                   progress: bool = False) -> tuple[dict[str, Decomposition], int]:
-    """Decompose every registry matrix once, holding one layer's covariances at a time.
+    """Decompose every registry matrix once (``iter_decompositions``, collected).
 
-    `max_rank(name, m, n)` bounds how many directions are kept per matrix (None: all).
     Returns the decompositions (on the CPU, float64) and the number of calibration tokens.
+    """
+    decs, tokens = {}, 0
+    for _, layer_decs, tokens in iter_decompositions(model, batches, method, max_rank, progress):
+        decs.update(layer_decs)
+    return decs, tokens
+
+
+def iter_decompositions(model: nn.Module, batches: Iterable[dict] | None, method: str = "output",
+                        max_rank: Callable[[str, int, int], int | None] | None = None,
+                        progress: bool = False) -> Iterator[tuple[int, dict[str, Decomposition], int]]:
+    """Decompose every registry matrix, one decoder layer at a time: yields (layer index,
+    {name: Decomposition on the CPU, float64}, calibration tokens), holding one layer's
+    covariances. ``max_rank(name, m, n)`` bounds how many directions are kept (None: all).
     """
     from .factorize import dense_weight
 
@@ -199,22 +219,106 @@ def decompose_all(model: nn.Module, batches: Iterable[dict] | None, method: str 
         return max_rank(name, *w.shape) if max_rank else None
 
     if method == "svd":
-        decs = {}
-        for name in progress_bar(arch.linear_names(model), desc="decompose", enabled=progress):
-            w = dense_weight(arch.get_module(model, name))
-            decs[name] = _to_cpu(decompose(w, None, "svd", bound(name, w)))
-        return decs, 0
+        by_layer: dict[int, list[str]] = {}
+        for name in arch.linear_names(model):
+            by_layer.setdefault(arch.layer_index(name), []).append(name)
+        for i in progress_bar(sorted(by_layer), desc="decompose", enabled=progress):
+            decs = {}
+            for name in by_layer[i]:
+                w = dense_weight(arch.get_module(model, name))
+                decs[name] = _to_cpu(decompose(w, None, "svd", bound(name, w)))
+            yield i, decs, 0
+        return
     captured = capture_layer_inputs(model, batches)
-    decs, tokens = {}, 0
-    for _, covs, tokens in _iter_layer_covariances(model, captured, progress, f"calibrate+decompose ({method})"):
+    for i, covs, tokens in _iter_layer_covariances(model, captured, progress, f"calibrate+decompose ({method})"):
         whitened = {}  # matrices sharing an input share C, and so its whitening
+        decs = {}
         for name, C in covs.items():
             w = dense_weight(arch.get_module(model, name))
             L = None
             if method == "output":
                 L = whitened.setdefault(id(C), whitening(C))
             decs[name] = _to_cpu(decompose(w, C, method, bound(name, w), L=L))
-    return decs, tokens
+        yield i, decs, tokens
+
+
+DECOMPOSITIONS = "decompositions.json"
+DECOMPOSITIONS_FORMAT = "sieve-edge/decompositions"
+
+
+def save_decompositions(folder: Path, layers: Iterable[tuple[int, dict[str, Decomposition], int]],
+                        **meta) -> dict:
+    """Write decompositions layer by layer as they come (``layer-NNN.safetensors``) plus
+    ``decompositions.json``; returns that manifest.
+
+    Bases (left (m, k), right (k, n)) are stored as float32, what a candidate is scored and a
+    checkpoint refit with; the energies (k,) stay float64, as the spectrum error sums them.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    matrices: dict[str, dict] = {}
+    tokens, method = 0, None
+    for i, decs, tokens in layers:
+        file = f"layer-{i:03d}.safetensors"
+        tensors = {}
+        for name, d in decs.items():
+            method = d.method
+            tensors[f"{name}.left"] = d.left.to(torch.float32).contiguous()
+            tensors[f"{name}.right"] = d.right.to(torch.float32).contiguous()
+            tensors[f"{name}.energy"] = d.energy.to(torch.float64).contiguous()
+            matrices[name] = {"shape": list(d.shape), "max_rank": d.max_rank, "total": float(d.total), "file": file}
+        save_file(tensors, str(folder / file))
+    manifest = {"format": DECOMPOSITIONS_FORMAT, "format_version": 1, "method": method, "tokens": tokens,
+                "bases_dtype": "float32", "energy_dtype": "float64", **meta, "matrices": matrices}
+    (folder / DECOMPOSITIONS).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def read_decompositions_manifest(folder: Path) -> dict:
+    import json
+
+    f = Path(folder) / DECOMPOSITIONS
+    if not f.is_file():
+        raise ArtifactError(f"{folder}: no {DECOMPOSITIONS}; not the output of a calibrate stage")
+    try:
+        manifest = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{f}: not valid JSON ({e})") from e
+    if manifest.get("format") != DECOMPOSITIONS_FORMAT or manifest.get("format_version") != 1:
+        raise ArtifactError(f"{f}: not a sieve-edge decompositions manifest (format version 1)")
+    return manifest
+
+
+def load_decompositions(folder: Path) -> tuple[dict[str, Decomposition], int, dict]:
+    """(name -> Decomposition with float32 bases, calibration tokens, manifest) of a folder
+    written by ``save_decompositions``."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    manifest = read_decompositions_manifest(folder)
+    decs: dict[str, Decomposition] = {}
+    by_file: dict[str, list[str]] = {}
+    for name, m in manifest["matrices"].items():
+        by_file.setdefault(m["file"], []).append(name)
+    for file, names in sorted(by_file.items()):
+        path = folder / file
+        if not path.is_file():
+            raise ArtifactError(f"{folder}: {file} is missing (an incomplete calibrate output)")
+        tensors = load_file(str(path))
+        for name in names:
+            m = manifest["matrices"][name]
+            try:
+                left, right, energy = (tensors[f"{name}.{part}"] for part in ("left", "right", "energy"))
+            except KeyError:
+                raise ArtifactError(f"{path}: tensors of '{name}' are missing") from None
+            if tuple(left.shape) != (m["shape"][0], m["max_rank"]) or tuple(right.shape) != (m["max_rank"], m["shape"][1]):
+                raise ArtifactError(f"{path}: '{name}' bases have shapes {tuple(left.shape)} x {tuple(right.shape)}, "
+                                    f"the manifest says {m['shape']} at rank {m['max_rank']}")
+            decs[name] = Decomposition(left, right, energy, float(m["total"]), manifest["method"])
+    return decs, int(manifest["tokens"]), manifest
 
 
 def _to_cpu(d: Decomposition) -> Decomposition:

@@ -80,6 +80,12 @@ def print_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=False))
 
 
+
+_TRUST_REMOTE_CODE = click.option(
+    "--trust-remote-code", is_flag=True,
+    help="DANGEROUS: let transformers run Python code that the model folder names (auto_map); "
+         "without it such a folder is refused.")
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sieve-edge")
 def main():
@@ -101,9 +107,7 @@ def main():
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"task","split","metric","value","n","truncated","max_prompt_tokens","sample"} as JSON '
                    "(a list with --extra).")
-@click.option("--trust-remote-code", is_flag=True,
-              help="DANGEROUS: let transformers run Python code that the model folder names (auto_map); "
-                   "without it such a folder is refused.")
+@_TRUST_REMOTE_CODE
 @handle_errors
 def eval_command(model_spec, task_spec, split, with_extra, limit, batch_size, as_json, trust_remote_code):
     """Score a model on one split of a task (accuracy, exact match or perplexity)."""
@@ -141,9 +145,7 @@ def eval_command(model_spec, task_spec, split, with_extra, limit, batch_size, as
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Train on N rows of the train split, drawn as the task's [data] sample says.")
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint in --out.")
-@click.option("--trust-remote-code", is_flag=True,
-              help="DANGEROUS: let transformers run Python code that the model folder names (auto_map); "
-                   "without it such a folder is refused.")
+@_TRUST_REMOTE_CODE
 @handle_errors
 def tune_command(model_spec, task_spec, out, steps, batch_size, lr, lora, seed, limit, force, trust_remote_code):
     """Fine-tune a model on a task's train split (loss on answer tokens) and save it."""
@@ -177,17 +179,23 @@ def tune_command(model_spec, task_spec, out, steps, batch_size, lr, lora, seed, 
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available).")
+@click.option("--decompositions", type=click.Path(file_okay=False, exists=True), default=None,
+              help="A calibrate stage's folder of this model and task (OUT.work/calibrate of `run`, "
+                   "OUT/.stages/calibrate of `search`): reuse its factors instead of calibrating "
+                   "(methods output, input-pca, svd).")
 @click.option("--out", required=True, help="Output checkpoint folder.")
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the checkpoint manifest as JSON.")
+@_TRUST_REMOTE_CODE
 @handle_errors
-def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed, device, out, force, as_json):
+def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed, device, decompositions, out, force,
+          as_json, trust_remote_code):
     """Factorize every linear matrix to low rank, calibrated on the task; write a checkpoint."""
     from .prune import prune_checkpoint
 
     manifest = prune_checkpoint(model, task, out, method=method, keep=keep, plan_file=plan_file,
                                 n_calibration=n_calibration, batch_size=batch_size, seed=seed, device=device,
-                                force=force)
+                                force=force, decompositions=decompositions, trust_remote_code=trust_remote_code)
     if as_json:
         print_json({k: v for k, v in manifest.items() if k not in ("ranks", "shapes")})
     else:
@@ -208,7 +216,10 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
               help="Genetic algorithm per matrix, or bisection on one keep fraction for all.")
 @click.option("--objective", type=click.Choice(["params", "latency"]), default="params", show_default=True)
 @click.option("--target", default=None, help="Target profile (name or TOML) whose runtime times the latency objective.")
-@click.option("--budget-minutes", type=float, default=None, help="Stop searching after this long (calibration included).")
+@click.option("--budget-minutes", type=float, default=None,
+              help="Time for the search proper: scoring candidates and breeding (not loading, calibration, "
+                   "decomposition, the sensitivity pass or the dense model's scores). When it ends, the best plan "
+                   "scored so far is kept and the command succeeds.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--population", type=click.IntRange(min=2), default=16, show_default=True)
 @click.option("--generations", type=click.IntRange(min=0), default=12, show_default=True)
@@ -225,16 +236,21 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
 @click.option("--heal-lr", type=float, default=1e-4, show_default=True)
 @click.option("--weights", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="Score candidates as the export will compute: int8 simulates int8 weights (NNCF INT8_ASYM).")
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--force", is_flag=True, help="Start over even if --out holds an unfinished or finished search.")
+@click.option("--out", required=True, help="Output folder: the refit checkpoint and the search's reports.")
+@click.option("--force", is_flag=True,
+              help="Start the search over even if --out holds an unfinished or finished one (also one of another "
+                   "model, task or settings); a calibration that matches is reused.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (search.json) as JSON.")
+@_TRUST_REMOTE_CODE
 @handle_errors
 def search_command(model_spec, task_spec, tolerance, relative, method, strategy, objective, target, budget_minutes,
                    seed, population, generations, ladder, n_calibration, val_limit, race_size, test_limit, heal_steps,
-                   heal_lr, weights, out, force, as_json):
+                   heal_lr, weights, out, force, as_json, trust_remote_code):
     """Search a keep level per matrix within an accuracy tolerance; write the refit checkpoint.
 
-    Rerunning the same command after an interruption resumes from OUT/search_state.json.
+    Stages: calibrate → sensitivity → search → reference → refit, kept in OUT/.stages.
+    Rerunning the same command after an interruption resumes the search from its last
+    generation and reuses a finished calibration.
     """
     from .errors import InputError
     from .progress import log
@@ -251,7 +267,7 @@ def search_command(model_spec, task_spec, tolerance, relative, method, strategy,
                           generations=generations, ladder=levels, n_calibration=n_calibration, val_limit=val_limit,
                           race_size=race_size, heal_steps=heal_steps, heal_lr=heal_lr, weights=weights)
     summary = run_search(model_spec, task_spec, out, config, budget_minutes=budget_minutes, force=force,
-                         test_limit=test_limit, log=log)
+                         test_limit=test_limit, log=log, trust_remote_code=trust_remote_code)
     if as_json:
         print_json(summary)
     else:
@@ -282,9 +298,7 @@ def search_command(model_spec, task_spec, tolerance, relative, method, strategy,
 @click.option("--no-check", is_flag=True, help="Skip the fidelity check (not recommended).")
 @click.option("--out", required=True, help="Output folder (written atomically).")
 @click.option("--force", is_flag=True, help="Replace an existing export at --out.")
-@click.option("--trust-remote-code", is_flag=True,
-              help="DANGEROUS: let transformers run Python code that the model folder names (auto_map); "
-                   "without it such a folder is refused.")
+@_TRUST_REMOTE_CODE
 @handle_errors
 def export_cmd(model_dir, fmt, weights, int4, task, task_head, no_fuse, densify, densify_tokens, limit, no_check, out,
                force, trust_remote_code):
@@ -369,9 +383,7 @@ def validate_command(bundle_dir, target, task, out, limit, as_json, emulate, emu
 @click.option("--reference-model", default=None,
               help="Measure the dense reference now with torch on this model (folder, GGUF or alias).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out.")
-@click.option("--trust-remote-code", is_flag=True,
-              help="DANGEROUS: let transformers run Python code that the model folder names (auto_map); "
-                   "without it such a folder is refused.")
+@_TRUST_REMOTE_CODE
 @handle_errors
 def bundle_command(export_dir, task, target, out, reference, reference_model, force, trust_remote_code):
     """Assemble a deployable bundle: model, tokenizer, task, profile, reference, card, torch-free runner."""
@@ -397,7 +409,7 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @click.option("--model", required=True, help="Model: HF folder, GGUF file, alias (smollm2-135m) or hub id.")
 @click.option("--task", required=True, help="Task TOML path or sample name (sst2, sms_spam, snips).")
 @click.option("--target", required=True, help="Target profile TOML path or name (factory-pc, kiosk, ...).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="The bundle folder to write.")
+@click.option("--out", required=True, help="The bundle folder to write.")
 @click.option("--tune-steps", type=int, default=0, show_default=True,
               help="Fine-tune on the train split first (small models are weak zero-shot).")
 @click.option("--tolerance", type=float, default=None,
@@ -405,21 +417,33 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @click.option("--strategy", type=click.Choice(["ga", "uniform"]), default="ga", show_default=True)
 @click.option("--method", type=click.Choice(["svd", "input-pca", "output", "sieve"]), default="sieve",
               show_default=True)
-@click.option("--budget-minutes", type=float, default=None, help="Wall-time budget of the search.")
+@click.option("--budget-minutes", type=float, default=None,
+              help="Time for the search stage proper: scoring candidates and breeding (not tuning, loading, "
+                   "calibration, decomposition, the sensitivity pass or the dense scores). When it ends, the best "
+                   "plan scored so far is kept; rerunning with a larger budget continues the search.")
 @click.option("--calibration", "n_calibration", type=int, default=512, show_default=True)
 @click.option("--val-limit", type=int, default=300, show_default=True,
               help="Validation examples the search scores per candidate.")
 @click.option("--test-limit", type=int, default=None, help="Test examples for the reference and validation.")
 @click.option("--heal-steps", type=int, default=0, show_default=True)
-@click.option("--task-head", is_flag=True, help="Export an LM head restricted to the label tokens.")
+@click.option("--task-head/--no-task-head", default=None,
+              help="Export an LM head restricted to the label tokens. Default: on for a classification task "
+                   "whose label answers are single tokens (the same predictions, a fraction of the cost).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--force", is_flag=True, help="Redo every stage, even those already done.")
+@click.option("--force", is_flag=True, help="Redo every stage, even those already done (the search starts over).")
 @click.option("--work", type=click.Path(file_okay=False), default=None,
               help="Stage folder (default: OUT.work). Share it between targets to tune and search once.")
+@_TRUST_REMOTE_CODE
 @handle_errors
 def run(model, task, target, out, tune_steps, tolerance, strategy, method, budget_minutes, n_calibration,
-        val_limit, test_limit, heal_steps, task_head, seed, force, work):
-    """tune? → calibrate → search → export → validate → bundle, in one command (rerun resumes)."""
+        val_limit, test_limit, heal_steps, task_head, seed, force, work, trust_remote_code):
+    """tune? → calibrate → sensitivity → search → refit → export → reference → bundle → validate.
+
+    Every stage has a key made of its settings, the content of what it reads (model, task
+    TOML and data files, profile) and the keys of the stages it consumes. A rerun skips the
+    stages whose key matches and whose output verifies, reruns the others and what follows
+    them (OUT.work/run.json says which and why); a killed run resumes. validate always runs.
+    """
     from .errors import GateFailure
     from .pipeline import run as run_pipeline
     from .progress import log
@@ -427,7 +451,8 @@ def run(model, task, target, out, tune_steps, tolerance, strategy, method, budge
     summary = run_pipeline(model, task, target, out, tune_steps=tune_steps, tolerance=tolerance,
                            strategy=strategy, method=method, budget_minutes=budget_minutes, seed=seed,
                            n_calibration=n_calibration, val_limit=val_limit, test_limit=test_limit,
-                           heal_steps=heal_steps, task_head=task_head, force=force, work=work, log=log)
+                           heal_steps=heal_steps, task_head=task_head, force=force, work=work, log=log,
+                           trust_remote_code=trust_remote_code)
     click.echo(summary.table())
     report = summary.report or {}
     md = (report.get("paths") or {}).get("markdown")

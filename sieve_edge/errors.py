@@ -39,6 +39,10 @@ class BudgetError(InputError):
     """A budget or tolerance that cannot be met or makes no sense."""
 
 
+class TrainingError(SieveEdgeError):
+    """Training (tuning or healing) that diverged: the message names the step and the setting to lower."""
+
+
 class ArtifactError(SieveEdgeError):
     """An output folder that holds something else, or an input artifact that is incomplete."""
 

@@ -1,17 +1,24 @@
 """Genetic-algorithm mechanics over per-matrix keep levels: pure Python, no torch, no files.
 
 A genome is a tuple of ints, one gene per matrix, each an index into a ladder of keep levels
-(index 0 = the densest level). The caller supplies ``evaluate(genomes) -> [Evaluation]``;
-this module only breeds, selects and remembers. Everything it holds (population, every
-evaluation, the RNG) round-trips through ``state_dict()`` as plain JSON data, so a search
-stopped after any generation resumes to exactly the run it would have been.
+(index 0 = the densest level). This module only breeds, selects and remembers; scoring is
+the caller's, in one of two ways:
+
+- ``run()`` / ``step()`` with ``evaluate(genomes) -> [Evaluation]`` given to the constructor;
+- ``ask()`` → the candidates of the next generation at once (a scorer may race, batch or
+  spread them over workers) → ``tell(genomes, evaluations)``, as many times as needed; the
+  generation completes when every candidate is scored. A partial ``tell`` is kept.
+
+Everything it holds (population, every evaluation, the RNG) round-trips through
+``state_dict()`` as plain JSON data, so a search stopped after any generation, or inside
+one, resumes to exactly the run it would have been.
 """
 from __future__ import annotations
 
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 from .errors import InputError
@@ -122,7 +129,7 @@ class GeneticSearch:
         self,
         n_genes: int,
         n_levels: int,
-        evaluate: Callable[[list[Genome]], list[Evaluation]],
+        evaluate: Callable[[list[Genome]], list[Evaluation]] | None,
         tolerance: float,
         config: GAConfig = GAConfig(),
         seeds: Sequence[Sequence[int]] = (),
@@ -142,6 +149,10 @@ class GeneticSearch:
         self.history: list[GenerationRecord] = []
         self.best_feasible: Genome | None = None
         self.stalled = 0
+        self._pending: list[Genome] | None = None   # the generation asked for and not yet complete
+        self._rng_before_ask = None                  # the RNG as it was before breeding it (for the state)
+        self._new: list[str] = []                    # keys scored for the pending generation
+        self._pending_seconds = 0.0
 
     # ---- public -------------------------------------------------------------------------
 
@@ -164,16 +175,54 @@ class GeneticSearch:
 
     def step(self) -> GenerationRecord:
         """Score the initial population (generation 0) or breed and score the next one."""
+        if self.evaluate_fn is None:
+            raise ValueError("step() needs the evaluate function; without one, use ask() and tell()")
         t0 = time.perf_counter()
-        if self.generation < 0:
-            candidates = self._initial()
-        else:
-            candidates = self._breed()
-        n_new, n_full = self._score(candidates)
+        todo = self.unscored(self.ask())
+        results = self.evaluate_fn(todo) if todo else []
+        if len(results) != len(todo):
+            raise ValueError(f"evaluate returned {len(results)} results for {len(todo)} genomes")
+        record = self.tell(todo, results, seconds=time.perf_counter() - t0)
+        assert record is not None
+        return record
+
+    def ask(self) -> list[Genome]:
+        """The candidates of the next generation (the initial population first), distinct, in
+        order; asking again before the generation completes returns the same list."""
+        if self._pending is None:
+            self._rng_before_ask = self.rng.getstate()
+            self._pending = list(dict.fromkeys(self._initial() if self.generation < 0 else self._breed()))
+            self._new, self._pending_seconds = [], 0.0
+        return list(self._pending)
+
+    def unscored(self, genomes: Sequence[Genome]) -> list[Genome]:
+        """The genomes not in the evaluation cache (what a scorer has to measure)."""
+        return [g for g in dict.fromkeys(genomes) if key(g) not in self.cache]
+
+    def tell(self, genomes: Sequence[Genome], evaluations: Sequence[Evaluation],
+             seconds: float = 0.0) -> GenerationRecord | None:
+        """Record evaluations (a prefix of ``ask()``'s unscored candidates is fine). Returns the
+        generation's record when this completed it, else None."""
+        if len(genomes) != len(evaluations):
+            raise ValueError(f"{len(evaluations)} evaluations for {len(genomes)} genomes")
+        for g, ev in zip(genomes, evaluations):
+            k = key(self._check(g))
+            if k not in self.cache:
+                self._new.append(k)
+            self.cache[k] = ev
+        self._pending_seconds += seconds
+        if self._pending is None or self.unscored(self._pending):
+            return None
+        candidates = self._pending
+        improved = self._update_best(candidates)
+        self.stalled = 0 if improved or self.generation < 0 else self.stalled + 1
         self.population = self._select(candidates)
         self.generation += 1
-        record = self._record(n_new, n_full, time.perf_counter() - t0)
+        n_new = len(self._new)
+        n_full = sum(1 for k in self._new if self.cache[k].full)
+        record = self._record(n_new, n_full, self._pending_seconds)
         self.history.append(record)
+        self._pending, self._rng_before_ask, self._new = None, None, []
         return record
 
     def evaluation(self, genome: Sequence[int]) -> Evaluation:
@@ -191,7 +240,9 @@ class GeneticSearch:
     # ---- state --------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        version, internal, gauss = self.rng.getstate()
+        # inside a generation: the RNG before it was bred, so a resume breeds the same one and
+        # finds the candidates scored so far in the cache
+        version, internal, gauss = self._rng_before_ask if self._pending is not None else self.rng.getstate()
         return {
             "generation": self.generation,
             "stalled": self.stalled,
@@ -218,6 +269,7 @@ class GeneticSearch:
         self.rng.setstate((version, tuple(internal), gauss))
         self.cache = {k: Evaluation(**v) for k, v in state["cache"].items()}
         self.history = [GenerationRecord(**r) for r in state["history"]]
+        self._pending, self._rng_before_ask, self._new = None, None, []
 
     # ---- mechanics ----------------------------------------------------------------------
 
@@ -285,14 +337,7 @@ class GeneticSearch:
                 out[i] = self.rng.randrange(self.n_levels)
         return tuple(out)
 
-    def _score(self, genomes: list[Genome]) -> tuple[int, int]:
-        todo = [g for g in dict.fromkeys(genomes) if key(g) not in self.cache]
-        if todo:
-            results = self.evaluate_fn(todo)
-            if len(results) != len(todo):
-                raise RuntimeError(f"evaluate returned {len(results)} results for {len(todo)} genomes")
-            for g, ev in zip(todo, results):
-                self.cache[key(g)] = ev
+    def _update_best(self, genomes: list[Genome]) -> bool:
         improved = False
         for g in genomes:
             ev = self.cache[key(g)]
@@ -300,8 +345,7 @@ class GeneticSearch:
                 continue
             if self.best_feasible is None or self._better_feasible(g, self.best_feasible):
                 self.best_feasible, improved = g, True
-        self.stalled = 0 if improved or self.generation < 0 else self.stalled + 1
-        return len(todo), sum(1 for g in todo if self.cache[key(g)].full)
+        return improved
 
     def _better_feasible(self, a: Genome, b: Genome) -> bool:
         ea, eb = self.cache[key(a)], self.cache[key(b)]

@@ -1,8 +1,8 @@
 """Healing: a short fine-tune of a factorized model's low-rank factors on the train split.
 
 Only the factors of the ``LowRankLinear`` modules train (everything else stays frozen):
-they are the part the cut changed, they are few, and DESIGN §5 saw full fine-tuning of a
-pruned model swing by ten points from one checkpoint to the next. The loss is the answer
+they are the part the cut changed, they are few, and full fine-tuning of a pruned
+SmolLM2-135M was seen to swing by ten points from one checkpoint to the next. The loss is the answer
 tokens' cross-entropy, as in ``tune``. ``heal_`` scores the validation split before and
 after and keeps the healed weights only if they did not score worse, so healing can never
 cost accuracy on the split the search was held to.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import TaskSpecError
+from .errors import InputError
 from .factorize import LowRankLinear
 from .tune import train_step
 
@@ -44,10 +44,10 @@ def heal_(model, tokenizer, task, steps: int, *, lr: float = 1e-4, batch_size: i
     from .tune import training_sequences
 
     if steps < 1:
-        raise TaskSpecError(f"heal steps must be >= 1, got {steps}")
+        raise InputError(f"heal steps (--heal-steps) must be >= 1, got {steps}")
     params = factor_parameters(model)
     if not params:
-        raise TaskSpecError("healing needs a factorized model: no LowRankLinear module to train")
+        raise InputError("healing needs a factorized model: it has no LowRankLinear module to train")
     data = training_sequences(task, tokenizer, "train", None, max_length)
     pad = pad_id(tokenizer)
     device = next(model.parameters()).device

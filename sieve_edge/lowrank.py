@@ -1,4 +1,4 @@
-"""Low-rank factorizations of one linear matrix, W ≈ B·A, in float64 (DESIGN §2).
+"""Low-rank factorizations of one linear matrix, W ≈ B·A, in float64 (docs/ARCHITECTURE.md, "The math").
 
 Pure functions on tensors: no modules, no I/O, no imports from the rest of the package.
 Shapes: W is (m, n) = (out, in); C = X Xᵀ / N is the (n, n) input covariance of the task's

@@ -1,4 +1,4 @@
-"""Prune a model per RankPlan with one of the four methods (DESIGN §2), layer by layer.
+"""Prune a model per RankPlan with one of the four methods (``lowrank.py``), layer by layer.
 
 - `svd`, `input-pca`, `output`: statistics from the dense model, one layer at a time.
 - `sieve`: sequential and error-correcting. A dense stream and a pruned stream walk the
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -124,11 +125,50 @@ def prune(model: nn.Module, tokenizer, task, plan: RankPlan | float, method: str
     return prune_with_batches(model, batches, plan, method, multiple=multiple, damp=damp, progress=progress)
 
 
+def check_decompositions(folder, model: str, task, method: str, n_calibration: int, seed: int,
+                         max_length: int) -> None:
+    """A calibrate stage's folder is reused only for the model, task data and settings it was made with."""
+    import json
+
+    from .calibrate import read_decompositions_manifest
+    from .errors import ArtifactError
+    from .stages import HashCache, model_ref, task_inputs
+
+    folder = Path(folder)
+    manifest = read_decompositions_manifest(folder)
+    wanted = {"method": method, "n_calibration": n_calibration, "draw_seed": seed, "max_length": max_length}
+    for key, value in wanted.items():
+        if manifest.get(key) != value:
+            flag = {"method": "--method", "n_calibration": "--calibration", "draw_seed": "--seed"}.get(key, key)
+            raise InputError(f"{folder} holds a calibration with {key} {manifest.get(key)!r}, not {value!r}: pass "
+                             f"{flag} {manifest.get(key)} to reuse it, or leave out --decompositions")
+    record = folder.with_name(f"{folder.name}.stage.json")
+    if not record.is_file():
+        raise ArtifactError(f"{folder}: no {record.name} beside it, so nothing says which model and task it was "
+                            "calibrated on; pass the calibrate folder of a finished `run` or `search`")
+    made_from = json.loads(record.read_text()).get("inputs") or {}
+    hashes = HashCache(None)
+    ref = model_ref(model)
+    if not ref.inputs:
+        raise InputError(f"model {model} is not a file or folder whose content can be compared with {folder}'s")
+    here = {**ref.inputs, **task_inputs(task, ("calibration",))}
+    for label, path in here.items():
+        if label in made_from and made_from[label].get("sha256") != hashes.content(path):
+            raise ArtifactError(f"{folder} was calibrated on another {label} ({made_from[label].get('path')}, "
+                                f"not {path}); leave out --decompositions to calibrate this one")
+
+
 def prune_checkpoint(model: str, task: str, out, *, method: str = "sieve", keep: float | None = None,
                      plan_file=None, n_calibration: int = 512, batch_size: int = 16, max_length: int = 256,
                      seed: int = 0, multiple: int = 8, device: str | None = None, force: bool = False,
-                     trust_remote_code: bool = False, progress: bool = True) -> dict:
-    """Load, calibrate, factorize and save a checkpoint; returns its manifest."""
+                     trust_remote_code: bool = False, progress: bool = True, decompositions=None) -> dict:
+    """Load, calibrate, factorize and save a checkpoint; returns its manifest.
+
+    decompositions: a calibrate stage's folder (``OUT.work/calibrate`` of ``run``,
+    ``OUT/.stages/calibrate`` of ``search``) made from this model and task with these
+    settings: its factors are reused instead of calibrating again (methods that need only
+    the dense statistics: output, input-pca, svd).
+    """
     from .checkpoint import build_manifest, check_output, model_bytes, save_checkpoint
     from .models import load_model, load_tokenizer
     from .outputs import check_room
@@ -139,19 +179,48 @@ def prune_checkpoint(model: str, task: str, out, *, method: str = "sieve", keep:
         raise InputError("give exactly one of --keep (one fraction for every matrix) or --plan (a plan file)")
     if keep is not None and not 0.0 < keep <= 1.0:
         raise InputError(f"--keep must be in (0, 1], got {keep}")
+    if decompositions is not None and method == "sieve":
+        raise InputError("--decompositions holds factors of the dense statistics; method 'sieve' refits "
+                         "sequentially and calibrates itself: use --method output (or leave --decompositions out)")
     plan = RankPlan.from_json(plan_file) if plan_file is not None else keep  # a malformed plan fails first
     check_output(out, "checkpoint", force)
     spec = load_task(task)
+    if decompositions is not None:
+        check_decompositions(decompositions, model, spec, method, n_calibration, seed, max_length)
     net = load_model(model, device=device, trust_remote_code=trust_remote_code)
     if isinstance(plan, RankPlan):
         plan.check_model(linear_shapes(net), source=str(plan_file))
     check_room(out, model_bytes(net))  # the dense size bounds the checkpoint's; before calibration
     tok = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    result = prune(net, tok, spec, plan, method, n_calibration=n_calibration, batch_size=batch_size,
-                   max_length=max_length, seed=seed, multiple=multiple, progress=progress)
+    if decompositions is not None:
+        result = _prune_from(net, decompositions, plan, method, multiple)
+    else:
+        result = prune(net, tok, spec, plan, method, n_calibration=n_calibration, batch_size=batch_size,
+                       max_length=max_length, seed=seed, multiple=multiple, progress=progress)
     manifest = build_manifest(net, base_model=model, method=method, task=spec.name,
                               calibration={"examples": n_calibration, "tokens": result.calibration_tokens,
                                            "seed": seed, "split": "calibration"},
                               prune_seconds=round(result.seconds, 1))
     save_checkpoint(net, tok, out, manifest, force=force)
     return manifest
+
+
+def _prune_from(model: nn.Module, folder, plan: RankPlan | float, method: str, multiple: int) -> PruneResult:
+    """Factorize per ``plan`` with the factors of a calibrate stage's folder (no calibration)."""
+    from .calibrate import load_decompositions
+
+    t0 = time.perf_counter()
+    shapes = linear_shapes(model)
+    if not isinstance(plan, RankPlan):
+        plan = RankPlan.from_keep(shapes, float(plan), multiple, method)
+    plan.check_model(shapes)
+    plan.method = method
+    decs, tokens, _ = load_decompositions(folder)
+    for name, r in plan.factorized.items():
+        if name not in decs:
+            raise InputError(f"{folder} has no factors of '{name}': it was made for another model")
+        if r > decs[name].max_rank:
+            raise InputError(f"the plan needs rank {r} of '{name}'; {folder} keeps {decs[name].max_rank} (the "
+                             "search ladder's top level): choose a smaller keep or leave out --decompositions")
+    factorize_(model, {name: decs[name].factors(r) for name, r in plan.factorized.items()})
+    return PruneResult(model, plan, tokens, time.perf_counter() - t0)

@@ -152,3 +152,19 @@ def lagrangian_genomes(costs: dict[str, Sequence[float]], gains: dict[str, Seque
         if g not in out:
             out.append(g)
     return out
+
+
+def task_costs(model, scorer, ranks: dict[str, Sequence[int | None]], examples: int,
+               log: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+    """``label_fisher_kl`` on ``examples`` validation rows spread evenly over the scorer's split
+    (file order may be sorted by label): the seed costs of the genetic search."""
+    import time
+
+    t0 = time.perf_counter()
+    n = min(examples, scorer.n)
+    subset = sorted({round(i * (scorer.n - 1) / max(n - 1, 1)) for i in range(n)})
+    costs = label_fisher_kl(model, scorer, ranks, subset)
+    if log:
+        log(f"task sensitivity (label Fisher) of {len(costs)} matrices on {len(subset)} validation examples "
+            f"in {time.perf_counter() - t0:.0f} s")
+    return costs

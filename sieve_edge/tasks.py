@@ -16,7 +16,11 @@ from __future__ import annotations
 import json
 import math
 import re
-import tomllib
+
+try:
+    import tomllib  # Python >= 3.11
+except ModuleNotFoundError:  # Python 3.10: the tomli backport (a dependency there)
+    import tomli as tomllib  # type: ignore[no-redef]
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import architectures as arch
-from .errors import TaskSpecError
+from .errors import InputError, TaskSpecError, TrainingError
 from .progress import log
 from .runtime import BATCH_TOKENS
 from .tasks import TaskSpec, example_sequences, load_examples, load_task, pad_id, prompt_limit, right_pad, \
@@ -140,7 +140,7 @@ def lora_targets(model) -> list[str]:
 def train_step(loss, optimizer, schedule, params, diverged: str) -> None:
     """One clipped optimizer step; a non-finite loss is an error (`diverged` names the fix, `{loss}` the value)."""
     if not math.isfinite(loss.item()):
-        raise TaskSpecError(diverged.format(loss=loss.item()))
+        raise TrainingError(diverged.format(loss=loss.item()))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -165,7 +165,7 @@ def _accumulate(batch: list[tuple[list[int], list[int]]], model, pad: int, devic
         ids, mask, labels = _collate(part, pad, device)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
         if not math.isfinite(loss.item()):
-            raise TaskSpecError(diverged.format(loss=loss.item()))
+            raise TrainingError(diverged.format(loss=loss.item()))
         share = sum(_scored(lab) for _, lab in part) / total
         (loss * share).backward()
         value += loss.item() * share
@@ -188,12 +188,12 @@ def tune(model, tokenizer, task: TaskSpec | str | Path, steps: int = 100, batch_
     if not isinstance(task, TaskSpec):
         task = load_task(task)
     if steps < 1 or batch_size < 1:
-        raise TaskSpecError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
+        raise InputError(f"tuning steps and batch size must be >= 1, got steps={steps}, batch_size={batch_size}")
     lr = DEFAULT_LR[bool(lora)] if lr is None else float(lr)
-    if not lr > 0:
-        raise TaskSpecError(f"lr must be > 0, got {lr}")
+    if not lr > 0 or not math.isfinite(lr):
+        raise InputError(f"tuning learning rate (--lr) must be a positive number, got {lr}")
     if max_batch_tokens < 1:
-        raise TaskSpecError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        raise InputError(f"tuning max_batch_tokens must be >= 1, got {max_batch_tokens}")
     data = training_sequences(task, tokenizer, "train", limit, max_length, prompt_limit(task, tokenizer, model))
     if progress and data.truncated:
         log(f"tune: {data.truncated} of {len(data)} train prompts cut to fit max_prompt_tokens "

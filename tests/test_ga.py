@@ -146,3 +146,33 @@ def test_key_roundtrip():
     from sieve_edge.ga import unkey
     g = (0, 3, 1)
     assert unkey(key(g)) == g
+
+
+def test_ask_tell_in_parts_with_a_resume_inside_each_generation_equals_run():
+    cfg = GAConfig(population=10, generations=6, seed=5)
+    full = GeneticSearch(N_GENES, N_LEVELS, synthetic, TOL, cfg)
+    best_full = full.run()
+
+    ga = GeneticSearch(N_GENES, N_LEVELS, None, TOL, cfg)
+    resumes = 0
+    while not ga.done():
+        todo = ga.unscored(ga.ask())
+        assert ga.ask() == ga.ask()                       # asking again hands out the same generation
+        half = len(todo) // 2
+        if ga.tell(todo[:half], synthetic(todo[:half])) is not None:
+            continue                                      # nothing was left to score
+        # a new process in the middle of the generation: the state (through JSON) breeds it again
+        # and finds the first half in the cache
+        state = json.loads(json.dumps(ga.state_dict()))
+        ga = GeneticSearch(N_GENES, N_LEVELS, None, TOL, cfg)
+        ga.load_state_dict(state)
+        rest = ga.unscored(ga.ask())
+        assert rest == todo[half:]
+        record = ga.tell(rest, synthetic(rest))
+        assert record is not None and record.evaluations == len(rest)
+        resumes += 1
+    assert resumes >= 5
+    assert ga.best_feasible == best_full
+    assert [r.best_fitness for r in ga.history] == [r.best_fitness for r in full.history]
+    with pytest.raises(ValueError, match="without one, use ask"):
+        ga.step()

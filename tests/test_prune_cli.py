@@ -50,3 +50,45 @@ def test_prune_input_errors(tmp_path):
     res = runner.invoke(main, ["prune", "--model", "x", "--task", str(task), "--keep", "1.5", "--out", str(tmp_path / "o")])
     assert res.exit_code == 1 and "(0, 1]" in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_prune_reuses_a_calibrate_stage_of_the_same_model_and_task(tmp_path):
+    from sieve_edge.search import SearchConfig
+    from sieve_edge.search.stage import CalibrateStage
+    from sieve_edge.stages import Workflow, model_ref
+    from sieve_edge.tasks import load_task
+
+    model_dir = tmp_path / "model"
+    make_model("llama").save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    task = write_task(tmp_path / "task")
+    cfg = SearchConfig(n_calibration=16, multiple=2)
+    Workflow(tmp_path / "work", [CalibrateStage(model_ref(str(model_dir)), load_task(task), cfg)]).run()
+    calib = tmp_path / "work" / "calibrate"
+    runner = CliRunner()
+    common = ["prune", "--model", str(model_dir), "--task", str(task), "--method", "output", "--keep", "0.5",
+              "--calibration", "16", "--json"]
+    res = runner.invoke(main, common + ["--out", str(tmp_path / "fresh")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, common + ["--decompositions", str(calib), "--out", str(tmp_path / "reused")])
+    assert res.exit_code == 0, res.output
+    fresh, reused = sieve_edge.load_model(tmp_path / "fresh"), sieve_edge.load_model(tmp_path / "reused")
+    assert json.loads((tmp_path / "fresh" / "sieve_edge.json").read_text())["ranks"] == \
+        json.loads((tmp_path / "reused" / "sieve_edge.json").read_text())["ranks"]
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(fresh(ids).logits, reused(ids).logits, atol=1e-4)
+
+    # another model, other settings, or the sequential method: refused, saying what to do
+    other = tmp_path / "other"
+    make_model("llama", seed=1).save_pretrained(other)
+    make_tokenizer().save_pretrained(other)
+    for args, expected in ((["--model", str(other)], "calibrated on another model"),
+                           (["--calibration", "32"], "pass --calibration 16"),
+                           (["--method", "sieve"], "method 'sieve' refits sequentially")):
+        cmd = common + ["--decompositions", str(calib), "--out", str(tmp_path / "x")]
+        for flag, value in zip(args[::2], args[1::2]):
+            cmd[cmd.index(flag) + 1] = value
+        res = runner.invoke(main, cmd)
+        assert res.exit_code == 1 and expected in res.output, (args, res.output)
+    assert not (tmp_path / "x").exists()

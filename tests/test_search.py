@@ -158,71 +158,84 @@ def test_cli_reports_bad_tolerance(tmp_path):
 
 # ---------------------------------------------------------------- on the tiny tuned model
 
-def test_budget_too_small_names_the_minimum(tuned):
+def fake_clock(monkeypatch, seconds_per_candidate: float) -> dict:
+    """The search's clock moves only when a candidate is scored: a box where each costs ``seconds``."""
+    import sieve_edge.search.budget as B
+    from sieve_edge.search import CandidateEvaluator
+
+    clock = {"t": 0.0, "calls": 0}
+    monkeypatch.setattr(B, "now", lambda: clock["t"])
+    original = CandidateEvaluator.__call__
+
+    def timed(self, ranks):
+        clock["t"] += seconds_per_candidate
+        clock["calls"] += 1
+        return original(self, ranks)
+
+    monkeypatch.setattr(CandidateEvaluator, "__call__", timed)
+    return clock
+
+
+def test_budget_is_positive(tmp_path):
+    with pytest.raises(BudgetError, match="budget must be > 0 minutes"):
+        run_search("no-such-model-is-loaded", write_task(tmp_path / "task"), tmp_path / "out", small_config(),
+                   budget_minutes=0)
+
+
+def test_a_budget_too_small_for_one_candidate_keeps_the_dense_plan(tuned, monkeypatch):
+    # Calibration, decomposition and the dense scores do not count: a budget that cannot fit
+    # one candidate is no error, the plan is the dense model's (what was measured).
+    from sieve_edge.search.config import BEFORE_FIRST_GENERATION
+
+    clock = fake_clock(monkeypatch, 60.0)
     root, task_path = tuned
     model, tok = load_tuned(root)
-    with pytest.raises(BudgetError, match=r"too small.*took \d+ s; give at least --budget-minutes"):
-        search_plan(model, tok, load_task(task_path), small_config(), budget_minutes=1e-4)
+    res = search_plan(model, tok, load_task(task_path), small_config(), budget_minutes=1e-6)
+    assert clock["calls"] == 0 and res.plan.factorized == {} and res.evaluations == 1
+    assert res.stopped == BEFORE_FIRST_GENERATION and res.seconds == 0.0
 
 
 def test_budget_running_out_mid_search_stops_without_made_up_results(tuned, monkeypatch):
     # A clock that moves only when a candidate is scored (10 s each): the 2-minute budget runs
     # out inside the search. What it returns must be what was measured: no candidate scored
     # as "infeasible" for lack of time, a count of real evaluations, a feasible plan.
-    import types
-
-    import sieve_edge.search as S
-
-    clock = {"t": 0.0, "calls": 0}
-    fake_time = types.SimpleNamespace(**{n: getattr(time, n) for n in dir(time) if not n.startswith("_")})
-    fake_time.perf_counter = lambda: clock["t"]
-    monkeypatch.setattr(S, "time", fake_time)
-    original = S.CandidateEvaluator.__call__
-
-    def timed(self, ranks):
-        clock["t"] += 10.0
-        clock["calls"] += 1
-        return original(self, ranks)
-
-    monkeypatch.setattr(S.CandidateEvaluator, "__call__", timed)
+    clock = fake_clock(monkeypatch, 10.0)
     root, task_path = tuned
     model, tok = load_tuned(root)
     res = search_plan(model, tok, load_task(task_path), small_config(generations=20), budget_minutes=2.0)
-    assert 0 < clock["calls"] <= 2 * 60 / 10 + 1              # the last one starts at the 2-minute mark
+    assert 0 < clock["calls"] <= 2 * 60 / 10 + 1              # the last one starts before the 2-minute mark
     assert res.evaluations == clock["calls"] + 1          # the dense reference is scored outside __call__
     assert len(res.frontier) == res.evaluations
     assert all(f["metric"] > 0 for f in res.frontier)     # nothing made up (a skipped one scored 0)
     assert res.dense_metric - res.metric <= res.tolerance_abs + 1e-12
-    assert len(res.history) < 20
+    assert len(res.history) < 20 and res.stopped != "done"
+    assert res.seconds == clock["t"] <= 120.0             # the budget counts the search, and only it
 
 
 def test_budget_ending_before_the_first_generation_still_writes_a_plan(tuned, tmp_path, monkeypatch):
     # A slow box: every candidate costs 60 s, the 3-minute budget ends while the GA is still
-    # seeding. The stage must finish (best measured plan, state file for a resume), not crash.
-    import types
+    # seeding. The command must finish (best measured plan, state file for a resume) and exit 0.
+    from click.testing import CliRunner
 
-    import sieve_edge.search as S
+    from sieve_edge.cli import main
 
-    clock = {"t": 0.0}
-    fake_time = types.SimpleNamespace(**{n: getattr(time, n) for n in dir(time) if not n.startswith("_")})
-    fake_time.perf_counter = lambda: clock["t"]
-    monkeypatch.setattr(S, "time", fake_time)
-    original = S.CandidateEvaluator.__call__
-
-    def slow(self, ranks):
-        clock["t"] += 60.0
-        return original(self, ranks)
-
-    monkeypatch.setattr(S.CandidateEvaluator, "__call__", slow)
+    fake_clock(monkeypatch, 60.0)
     root, task_path = tuned
-    model, tok = load_tuned(root)
     out = tmp_path / "out"
-    summary = run_search("tiny", task_path, out, small_config(), model=model, tokenizer=tok, budget_minutes=3.0)
-    assert summary["generations"] == 0
+    res = CliRunner().invoke(main, ["search", "--model", str(root / "model"), "--task", str(task_path),
+                                    "--tolerance", "0.05", "--population", "6", "--generations", "2",
+                                    "--calibration", "32", "--race", "12", "--budget-minutes", "3",
+                                    "--out", str(out), "--json"])
+    assert res.exit_code == 0, (res.output[-3000:], repr(res.exception))
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    assert summary["generations"] == 0 and summary["stopped"] == "the budget ended before generation 1"
     assert (out / "plan.json").is_file() and (out / "search_state.json").is_file()
     state = json.loads((out / "search_state.json").read_text())
-    assert state["ga"]["generation"] == -1 and state["ga"]["cache"]
+    assert state["ga"]["generation"] == -1 and len(state["ga"]["cache"]) == summary["evaluations"] == 4
     assert summary["validation"]["dense"] - summary["validation"]["search"] <= summary["tolerance_abs"] + 1e-12
+    report = (out / "search_report.md").read_text()
+    assert "the budget ended before generation 1" in report
+    assert "| task KL |" in report            # the sensitivity stage's costs, though no seeding finished
 
 
 def test_ga_is_deterministic_and_within_tolerance(tuned):
@@ -380,3 +393,110 @@ def test_cli_search_uniform(tuned, tmp_path):
     # an `output` refit reuses the search's factors: it scores what the search scored
     assert abs(summary["validation"]["refit"] - summary["validation"]["search"]) <= 1 / summary["validation"]["n"]
     assert (out / "plan.json").is_file() and (out / "heatmap.png").is_file()
+
+
+def _interrupt_after_generation_0(monkeypatch):
+    """Ctrl-C right after generation 0 was saved (the search's test hook, in process)."""
+    import sieve_edge.search.drivers as D
+
+    def hook(slot, point):
+        if point == "generation-0":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(D, "kill_point", hook)
+    return lambda: monkeypatch.setattr(D, "kill_point", lambda slot, point: None)
+
+
+def test_search_resumed_into_a_folder_of_another_task_or_model_refuses(tuned, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from sieve_edge.cli import main
+
+    root, task_path = tuned
+    other_task = write_task(tmp_path / "other-task")
+    lines = (other_task.parent / "validation.jsonl").read_text().splitlines()
+    (other_task.parent / "validation.jsonl").write_text("\n".join(lines[1:]) + "\n")   # one row fewer
+    other_model = tmp_path / "other-model"
+    make_model("llama", seed=1).save_pretrained(other_model)
+    make_tokenizer().save_pretrained(other_model)
+    cfg = small_config(generations=2)
+    out = tmp_path / "out"
+    resume = _interrupt_after_generation_0(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(str(root / "model"), task_path, out, cfg)
+    resume()
+    state = out / ".stages" / "search.resume" / "search_state.json"
+    assert json.loads(state.read_text())["ga"]["generation"] == 0
+    before = state.read_bytes()
+
+    for model, task in ((root / "model", other_task), (other_model, task_path)):
+        with pytest.raises(ArtifactError, match=r"another model or task \(.*\) left this state.*--force"):
+            run_search(str(model), task, out, cfg)
+    res = CliRunner().invoke(main, ["search", "--model", str(other_model), "--task", str(task_path),
+                                    "--tolerance", "0.05", "--out", str(out)])
+    assert res.exit_code == 1 and "another model or task" in res.output and "Traceback" not in res.output
+    assert state.read_bytes() == before                      # refused before anything ran
+    calibration = json.loads((out / ".stages" / "calibrate.stage.json").read_text())
+    assert Path(calibration["inputs"]["model"]["path"]) == (root / "model").resolve()   # not recalibrated
+
+    # --force starts over: what it finds is exactly what a fresh search finds, no foreign score reused
+    forced = run_search(str(other_model), task_path, out, cfg, force=True)
+    fresh = run_search(str(other_model), task_path, tmp_path / "fresh", cfg)
+    assert forced["resumed_from"] is None
+    for key in ("evaluations", "linear_param_reduction", "validation", "test"):
+        assert forced[key] == fresh[key], key
+    assert json.loads((out / "plan.json").read_text())["ranks"] == \
+        json.loads((tmp_path / "fresh" / "plan.json").read_text())["ranks"]
+
+
+def test_an_interrupted_search_resumes_without_recalibrating(tuned, tmp_path, monkeypatch):
+    root, task_path = tuned
+    cfg = small_config(generations=2)
+    out = tmp_path / "out"
+    resume = _interrupt_after_generation_0(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(str(root / "model"), task_path, out, cfg)
+    resume()
+    summary = run_search(str(root / "model"), task_path, out, cfg)
+    log = {s["slot"]: s for s in json.loads((out / ".stages" / "run.json").read_text())["stages"]}
+    assert log["calibrate"]["status"] == "skipped" and log["sensitivity"]["status"] == "skipped"
+    assert log["search"]["status"] == "ran" and summary["resumed_from"] == 0 and summary["generations"] == 3
+    assert not (out / ".stages" / "search.resume").exists()    # the finished output holds the state
+    # (that a resumed search ends with the uninterrupted run's plan: test_sigkill_then_rerun_resumes_to_the_same_plan)
+
+
+def test_search_stages_of_run_start_a_foreign_state_over(tuned, tmp_path, monkeypatch):
+    # `sieve-edge run` builds its search stages with on_state_mismatch="restart": an interrupted
+    # search of another task is not resumed (its scores are foreign); it starts over and ends
+    # where a fresh search ends
+    from sieve_edge.search import search_stages
+    from sieve_edge.stages import Workflow, model_ref
+
+    root, task_path = tuned
+    other = write_task(tmp_path / "other-task")
+    rows = (other.parent / "validation.jsonl").read_text().splitlines()
+    (other.parent / "validation.jsonl").write_text("\n".join(rows[2:]) + "\n")
+    cfg = small_config(generations=2)
+
+    def flow(task, work, log=None):
+        stages = search_stages(model_ref(str(root / "model")), load_task(task), cfg, budget_minutes=None,
+                               test_limit=None, on_state_mismatch="restart", score_test=False)
+        return Workflow(work, stages, log=log)
+
+    resume = _interrupt_after_generation_0(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        flow(task_path, tmp_path / "work").run()
+    resume()
+    assert json.loads((tmp_path / "work" / "run.json").read_text())["stages"][2]["status"] == "interrupted"
+    lines = []
+    records = {r.slot: r for r in flow(other, tmp_path / "work", lines.append).run()}
+    assert any("a search of another model or task" in line and "starting over" in line for line in lines)
+    assert records["calibrate"].status == "skipped"          # the calibration data did not change
+    assert records["search"].status == "ran" and records["sensitivity"].why.startswith("key changed: input task data validation")
+    flow(other, tmp_path / "fresh").run()
+    for name in ("plan.json", "history.json"):
+        a = json.loads((tmp_path / "work" / "search" / name).read_text())
+        b = json.loads((tmp_path / "fresh" / "search" / name).read_text())
+        if name == "history.json":  # wall times differ; what was scored may not
+            a, b = ([{k: v for k, v in g.items() if k != "seconds"} for g in d["generations"]] for d in (a, b))
+        assert a == b, name

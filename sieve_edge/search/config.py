@@ -1,0 +1,190 @@
+"""The search's settings, its result, and its resumable state on disk."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..errors import ArtifactError, BudgetError, InputError
+
+STATE_FORMAT = "sieve-edge/search-state"
+STATE_VERSION = 2                # 2: the state names the model and task it was searched for
+DEFAULT_LADDER = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+STRATEGIES = ("ga", "uniform")
+OBJECTIVES = ("params", "latency")
+WEIGHTS = ("fp32", "int8")  # int8: candidates scored with simulated int8 weights (NNCF INT8_ASYM)
+UNIFORM_STEP = 0.025  # keep resolution of the uniform bisection
+BEFORE_FIRST_GENERATION = "the budget ended before generation 1"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Every setting that changes the result; it is fingerprinted into the resumable state."""
+
+    tolerance: float = 0.01          # metric drop allowed on the validation split
+    relative: bool = False           # tolerance as a fraction of the dense metric
+    method: str = "sieve"            # refit method of the final checkpoint
+    strategy: str = "ga"             # ga | uniform
+    objective: str = "params"        # params | latency
+    target: str | None = None        # target profile for the latency objective
+    seed: int = 0
+    population: int = 16
+    generations: int = 12
+    ladder: tuple[float, ...] = DEFAULT_LADDER
+    sensitivity_examples: int = 64  # validation examples for the task-sensitivity seeds; 0 = spectrum
+    multiple: int = 8                # ranks rounded to this multiple (fast CPU kernels)
+    n_calibration: int = 512         # calibration examples for the search decompositions and the refit
+    calibration_batch: int = 16
+    val_limit: int | None = 300      # validation examples scored per candidate
+    race_size: int = 64              # racing subset; 0 = no racing
+    race_z: float = 2.0              # one-sided z of the racing rejection test
+    batch_size: int = 32
+    latency_tokens: int = 20         # prompt length the latency cost table is measured at
+    heal_steps: int = 0
+    heal_lr: float = 1e-4
+    weights: str = "fp32"            # precision candidates are scored in: int8 simulates the export's int8
+
+    def __post_init__(self):
+        if not (isinstance(self.tolerance, (int, float)) and 0.0 < self.tolerance < 1.0):
+            raise BudgetError(f"tolerance must be in (0, 1) (0.01 = one point, or 1% with --relative), "
+                              f"got {self.tolerance}")
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"strategy '{self.strategy}' is not allowed; choose one of {', '.join(STRATEGIES)}")
+        if self.weights not in WEIGHTS:
+            raise InputError(f"weights '{self.weights}' is not allowed; choose one of {', '.join(WEIGHTS)}")
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"objective '{self.objective}' is not allowed; choose one of {', '.join(OBJECTIVES)}")
+        from ..lowrank import METHODS
+        if self.method not in METHODS:
+            raise InputError(f"method '{self.method}' is not allowed; choose one of {', '.join(METHODS)}")
+        ladder = tuple(float(k) for k in self.ladder)
+        if len(ladder) < 2 or ladder[0] != 1.0 or any(not 0.0 < k <= 1.0 for k in ladder) \
+                or any(b >= a for a, b in zip(ladder, ladder[1:])):
+            raise InputError(f"keep ladder must start at 1.0 and strictly decrease within (0, 1], got {self.ladder}")
+        for name in ("population", "n_calibration", "calibration_batch", "batch_size", "latency_tokens", "multiple"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.generations < 0 or self.race_size < 0 or self.heal_steps < 0 or self.sensitivity_examples < 0:
+            raise InputError("generations, race_size, heal_steps and sensitivity_examples must be >= 0")
+        if self.val_limit is not None and self.val_limit < 1:
+            raise InputError(f"val_limit must be >= 1 or None, got {self.val_limit}")
+
+    @property
+    def search_method(self) -> str:
+        """The decomposition candidates are scored with: the refit method when it needs only the
+        dense statistics, else `output` (`sieve` is sequential: one calibration per plan)."""
+        return self.method if self.method in ("svd", "input-pca", "output") else "output"
+
+    def fingerprint(self) -> dict:
+        """The settings a resumed search must share with the one that wrote the state."""
+        d = asdict(self)
+        for k in ("heal_steps", "heal_lr"):  # after the search: free to change on a rerun
+            d.pop(k)
+        d["ladder"] = list(self.ladder)
+        return d
+
+
+@dataclass
+class SearchResult:
+    plan: "object"                    # RankPlan
+    strategy: str
+    objective: str
+    dense_metric: float
+    metric: float                     # validation metric of the plan (search decompositions)
+    gain: float                       # objective value of the plan
+    tolerance_abs: float              # the tolerance in metric units
+    evaluations: int
+    full_evaluations: int
+    seconds: float                    # time searching (what the budget counts)
+    history: list[dict] = field(default_factory=list)
+    frontier: list[dict] = field(default_factory=list)   # {gain, reduction, metric, feasible}
+    levels: dict[str, float] = field(default_factory=dict)  # keep level per matrix
+    sensitivity: dict[str, float] = field(default_factory=dict)  # spectrum error at keep 0.5
+    task_sensitivity: dict[str, float] = field(default_factory=dict)  # label-Fisher KL at keep 0.5 (GA)
+    dense_int8_metric: float | None = None  # validation metric of the dense model in simulated int8
+    resumed_from: int | None = None   # generation a resumed search started from
+    stopped: str = "done"             # done | stalled | budget | BEFORE_FIRST_GENERATION
+    factors: dict = field(default_factory=dict, repr=False)  # name -> (B, A) the plan was scored with
+
+    def to_dict(self) -> dict:
+        """Everything but the plan and the factors (those are files of their own)."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("plan", "factors")}
+        return d
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Temp file, fsync, rename: a reader never sees half a state file."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class SearchState:
+    """The resumable state file: what was searched (model and task), with which settings, and
+    the per-strategy payload; written atomically after every generation.
+
+    ``identity`` names the model and task content (the calibration stage's key covers the
+    model weights and the task's calibration data; the validation data is hashed beside it).
+    A state left by a search of another model or task, or with other settings, is never
+    resumed: ``on_mismatch="error"`` raises an ``ArtifactError`` saying what differs,
+    ``"restart"`` logs it and starts over (the state is overwritten at the first save).
+    """
+
+    def __init__(self, path: Path | None, fingerprint: dict, identity: dict | None = None,
+                 on_mismatch: str = "error", log: Callable[[str], None] | None = None):
+        self.path = None if path is None else Path(path)
+        self.fingerprint = fingerprint
+        self.identity = identity or {}
+        self.on_mismatch = on_mismatch
+        self.say = log or (lambda msg: None)
+
+    def mismatch(self, state: dict) -> str | None:
+        """Why ``state`` cannot be resumed by this search, or None."""
+        if state.get("format_version") != STATE_VERSION:
+            return f"sieve-edge with search state version {state.get('format_version')} left this state"
+        old_id = state.get("identity") or {}
+        if old_id != self.identity:
+            diff = sorted(k for k in set(old_id) | set(self.identity) if old_id.get(k) != self.identity.get(k))
+            return f"a search of another model or task ({', '.join(diff)} differ) left this state"
+        if state.get("fingerprint") != self.fingerprint:
+            old, new = state.get("fingerprint") or {}, self.fingerprint
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            return f"a search with other settings ({', '.join(diff)}) left this state"
+        return None
+
+    def read(self) -> dict | None:
+        """The state file as written, checked for format; None when there is none."""
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            state = json.loads(self.path.read_text())
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"{self.path}: search state is not valid JSON ({e}); delete it to start over") from e
+        if state.get("format") != STATE_FORMAT:
+            raise ArtifactError(f"{self.path}: not a sieve-edge search state")
+        return state
+
+    def load(self) -> dict | None:
+        state = self.read()
+        if state is None:
+            return None
+        problem = self.mismatch(state)
+        if problem is None:
+            return state
+        if self.on_mismatch == "restart":
+            self.say(f"search: {problem}; starting over")
+            return None
+        raise ArtifactError(f"{self.path}: {problem}; rerun with the same model, task and settings to resume, "
+                            "or use --force / another --out to start over")
+
+    def save(self, payload: dict) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path, {"format": STATE_FORMAT, "format_version": STATE_VERSION,
+                                      "identity": self.identity, "fingerprint": self.fingerprint, **payload})

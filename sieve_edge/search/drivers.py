@@ -1,0 +1,453 @@
+"""The in-memory search: ``search_plan`` (model, task → ``RankPlan``) and its two drivers.
+
+Why it is affordable on 2 CPU cores:
+- every matrix is decomposed once (``output`` projection on the task's activations) and
+  wrapped in a ``SearchLinear``: a candidate plan is a dict of ranks set in place, and its
+  evaluation is one batched label-likelihood pass over a pre-tokenized validation split;
+- racing: a candidate first runs on a small subset of the validation split and goes on to
+  the rest only if a one-sided paired test cannot already reject it;
+- ranking among equal metrics uses a smooth proxy, the KL divergence of the label
+  distribution from the dense model's;
+- the population is seeded from the task's own sensitivity of every matrix at every level
+  (label Fisher) or, where that does not apply, the spectrum error, plus the best uniform
+  level, so the GA starts at least as good as the uniform baseline.
+
+The drivers take one ``SearchContext`` (settings, ladder, scorer, state file, budget) and
+return an ``Outcome``. Candidates are scored through ``SearchContext.score`` (a list of
+rank dicts in, Evaluations out): that is the seam for another scorer.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..errors import BudgetError, InputError, TaskSpecError
+from ..ga import Evaluation, GAConfig, GeneticSearch, Genome, key, unkey
+from ..stages import kill_point
+from .budget import Budget
+from .config import BEFORE_FIRST_GENERATION, UNIFORM_STEP, SearchConfig, SearchResult, SearchState
+from .evaluator import CandidateEvaluator
+from .ladder import Ladder, bisect_largest
+from .objectives import LatencyObjective, ParamObjective, make_cost_table
+
+
+class _BudgetSpent(Exception):
+    """No time is left to score the next candidate: the step in progress is dropped."""
+
+
+@dataclass
+class SearchContext:
+    """What a driver works with."""
+
+    config: SearchConfig
+    ladder: Ladder
+    objective: object                 # ParamObjective | LatencyObjective
+    evaluator: CandidateEvaluator     # .score(list of rank dicts, budget) -> [Evaluation], .dense_seconds, .tol
+    store: SearchState
+    budget: Budget
+    dense: Evaluation                 # the dense model as candidates are scored (int8 when simulated)
+    metric: str                       # the task's metric name, for the log
+    log: Callable[[str], None]
+
+    def score(self, genomes: list[Genome]) -> list[Evaluation]:
+        """Evaluations of ``genomes`` in order; a prefix when the budget ran out."""
+        return self.evaluator.score([self.ladder.to_ranks(g) for g in genomes], self.budget)
+
+    def save(self, payload: dict) -> None:
+        self.store.save({"elapsed": self.budget.elapsed(), **payload})
+
+    def progress(self, tag: str, gain: float | None, metric: float | None, evals: int) -> None:
+        left = self.budget.left()
+        rem = "" if left is None else f", budget left {left / 60:.1f} min"
+        g = "-" if gain is None else f"{100 * gain:.1f}%"
+        mt = "-" if metric is None else f"{metric:.4f}"
+        self.log(f"{tag}: best {self.objective.name} reduction {g}, {self.metric} {mt}, "
+                 f"{evals} evaluations, searching {self.budget.elapsed() / 60:.1f} min{rem}")
+
+
+@dataclass
+class Outcome:
+    """What a driver found: the plan's ranks and evaluation, and how the search went."""
+
+    ranks: dict[str, int | None]
+    evaluation: Evaluation
+    history: list[dict]
+    frontier: list[dict]
+    levels: dict[str, float]
+    resumed_from: int | None = None
+    stopped: str = "done"
+    task_sensitivity: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- genetic algorithm
+
+def run_genetic(ctx: SearchContext, saved: dict | None, costs: tuple[dict[str, list[float]], str] | None
+                ) -> Outcome:
+    """Seed (first run only) and run the GA, one generation's candidates scored at once.
+
+    ``costs`` = (name -> estimated cost per ladder level, what it is) for the seeds; needed
+    only when the state holds no finished seeding (None otherwise)."""
+    config, ladder = ctx.config, ctx.ladder
+    ga = GeneticSearch(len(ladder.names), len(ladder.keeps), None, ctx.evaluator.tol,
+                       GAConfig(population=config.population, generations=config.generations, seed=config.seed,
+                                elite=min(2, config.population - 1)))
+    # the dense genome was scored when the evaluator measured the reference (or in int8 after it)
+    ga.cache[key(ladder.uniform(0))] = ctx.dense
+    resumed_from, task_sensitivity = None, _at_half(costs, ladder)
+    if saved is not None:
+        ga.load_state_dict(saved["ga"])
+        task_sensitivity = saved.get("task_sensitivity", {})
+        resumed_from = ga.generation
+        ctx.log(f"search: resuming after generation {ga.generation} ({len(ga.cache)} evaluations cached)")
+
+    def save() -> None:
+        ctx.save({"strategy": "ga", "ga": ga.state_dict(), "task_sensitivity": task_sensitivity})
+
+    def measured(genome: Genome) -> Evaluation:
+        k = key(genome)
+        if k not in ga.cache:
+            got = ctx.score([genome])
+            if not got:
+                raise _BudgetSpent
+            ga.cache[k] = got[0]
+        return ga.cache[k]
+
+    stopped, cut_short = "done", False
+    try:
+        if ga.generation < 0:
+            _seed(ga, ctx, measured, costs)
+        while not ga.done():
+            if ga.generation >= 0 and _next_generation_too_long(ga, ctx):
+                ctx.log(f"search: stopping after generation {ga.generation}: the next one would exceed the budget")
+                stopped = "budget"
+                break
+            todo = ga.unscored(ga.ask())
+            t0 = time.perf_counter()
+            got = ctx.score(todo)
+            record = ga.tell(todo[:len(got)], got, seconds=time.perf_counter() - t0)
+            if record is None:
+                raise _BudgetSpent
+            save()
+            kill_point("search", f"generation-{ga.generation}")
+            ctx.progress(f"generation {ga.generation}/{config.generations}", record.best_gain, record.best_metric,
+                         record.total_evaluations)
+        else:
+            stopped = "stalled" if ga.generation < config.generations else "done"
+    except _BudgetSpent:
+        # Out of time inside the seeding or a generation: stop rather than score the rest as
+        # infeasible (a made-up result would be cached as if measured). What was measured is
+        # saved, so a rerun with a larger budget replays it and continues.
+        stopped, cut_short = "budget", True
+        ctx.log("search: budget spent; keeping the best plan scored so far")
+        save()
+    if stopped == "budget" and ga.generation < 1:
+        stopped = BEFORE_FIRST_GENERATION
+        ctx.log(f"search: {BEFORE_FIRST_GENERATION}")
+    scored = [(unkey(k), e) for k, e in ga.cache.items() if e.feasible and e.full]
+    best = ga.best_feasible
+    if best is None or cut_short:
+        # the best candidate fully scored so far: the GA's, or a seed it had no time to breed from
+        best = max(scored, key=lambda ge: (ge[1].gain, -ge[1].proxy, ge[0]))[0] if scored else ladder.uniform(0)
+    ev = ga.evaluation(best)
+    frontier = [dict(gain=e.gain, metric=e.metric, feasible=e.feasible, full=e.full, proxy=e.proxy)
+                for _, e in sorted(ga.cache.items())]
+    ranks = ladder.to_ranks(best)
+    levels = {name: ladder.keeps[g] if ranks[name] is not None else 1.0 for name, g in zip(ladder.names, best)}
+    return Outcome(ranks, ev, [asdict(r) for r in ga.history], frontier, levels, resumed_from, stopped,
+                   task_sensitivity)
+
+
+def _at_half(costs: tuple[dict[str, list[float]], str] | None, ladder: Ladder) -> dict[str, float]:
+    """For the bottleneck report: each matrix's label-Fisher cost at the level nearest keep 0.5."""
+    if costs is None or costs[1] != "label-Fisher KL":
+        return {}
+    half = min(range(len(ladder.keeps)), key=lambda i: abs(ladder.keeps[i] - 0.5))
+    return {name: costs[0][name][half] for name in ladder.names}
+
+
+def _next_generation_too_long(ga: GeneticSearch, ctx: SearchContext) -> bool:
+    # a generation costs about what the recent ones did (and at least one full evaluation)
+    recent = [r.seconds for r in ga.history[-3:]] + [ctx.evaluator.dense_seconds]
+    return not ctx.budget.allows(max(recent))
+
+
+def _seed(ga: GeneticSearch, ctx: SearchContext, measured: Callable[[Genome], Evaluation],
+          costs: tuple[dict[str, list[float]], str] | None) -> None:
+    """Seeds (replayed from the cache on resume): the best uniform level, and the best trade
+    of estimated task cost for gain (per matrix, the level maximizing gain - λ·cost, for a
+    range of λ), the largest feasible one found by bisection, plus its neighbours."""
+    from ..sensitivity import lagrangian_genomes
+
+    ladder = ctx.ladder
+    n_levels = len(ladder.keeps)
+    seeds: list[Genome] = []
+    u = bisect_largest(n_levels, lambda i: measured(ladder.uniform(i)).feasible)
+    seeds.append(ladder.uniform(u))
+    if costs is None:
+        raise ValueError("the GA's first run needs the seed costs")
+    table, source = costs
+    gains = {name: [ctx.objective.gain({name: r}) for r in ladder.ranks[name]] for name in ladder.names}
+    table = {name: [0.0 if r is None else c for r, c in zip(ladder.ranks[name], table[name])]
+             for name in ladder.names}
+    genomes = [g for g in lagrangian_genomes(table, gains, ladder.names, n=24) if any(g)]
+    e = bisect_largest(len(genomes) + 1, lambda i: i == 0 or measured(genomes[i - 1]).feasible)
+    if e > 0:
+        seeds.append(genomes[e - 1])
+        seeds.extend(genomes[max(e - 3, 0): e - 1])
+    seeds.extend(genomes[e: e + 2])  # just beyond: infeasible but close, good parents
+    if u + 1 < n_levels:
+        seeds.append(ladder.uniform(u + 1))
+    ga.seeds = list(dict.fromkeys(seeds))
+    ctx.log(f"search: seeds: uniform keep {ladder.keeps[u]} ({100 * measured(ladder.uniform(u)).gain:.1f}%), "
+            f"best {source} trade {'-' if e == 0 else f'{100 * measured(genomes[e - 1]).gain:.1f}%'} "
+            f"(step {e} of {len(genomes)}); {len(ga.cache)} evaluations")
+
+
+# ---------------------------------------------------------------- uniform bisection
+
+def run_uniform(ctx: SearchContext, saved: dict | None) -> Outcome:
+    """Bisection on one keep fraction for every matrix (the baseline)."""
+    from ..lowrank import rank_for_keep
+
+    config, shapes = ctx.config, ctx.objective.shapes
+    n = int(round(1.0 / UNIFORM_STEP))
+    keeps = [round(1.0 - i * UNIFORM_STEP, 6) for i in range(n)]      # 1.0, 0.975, ..., 0.025
+    memo: dict[str, dict] = dict(saved.get("uniform", {})) if saved else {}
+    history: list[dict] = list(saved.get("history", [])) if saved else []
+    resumed_from = len(history) if saved else None
+    stopped = {"why": "done"}
+
+    def ranks_of(keep: float) -> dict[str, int | None]:
+        out = {}
+        for name, (m, n_) in shapes.items():
+            r = rank_for_keep(m, n_, keep, config.multiple)
+            out[name] = r if ctx.objective.usable(name, r) else None
+        return out
+
+    def feasible(i: int) -> bool:
+        k = f"{keeps[i]:.6f}"
+        if k not in memo:
+            t0 = time.perf_counter()
+            got = ctx.evaluator.score([ranks_of(keeps[i])], ctx.budget)
+            if not got:
+                stopped["why"] = "budget"
+                return False  # out of time: treat the untested level as too deep
+            memo[k] = asdict(got[0])
+            best = max((v for v in memo.values() if v["feasible"] and v["full"]), key=lambda v: v["gain"],
+                       default=memo[f"{1.0:.6f}"])
+            history.append({"generation": len(history) + 1, "keep": keeps[i], "feasible": memo[k]["feasible"],
+                            "metric": memo[k]["metric"], "best_gain": best["gain"], "best_metric": best["metric"],
+                            "best_fitness": best["gain"], "median_fitness": memo[k]["gain"],
+                            "evaluations": 1, "total_evaluations": len(memo), "seconds": time.perf_counter() - t0})
+            ctx.save({"strategy": "uniform", "uniform": memo, "history": history})
+            ctx.progress(f"bisection step {len(history)} (keep {keeps[i]})", best["gain"], best["metric"], len(memo))
+        return memo[k]["feasible"]
+
+    memo.setdefault(f"{1.0:.6f}", asdict(ctx.dense))
+    i = bisect_largest(n, feasible)
+    if stopped["why"] == "budget":
+        ctx.log(f"search: budget spent after {len(history)} bisection steps; keeping keep {keeps[i]}")
+        ctx.save({"strategy": "uniform", "uniform": memo, "history": history})
+    keep = keeps[i]
+    ev = Evaluation(**memo[f"{keep:.6f}"])
+    ranks = ranks_of(keep)
+    frontier = [dict(gain=v["gain"], metric=v["metric"], feasible=v["feasible"], full=v["full"], keep=float(k),
+                     proxy=v["proxy"]) for k, v in sorted(memo.items())]
+    levels = {name: (keep if ranks[name] is not None else 1.0) for name in shapes}
+    return Outcome(ranks, ev, history, frontier, levels, resumed_from, stopped["why"])
+
+
+# ---------------------------------------------------------------- search_plan
+
+def validate_task(task) -> None:
+    if "validation" not in task.data:
+        declared = ", ".join(s for s in ("train", "calibration", "validation", "test") if s in task.data) or "none"
+        raise TaskSpecError(
+            f"{task.path}: task '{task.name}' has no 'validation' split in [data] (declared: {declared}); "
+            "search scores candidates on validation and keeps test unseen: add data.validation"
+        )
+
+
+def tolerance_in_units(config: SearchConfig, dense_metric: float) -> float:
+    return config.tolerance * abs(dense_metric) if config.relative else config.tolerance
+
+
+def spectrum_sensitivity(decs, shapes, multiple) -> dict[str, float]:
+    """The spectrum's relative output error of each matrix cut to keep 0.5 (free, no model run)."""
+    from ..lowrank import rank_for_keep
+
+    out = {}
+    for name, (m, n) in shapes.items():
+        r = rank_for_keep(m, n, 0.5, multiple)
+        out[name] = decs[name].error(r) if name in decs else 0.0
+    return out
+
+
+def make_objective(config: SearchConfig, shapes: dict[str, tuple[int, int]], log=None):
+    """Parameters removed, or time removed per a cost table (built once per target, then cached)."""
+    if config.objective != "latency":
+        return ParamObjective(shapes)
+    from ..lowrank import rank_for_keep
+
+    wanted: dict[tuple[int, int], set[int]] = {}
+    for m, n in shapes.values():
+        rs = {rank_for_keep(m, n, k, config.multiple) for k in config.ladder}
+        wanted.setdefault((m, n), set()).update(r for r in rs if r is not None)
+    return LatencyObjective(shapes, make_cost_table(config, wanted, log))
+
+
+def ladder_max_ranks(shapes: dict[str, tuple[int, int]], config: SearchConfig) -> dict[str, int]:
+    """Per matrix, the deepest rank any ladder level needs (what the decomposition must keep)."""
+    from ..lowrank import rank_for_keep
+
+    out = {}
+    for name, (m, n) in shapes.items():
+        rs = [r for r in (rank_for_keep(m, n, k, config.multiple) for k in config.ladder) if r is not None]
+        out[name] = max(rs) if rs else 1
+    return out
+
+
+def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *,
+                budget_minutes: float | None = None, state_path: str | Path | None = None,
+                log: Callable[[str], None] | None = None, progress: bool = False,
+                decompositions: tuple[dict, int] | None = None,
+                seed_costs: dict[str, list[float]] | None = None,
+                state_identity: dict | None = None, on_state_mismatch: str = "error") -> SearchResult:
+    """Find a keep level per matrix: the largest objective gain within the tolerance.
+
+    The model is modified during the search and restored (dense) before returning. With
+    ``state_path`` the search checkpoints itself after every generation (or every
+    uniform-bisection step) and a rerun of the same model, task and settings resumes from
+    it (``state_identity`` names model and task; default: a hash of the model's weights and
+    of the task's files). ``budget_minutes`` bounds the search proper: scoring candidates
+    and breeding, not calibration, decomposition, the sensitivity pass or the dense model's
+    scores; when it ends, the best plan scored so far is returned (at worst the dense one).
+    ``decompositions`` = (name -> Decomposition, calibration tokens) made on the same
+    calibration settings, deep enough for the ladder (``calibrate.decompose_all`` or the
+    calibrate stage's folder). ``seed_costs`` = name -> label-Fisher KL per ladder level
+    (the sensitivity stage's output); without it the GA measures it when it applies.
+    """
+    from .. import architectures as arch
+    from ..calibrate import decompose_all
+    from ..evaluate import make_scorer
+    from ..factorize import attach_search_, detach_search_, linear_shapes, simulate_int8_
+    from ..plan import RankPlan
+    from ..tasks import calibration_batches
+
+    say = log or (lambda msg: None)
+    validate_task(task)
+    if budget_minutes is not None and budget_minutes <= 0:
+        raise BudgetError(f"budget must be > 0 minutes, got {budget_minutes}")
+    shapes = linear_shapes(model)
+    objective = make_objective(config, shapes, say)
+    if state_path is not None and state_identity is None:
+        from ..stages import model_fingerprint, task_fingerprint
+
+        state_identity = {"model": model_fingerprint(model), "task": task_fingerprint(task)}
+    store = SearchState(state_path, config.fingerprint(), state_identity, on_state_mismatch, say)
+    saved = store.load()
+    if saved is not None and saved.get("strategy") != config.strategy:
+        saved = None
+    ladder = Ladder(shapes, config.ladder, config.multiple, objective)
+
+    search_method = config.search_method
+    if decompositions is not None:
+        decs, tokens = decompositions
+        if set(decs) != set(shapes) or any(d.method != search_method for d in decs.values()):
+            raise InputError(f"given decompositions must cover every matrix with method '{search_method}'")
+        decs = dict(decs)  # the caller keeps its own; ours is dropped once attached
+    else:
+        say(f"search: calibrating on {config.n_calibration} {task.name} examples and decomposing "
+            f"{len(shapes)} matrices ({search_method})")
+        batches = None if search_method == "svd" else list(
+            calibration_batches(task, tokenizer, config.n_calibration, config.calibration_batch))
+        deepest = ladder_max_ranks(shapes, config)
+        decs, tokens = decompose_all(model, batches, search_method, max_rank=lambda name, m, n: deepest[name],
+                                     progress=progress)
+    sensitivity = spectrum_sensitivity(decs, shapes, config.multiple)
+    # spectrum error of every matrix at every ladder level (monotone in the level): the fallback seeds
+    errors = {name: [0.0 if r is None else decs[name].error(r) for r in ladder.ranks[name]] for name in shapes}
+
+    scorer = make_scorer(tokenizer, task, "validation", limit=config.val_limit, batch_size=config.batch_size,
+                         model=model)
+    attach_search_(model, decs)
+    del decs  # the SearchLinear modules hold their own copies of the bases, in the model's dtype
+    undo_int8 = None
+    try:
+        costs = None
+        if config.strategy == "ga" and (saved is None or saved["ga"]["generation"] < 0):
+            if seed_costs is not None:
+                costs = ({name: list(seed_costs[name]) for name in shapes}, "label-Fisher KL")
+            elif fisher_applies(config, scorer):
+                from ..sensitivity import task_costs
+
+                costs = (task_costs(model, scorer, ladder.ranks, config.sensitivity_examples, say),
+                         "label-Fisher KL")
+            else:
+                costs = (errors, "spectrum error")
+        evaluator = CandidateEvaluator(model, scorer, objective, 0.0, config.race_size, config.race_z,
+                                       higher_is_better=task.metric != "perplexity")
+        tol_abs = tolerance_in_units(config, evaluator.dense_metric)
+        evaluator.tol = tol_abs
+        say(f"search: dense validation {task.metric} {evaluator.dense_metric:.4f} on {scorer.n} examples "
+            f"({evaluator.dense_seconds:.1f} s per full evaluation); tolerance {tol_abs:.4f}")
+        # The tolerance is against the float32 dense model (what the deployment gate compares
+        # with); with int8 weights every candidate, dense included, is scored as int8.
+        dense_ev = Evaluation(0.0, evaluator.dense_metric, 0.0, True, 0.0, True)
+        if config.weights == "int8":
+            undo_int8 = simulate_int8_(model)
+            dense_ev = evaluator({})
+            say(f"search: int8 weights alone (simulated): validation {task.metric} {dense_ev.metric:.4f}, drop "
+                f"{dense_ev.drop:+.4f} ({'within' if dense_ev.feasible else 'BEYOND'} the tolerance)")
+            if not dense_ev.feasible:
+                say("search: no plan can meet the tolerance in int8: the search keeps looking for the least "
+                    "harmful one, but expect the accuracy gate to fail; consider tuning first (--tune-steps), "
+                    "fp32 weights, or a larger budget")
+        # the budget counts from here: what came before is preparation, not search
+        budget = Budget(budget_minutes, float(saved["elapsed"]) if saved else 0.0).start()
+        ctx = SearchContext(config, ladder, objective, evaluator, store, budget, dense_ev, task.metric, say)
+        if config.strategy == "uniform":
+            outcome = run_uniform(ctx, saved)
+        else:
+            outcome = run_genetic(ctx, saved, costs)
+        if outcome.stopped == BEFORE_FIRST_GENERATION:
+            need = (10 + config.population) * evaluator.dense_seconds / 60
+            say(f"search: one full evaluation takes {evaluator.dense_seconds:.0f} s here; the seeds need about 10 "
+                f"and a generation up to {config.population}: --budget-minutes {max(need, 0.1):.1f} or more lets "
+                "the GA breed")
+        # the exact factors the search scored the chosen plan with (B (m, r), A (r, n), model dtype)
+        factors = {}
+        for name, r in outcome.ranks.items():
+            if r is not None:
+                module = arch.get_module(model, name)
+                factors[name] = (module.Bt[:r].T.clone(), module.A[:r].clone())
+    finally:
+        if undo_int8 is not None:
+            undo_int8()
+        detach_search_(model)
+    ev = outcome.evaluation
+    plan = RankPlan(dict(shapes), outcome.ranks, config.method, config.multiple, outcome.levels)
+    plan.meta = {
+        "strategy": config.strategy, "objective": config.objective, "tolerance": config.tolerance,
+        "relative": config.relative, "tolerance_abs": tol_abs, "dense_validation_metric": evaluator.dense_metric,
+        "validation_metric": ev.metric, "objective_gain": ev.gain, "seed": config.seed,
+        "search_method": search_method, "calibration_tokens": tokens, "validation_examples": scorer.n,
+        "stopped": outcome.stopped,
+    }
+    frontier = outcome.frontier  # every candidate scored, the dense model included
+    return SearchResult(
+        plan=plan, strategy=config.strategy, objective=config.objective, dense_metric=evaluator.dense_metric,
+        metric=ev.metric, gain=ev.gain, tolerance_abs=tol_abs, evaluations=len(frontier),
+        full_evaluations=sum(1 for f in frontier if f.get("full", True)), seconds=budget.elapsed(),
+        history=outcome.history, frontier=frontier, levels=outcome.levels, sensitivity=sensitivity,
+        task_sensitivity=outcome.task_sensitivity,
+        dense_int8_metric=dense_ev.metric if config.weights == "int8" else None,
+        resumed_from=outcome.resumed_from, stopped=outcome.stopped, factors=factors,
+    )
+
+
+def fisher_applies(config: SearchConfig, scorer) -> bool:
+    """The label-Fisher seeds need a GA, examples to measure on, and single-token labels."""
+    return config.strategy == "ga" and config.sensitivity_examples > 0 and bool(getattr(scorer, "fast", False))

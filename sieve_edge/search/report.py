@@ -1,0 +1,126 @@
+"""The search's files for people: ``search_report.md``, ``frontier.png`` and ``heatmap.png``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import BEFORE_FIRST_GENERATION
+
+CONTINUE = ("`sieve-edge run` with a larger --budget-minutes continues from the saved state "
+            "(`sieve-edge search --force` starts over)")
+
+
+def bottlenecks(levels: dict[str, float], sensitivity: dict[str, float], n: int = 8
+                ) -> tuple[list[tuple[str, float, float]], list[tuple[str, float, float]]]:
+    """(kept densest, cut most): (name, keep, sensitivity at keep 0.5), ties broken by sensitivity."""
+    rows = [(name, keep, sensitivity.get(name, 0.0)) for name, keep in levels.items()]
+    densest = sorted(rows, key=lambda r: (-r[1], -r[2], r[0]))[:n]
+    cut = sorted(rows, key=lambda r: (r[1], r[2], r[0]))[:n]
+    return densest, cut
+
+
+def stop_reason(summary: dict) -> str:
+    """Why the search ended, in words."""
+    stopped = summary.get("stopped", "done")
+    steps = "generation" if summary["strategy"] == "ga" else "bisection step"
+    budget = summary.get("budget_minutes")
+    if stopped == BEFORE_FIRST_GENERATION:
+        return (f"**{BEFORE_FIRST_GENERATION}** ({budget:g} min of searching): the plan is the best candidate "
+                f"fully scored while seeding (at worst the dense model); {CONTINUE}")
+    if stopped == "budget":
+        return f"the budget ({budget:g} min of searching) ended after {summary['generations']} {steps}s; {CONTINUE}"
+    if stopped == "stalled":
+        return "no better plan for several generations"
+    return f"finished ({summary['generations']} {steps}s)"
+
+
+def search_report(summary: dict, result: dict) -> str:
+    """Markdown report. ``result`` is ``SearchResult.to_dict()``; ``summary`` the search.json
+    summary, whose refit, heal and test parts are absent before the refit."""
+    from ..architectures import layer_index, matrix_type, relative_name
+
+    s = summary
+    val = s["validation"]
+    budget = "" if s.get("budget_minutes") is None else f" of a {s['budget_minutes']:g} min budget"
+    lines = [
+        f"# Search report: {s['task']} on {s['model']}", "",
+        f"- strategy **{s['strategy']}**, objective **{s['objective']}**, refit method **{s['method']}**, "
+        f"seed {s['seed']}",
+        f"- tolerance {s['tolerance']:g}{' (relative)' if s['relative'] else ''} = {s['tolerance_abs']:.4f} "
+        f"{s['metric']} on the validation split ({val['n']} examples)",
+        f"- **linear parameters removed: {100 * s['linear_param_reduction']:.1f}%**"
+        + (f" (time saved by the cost table: {100 * s['objective_gain']:.1f}%)" if s["objective"] == "latency" else ""),
+        f"- {s['evaluations']} candidate evaluations ({s['full_evaluations']} on the full validation split, "
+        f"the rest rejected by racing), {s['generations']} generations/steps, "
+        f"{s['search_seconds'] / 60:.1f} min searching{budget}"
+        + (f", {s['total_seconds'] / 60:.1f} min with calibration, refit and scoring" if "total_seconds" in s else "")
+        + (f"; resumed after step {s['resumed_from']}" if s.get("resumed_from") is not None else ""),
+        f"- search stopped: {stop_reason(s)}",
+    ]
+    if s.get("weights") == "int8":
+        lines += [f"- candidates were scored with **simulated int8 weights** (as the int8 export computes): the dense "
+                  f"model alone scores {val['dense_int8']:.4f} that way; the *search* column is int8, "
+                  "the others float32"]
+    refit = val.get("refit") is not None
+    lines += ["", "| | dense | search (output factors) |" + (" refit | final |" if refit else ""),
+              "|---|---|---|" + ("---|---|" if refit else ""),
+              f"| validation {s['metric']} | {val['dense']:.4f} | {val['search']:.4f} |"
+              + (f" {val['refit']:.4f} | {val['final']:.4f} |" if refit else "")]
+    if s.get("test"):
+        lines.append(f"| test {s['metric']} ({s['test']['n']} examples, never seen by the search) | "
+                     f"{s['test']['dense']:.4f} | |" + (f" | {s['test']['pruned']:.4f} |" if refit else ""))
+    elif refit:
+        lines += ["", "The test split, never seen by the search, is scored on the exported bundle by `validate` "
+                  "(its report: `OUT/reports/TARGET/`)."]
+    lines.append("")
+    if s.get("heal"):
+        h = s["heal"]
+        lines += [f"Healing: {h['steps']} steps at lr {h['lr']:g} on {h['trainable_params']:,} factor parameters, "
+                  f"validation {h['metric_before']:.4f} → {h['metric_after']:.4f}, loss {h['loss_first']:.3f} → "
+                  f"{h['loss_last']:.3f}; {'kept' if h['kept'] else 'discarded (it scored worse)'}.", ""]
+    for note in s.get("notes", []):
+        lines += [f"Note: {note}", ""]
+    task, spec = result.get("task_sensitivity") or {}, result.get("sensitivity") or {}
+    levels = result["levels"]
+    densest, cut = bottlenecks(levels, task or spec)
+    lines += ["## Bottlenecks", "", "Matrices kept densest (the task's knowledge sits there) and cut most. "
+              + ("*Task KL* is the label-Fisher estimate of KL(dense ‖ cut) of the label distribution with the "
+                 "matrix alone at keep 0.5 (`sensitivity.py`); " if task else "")
+              + "*spectrum error* is the relative calibration output error the matrix alone would show at keep 0.5.", ""]
+    if task:
+        lines += ["| kept densest | keep | task KL | spectrum error | | cut most | keep | task KL | spectrum error |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for (a, ka, ea), (b, kb, eb) in zip(densest, cut):
+            lines.append(f"| `{a}` | {ka:.2f} | {ea:.3g} | {spec.get(a, 0.0):.3f} | | `{b}` | {kb:.2f} | {eb:.3g} | "
+                         f"{spec.get(b, 0.0):.3f} |")
+    else:
+        lines += ["| kept densest | keep | spectrum error | | cut most | keep | spectrum error |",
+                  "|---|---|---|---|---|---|---|"]
+        for (a, ka, ea), (b, kb, eb) in zip(densest, cut):
+            lines.append(f"| `{a}` | {ka:.2f} | {ea:.3f} | | `{b}` | {kb:.2f} | {eb:.3f} |")
+    by_type: dict[str, list[float]] = {}
+    by_layer: dict[int, list[float]] = {}
+    for name, keep in levels.items():
+        by_type.setdefault(matrix_type(relative_name(name)), []).append(keep)
+        by_layer.setdefault(layer_index(name), []).append(keep)
+    lines += ["", "Mean keep per matrix type: " + ", ".join(f"{t} {sum(v) / len(v):.2f}" for t, v in by_type.items()),
+              "", "Mean keep per layer: " + ", ".join(f"{l}: {sum(v) / len(v):.2f}" for l, v in sorted(by_layer.items())),
+              "", "![frontier](frontier.png)", "", "![keep per matrix](heatmap.png)", "",
+              "## Check it on another dataset of the same task", "",
+              "A plan searched on one dataset should hold on another of the same task (the LLM-Sieve paper "
+              "reports that its pruning generalises across datasets of one task domain), e.g. "
+              "sst2 → uci_yelp / uci_amazon / uci_imdb:", "",
+              "```", "sieve-edge eval --model OUT --task TASK_FILE_OF_THE_OTHER_DATASET --split test", "```", ""]
+    return "\n".join(lines)
+
+
+def write_plots(folder: Path, summary: dict, result: dict) -> None:
+    """frontier.png (metric vs gain of every candidate) and heatmap.png (keep per matrix)."""
+    from ..plots import frontier_png, heatmap_png
+
+    s = summary
+    frontier_png(result["frontier"], {"gain": result["gain"], "metric": result["metric"]}, result["dense_metric"],
+                 result["tolerance_abs"], folder / "frontier.png", s["metric"], s["objective"],
+                 f"{s['task']}: {s['strategy']} search, tolerance {s['tolerance']:g}"
+                 f"{' relative' if s['relative'] else ''}", s["metric"] != "perplexity")
+    heatmap_png(result["levels"], folder / "heatmap.png",
+                f"{s['task']}: keep per matrix ({100 * s['linear_param_reduction']:.1f}% removed)")

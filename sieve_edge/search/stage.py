@@ -1,0 +1,482 @@
+"""The search as stages, and ``run_search`` (the ``sieve-edge search`` command) on them.
+
+    calibrate → sensitivity → search → reference → refit
+
+- calibrate: calibration and decomposition of every matrix (``decompositions.json`` +
+  ``layer-NNN.safetensors``); keyed on the model, the task's calibration data and the
+  calibration settings, so another tolerance, strategy or target reuses it.
+- sensitivity: the label-Fisher cost of every matrix at every ladder level (the GA's seeds).
+- search: the plan within the tolerance (plan, history, result, state, report, plots); a
+  killed search resumes from ``WORK/search.resume/search_state.json``.
+- reference: the dense model's test metric (what the accuracy gate compares with).
+- refit: the plan's ranks refit with ``--method``, healed if asked, scored on test:
+  the factorized checkpoint plus everything the search wrote.
+
+``run_search`` keeps these stages in ``OUT/.stages/`` and, when they are done, makes OUT's
+visible files those of the refit stage (hard links, the checkpoint manifest last).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from ..errors import ArtifactError, BudgetError, TaskSpecError
+from ..stages import ModelRef, Stage, StageContext, Workflow, model_ref, task_inputs
+from .config import SearchConfig, SearchState
+
+STATE = "search_state.json"
+
+
+def _write_json(path: Path, obj, indent: int | None = 2) -> None:
+    path.write_text(json.dumps(obj, indent=indent, default=str) + "\n")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: cannot read it ({e}); rerun to rebuild this stage") from e
+
+
+def param_ladder_ranks(shapes: dict[str, tuple[int, int]], config: SearchConfig) -> dict[str, list[int | None]]:
+    """Per matrix, the rank of every ladder level for the parameter objective (None = dense)."""
+    from ..lowrank import rank_for_keep
+
+    return {name: [rank_for_keep(m, n, k, config.multiple) for k in config.ladder] for name, (m, n) in shapes.items()}
+
+
+class CalibrateStage(Stage):
+    name = "calibrate"
+
+    def __init__(self, model: ModelRef, task, config: SearchConfig, progress: bool = False):
+        method = config.search_method
+        super().__init__(
+            config={"model": model.config, "method": method, "n_calibration": config.n_calibration,
+                    "calibration_batch": config.calibration_batch, "max_length": 256, "draw_seed": 0,
+                    "ladder": list(config.ladder), "multiple": config.multiple},
+            inputs={**model.inputs, **task_inputs(task, () if method == "svd" else ("calibration",))},
+            needs=model.needs)
+        self.model, self.task, self.settings, self.progress = model, task, config, progress
+
+    def build(self, ctx: StageContext, out: Path) -> dict:
+        from ..calibrate import iter_decompositions, save_decompositions
+        from ..factorize import linear_shapes
+        from ..tasks import calibration_batches
+        from .drivers import ladder_max_ranks
+
+        cfg, method = self.settings, self.settings.search_method
+        model, tok = ctx.model(self.model.spec)
+        shapes = linear_shapes(model)
+        deepest = ladder_max_ranks(shapes, cfg)
+        ctx.log(f"calibrate: {cfg.n_calibration} {self.task.name} examples, decomposing {len(shapes)} matrices "
+                f"({method}) down to the ladder's largest rank")
+        batches = None if method == "svd" else list(
+            calibration_batches(self.task, tok, cfg.n_calibration, cfg.calibration_batch, max_length=256, seed=0))
+        manifest = save_decompositions(
+            out, iter_decompositions(model, batches, method, lambda name, m, n: deepest[name], self.progress),
+            n_calibration=cfg.n_calibration, calibration_batch=cfg.calibration_batch, draw_seed=0,
+            max_length=256, split="calibration")
+        return {"detail": f"{len(manifest['matrices'])} matrices ({method}), {manifest['tokens']} tokens",
+                "method": method, "tokens": manifest["tokens"], "matrices": len(manifest["matrices"])}
+
+
+class SensitivityStage(Stage):
+    name = "sensitivity"
+
+    def __init__(self, model: ModelRef, task, config: SearchConfig):
+        super().__init__(
+            config={"examples": config.sensitivity_examples, "ladder": list(config.ladder),
+                    "multiple": config.multiple, "val_limit": config.val_limit},
+            inputs=task_inputs(task, ("validation",)), needs=("calibrate",))
+        self.model, self.task, self.settings = model, task, config
+
+    def applies(self, ctx: StageContext) -> str | None:
+        if self.settings.strategy != "ga":
+            return "the uniform strategy has no seeds to rank"
+        if self.settings.sensitivity_examples == 0:
+            return "sensitivity_examples is 0 (the GA seeds from the spectrum error)"
+        if self.task.kind != "classification":
+            return f"a {self.task.kind} task has no label distribution (the GA seeds from the spectrum error)"
+        return None
+
+    def build(self, ctx: StageContext, out: Path) -> dict:
+        from ..calibrate import load_decompositions
+        from ..evaluate import make_scorer
+        from ..factorize import attach_search_, detach_search_, linear_shapes
+        from ..sensitivity import task_costs
+
+        cfg = self.settings
+        model, tok = ctx.model(self.model.spec)
+        scorer = make_scorer(tok, self.task, "validation", limit=cfg.val_limit, batch_size=cfg.batch_size,
+                             model=model)
+        if not scorer.fast:
+            why = "the task's labels are not single distinct tokens (the GA seeds from the spectrum error)"
+            _write_json(out / "sensitivity.json", {"applies": False, "why": why})
+            return {"detail": f"not measured: {why}", "applies": False}
+        ranks = param_ladder_ranks(linear_shapes(model), cfg)
+        decs, _, _ = load_decompositions(ctx.output("calibrate"))
+        attach_search_(model, decs)
+        del decs
+        try:
+            kl = task_costs(model, scorer, ranks, cfg.sensitivity_examples, ctx.log)
+        finally:
+            detach_search_(model)
+        _write_json(out / "sensitivity.json", {
+            "applies": True, "measure": "label-Fisher KL(dense || cut) per ladder level",
+            "examples": min(cfg.sensitivity_examples, scorer.n), "ladder": list(cfg.ladder),
+            "ranks": ranks, "kl": kl}, indent=1)
+        return {"detail": f"label-Fisher KL of {len(kl)} matrices on {min(cfg.sensitivity_examples, scorer.n)} "
+                          "validation examples", "applies": True}
+
+
+def search_summary(result, task, config: SearchConfig, model_spec: str, budget_minutes: float | None) -> dict:
+    """The search's part of search.json (the refit adds its scores)."""
+    return {
+        "model": str(model_spec), "task": task.name, "metric": task.metric,
+        "strategy": config.strategy, "objective": config.objective, "method": config.method,
+        "tolerance": config.tolerance, "relative": config.relative, "tolerance_abs": result.tolerance_abs,
+        "seed": config.seed, "linear_param_reduction": result.plan.linear_param_reduction,
+        "objective_gain": result.gain, "weights": config.weights,
+        "validation": {"dense": result.dense_metric, "dense_int8": result.dense_int8_metric, "search": result.metric,
+                       "n": result.plan.meta["validation_examples"]},
+        "evaluations": result.evaluations, "full_evaluations": result.full_evaluations,
+        "search_seconds": result.seconds, "budget_minutes": budget_minutes,
+        "generations": len(result.history), "resumed_from": result.resumed_from, "stopped": result.stopped,
+    }
+
+
+class SearchStage(Stage):
+    name = "search"
+
+    def __init__(self, model: ModelRef, task, config: SearchConfig, budget_minutes: float | None, *,
+                 on_state_mismatch: str = "restart", progress: bool = False):
+        inputs = task_inputs(task, ("validation",))
+        if config.objective == "latency" and config.target is not None:
+            from ..targets import load_profile
+
+            profile = load_profile(config.target)
+            if profile.path:
+                inputs["target profile"] = Path(profile.path)
+        super().__init__(config={"settings": config.fingerprint(), "budget_minutes": budget_minutes},
+                         inputs=inputs, needs=("calibrate",) + (("sensitivity",) if config.strategy == "ga" else ()))
+        self.model, self.task, self.settings, self.budget = model, task, config, budget_minutes
+        self.on_state_mismatch, self.progress = on_state_mismatch, progress
+
+    def _state(self, ctx: StageContext) -> SearchState:
+        # the calibrate key covers the model weights and the calibration data; the validation
+        # data the candidates are scored on is hashed beside it
+        identity = {"calibration": ctx.keys["calibrate"], "task": ctx.inputs[self.slot]["task"],
+                    "validation data": ctx.inputs[self.slot].get("task data validation")}
+        return SearchState(ctx.scratch(self.slot) / STATE, self.settings.fingerprint(), identity,
+                           self.on_state_mismatch, ctx.log)
+
+    def preflight(self, ctx: StageContext) -> None:
+        """An unfinished search of another model, task or settings is refused before anything runs."""
+        if self.on_state_mismatch != "error" or self.slot in ctx.forced:
+            return
+        store = self._state(ctx)
+        saved = store.read()
+        if saved is not None:
+            store.load()  # raises the ArtifactError that says what differs
+
+    def build(self, ctx: StageContext, out: Path) -> dict:
+        from ..calibrate import load_decompositions
+        from .drivers import search_plan
+        from .report import search_report, write_plots
+
+        scratch = ctx.scratch(self.slot)
+        if self.slot in ctx.forced:
+            shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True, exist_ok=True)
+        previous = ctx.output(self.slot) / STATE
+        if not (scratch / STATE).is_file() and previous.is_file() and self.slot not in ctx.forced:
+            # a finished search rerun with another budget continues from where it stopped
+            shutil.copy2(previous, scratch / STATE)
+        model, tok = ctx.model(self.model.spec)
+        decs, tokens, _ = load_decompositions(ctx.output("calibrate"))
+        sens = ctx.summary("sensitivity")
+        seed_costs = None
+        if "sensitivity" in self.needs and sens.get("applies"):
+            seed_costs = _read_json(ctx.output("sensitivity") / "sensitivity.json")["kl"]
+        store = self._state(ctx)
+        result = search_plan(model, tok, self.task, self.settings, budget_minutes=self.budget,
+                             state_path=scratch / STATE, log=ctx.log, progress=self.progress,
+                             decompositions=(decs, tokens), seed_costs=seed_costs,
+                             state_identity=store.identity, on_state_mismatch=self.on_state_mismatch)
+        del decs
+        summary = search_summary(result, self.task, self.settings, self.model.spec, self.budget)
+        data = {**result.to_dict(), "summary": summary}
+        result.plan.to_json(out / "plan.json")
+        _write_json(out / "history.json", {"strategy": self.settings.strategy, "generations": result.history,
+                                           "frontier": result.frontier}, indent=1)
+        _write_json(out / "result.json", data, indent=1)
+        if (scratch / STATE).is_file():
+            shutil.copy2(scratch / STATE, out / STATE)
+        write_plots(out, summary, data)
+        (out / "search_report.md").write_text(search_report(summary, data))
+        red = result.plan.linear_param_reduction
+        return {"detail": f"linear params -{red:.1%}, validation {self.task.metric} {result.metric:.4f} "
+                          f"(dense {result.dense_metric:.4f}), {result.evaluations} evaluations, "
+                          f"{result.seconds / 60:.1f} min searching, stopped: {result.stopped}",
+                "linear_param_reduction": red, "stopped": result.stopped, "search_seconds": result.seconds}
+
+    def committed(self, ctx: StageContext, output: Path) -> None:
+        shutil.rmtree(ctx.scratch(self.slot), ignore_errors=True)  # the output holds the final state
+
+
+class ReferenceStage(Stage):
+    name = "reference"
+
+    def __init__(self, model: ModelRef, task, test_limit: int | None):
+        super().__init__(config={"model": model.config, "test_limit": test_limit},
+                         inputs={**model.inputs, **task_inputs(task, ("test",))}, needs=model.needs)
+        self.model, self.task, self.test_limit = model, task, test_limit
+
+    def build(self, ctx: StageContext, out: Path) -> dict:
+        from ..bundle import measure_reference
+
+        model, tok = ctx.model(self.model.spec)
+        ref = measure_reference(model, tok, self.task, self.model.spec, self.test_limit)
+        _write_json(out / "reference.json", ref)
+        return {"detail": f"dense {ref['metric']} {ref['value']:.4f} (n={ref['n']})", "metric": ref["metric"],
+                "value": ref["value"], "n": ref["n"]}
+
+
+class RefitStage(Stage):
+    """The plan's ranks refit with --method, healed if asked: the factorized checkpoint.
+
+    ``score_test``: score it on the test split with torch against the reference stage's
+    dense score (``sieve-edge search``); the pipeline leaves that to ``validate``, which
+    scores the exported bundle on the target's runtime.
+    """
+
+    name = "refit"
+
+    def __init__(self, model: ModelRef, task, config: SearchConfig, test_limit: int | None, progress: bool = False,
+                 score_test: bool = True):
+        splits = ("validation", "test") if score_test else ("validation",)
+        if config.method != config.search_method:
+            splits += ("calibration",)
+        if config.heal_steps:
+            splits += ("train",)
+        super().__init__(
+            config={"method": config.method, "heal_steps": config.heal_steps, "heal_lr": config.heal_lr,
+                    "n_calibration": config.n_calibration, "calibration_batch": config.calibration_batch,
+                    "multiple": config.multiple, "val_limit": config.val_limit, "batch_size": config.batch_size,
+                    "test_limit": test_limit, "seed": config.seed},
+            inputs=task_inputs(task, splits),
+            needs=("calibrate", "search") + (("reference",) if score_test else ()) + model.needs)
+        self.model, self.task, self.settings, self.test_limit, self.progress = model, task, config, test_limit, progress
+        self.score_test = score_test
+        if not score_test:
+            self.config.pop("test_limit")
+
+    def build(self, ctx: StageContext, out: Path) -> dict:
+        import time
+        from dataclasses import asdict
+
+        from ..checkpoint import build_manifest, save_checkpoint
+        from ..evaluate import make_scorer
+        from ..factorize import factorize_
+        from ..plan import RankPlan
+        from .report import search_report
+
+        t0 = time.perf_counter()
+        cfg, task = self.settings, self.task
+        searched = ctx.output("search")
+        plan = RankPlan.from_json(searched / "plan.json")
+        data = _read_json(searched / "result.json")
+        summary = dict(data["summary"])
+        higher = task.metric != "perplexity"
+        sign = 1.0 if higher else -1.0
+        model, tok = ctx.model(self.model.spec, take=True)  # refit in place
+        ctx.log(f"refit: plan {100 * plan.linear_param_reduction:.1f}% of linear parameters removed, validation "
+                f"{task.metric} {data['metric']:.4f} (dense {data['dense_metric']:.4f}); refitting with '{cfg.method}'")
+        val_scorer = make_scorer(tok, task, "validation", limit=cfg.val_limit, batch_size=cfg.batch_size,
+                                 model=model)
+        search_method = plan.meta["search_method"]
+
+        def searched_factors():
+            # the bases the search scored, as it scored them (float32 slices of the calibrate stage's)
+            from ..calibrate import load_decompositions
+
+            decs, _, _ = load_decompositions(ctx.output("calibrate"))
+            return {name: decs[name].factors(r) for name, r in plan.factorized.items()}
+
+        if cfg.method == search_method:
+            refit = factorize_(model, searched_factors())
+        else:
+            from ..prune import prune
+
+            refit = prune(model, tok, task, plan, cfg.method, n_calibration=cfg.n_calibration,
+                          batch_size=cfg.calibration_batch, multiple=cfg.multiple, progress=self.progress).model
+        method_used = cfg.method
+        val_refit = float(val_scorer.metric(refit))
+        notes = []
+        if sign * (data["dense_metric"] - val_refit) > data["tolerance_abs"] + 1e-12 and cfg.method != search_method:
+            # The sequential refit of the same ranks missed the tolerance: put back the factors the
+            # search measured (replacing each LowRankLinear keeps the rest of the model as it was).
+            notes.append(f"the '{cfg.method}' refit scored {val_refit:.4f} on validation, beyond the tolerance; "
+                         f"kept the '{search_method}' factors the search measured instead")
+            ctx.log("refit: " + notes[-1])
+            refit = factorize_(refit, searched_factors())
+            method_used = search_method
+            val_refit = float(val_scorer.metric(refit))
+        plan.method = method_used
+
+        heal = None
+        if cfg.heal_steps and plan.factorized:
+            from ..heal import heal_
+
+            heal = heal_(refit, tok, task, cfg.heal_steps, lr=cfg.heal_lr, batch_size=16, seed=cfg.seed,
+                         val_scorer=val_scorer, higher_is_better=higher, log=ctx.log)
+            ctx.log(f"refit: healing {cfg.heal_steps} steps: validation {heal.metric_before:.4f} -> "
+                    f"{heal.metric_after:.4f} ({'kept' if heal.kept else 'discarded: it scored worse'})")
+            val_final = heal.metric_after if heal.kept else heal.metric_before
+        else:
+            val_final = val_refit
+        test = None
+        if self.score_test:
+            from ..evaluate import score_extra_tests
+
+            test_scorer = make_scorer(tok, task, "test", limit=self.test_limit, batch_size=cfg.batch_size,
+                                      model=refit)
+            test_metric = float(test_scorer.metric(refit))
+            reference = _read_json(ctx.output("reference") / "reference.json")
+            dense_test = float(reference["value"])
+            test = {"dense": dense_test, "pruned": test_metric, "drop": sign * (dense_test - test_metric),
+                    "n": test_scorer.n, "rows": test_scorer.record()}
+            dense_extra = reference.get("extra_tests") or {}
+            extra = score_extra_tests(refit, tok, task, limit=self.test_limit, batch_size=cfg.batch_size)
+            if extra:  # [[extra_test]] sets, beside the test split
+                test["extra_tests"] = {name: {"pruned": r.value, "n": r.n,
+                                              "dense": (dense_extra.get(name) or {}).get("value")}
+                                       for name, r in extra.items()}
+            plan.meta.update({"test_metric": test_metric, "dense_test_metric": dense_test})
+        total = sum(ctx.seconds.get(s, 0.0) for s in ("calibrate", "sensitivity", "search", "reference"))
+        summary.update({
+            "method": method_used,
+            "validation": {**summary["validation"], "refit": val_refit, "final": val_final,
+                           "rows": val_scorer.record()},
+            "test": test, "heal": None if heal is None else asdict(heal), "notes": notes,
+            "total_seconds": total + time.perf_counter() - t0,
+        })
+        plan.meta.update({"refit_method": method_used})
+        manifest = build_manifest(refit, base_model=self.model.spec, method=method_used, task=task.name,
+                                  search={k: summary[k] for k in ("strategy", "objective", "tolerance", "relative",
+                                                                  "validation", "test", "seed")})
+        save_checkpoint(refit, tok, out, manifest)
+        plan.to_json(out / "plan.json")
+        _write_json(out / "search.json", summary)
+        for name in ("history.json", "frontier.png", "heatmap.png", STATE):
+            if (searched / name).is_file():  # the state is absent only when nothing was scored
+                shutil.copy2(searched / name, out / name)
+        (out / "search_report.md").write_text(search_report(summary, data))
+        scores = (f"test {task.metric} {test['pruned']:.4f} (dense {test['dense']:.4f})" if test else
+                  f"validation {task.metric} {val_final:.4f}")
+        return {"detail": f"{method_used}: linear params -{plan.linear_param_reduction:.1%}, {scores}",
+                "linear_param_reduction": plan.linear_param_reduction, "test": test}
+
+
+def search_stages(model: ModelRef, task, config: SearchConfig, *, budget_minutes: float | None,
+                  test_limit: int | None, on_state_mismatch: str = "restart", progress: bool = False,
+                  score_test: bool = True) -> list[Stage]:
+    """calibrate → sensitivity → search → [reference →] refit, for a model and a task
+    (the reference stage, the dense test metric, only when the refit is scored on test)."""
+    stages = [CalibrateStage(model, task, config, progress), SensitivityStage(model, task, config),
+              SearchStage(model, task, config, budget_minutes, on_state_mismatch=on_state_mismatch, progress=progress)]
+    if score_test:
+        stages.append(ReferenceStage(model, task, test_limit))
+    return stages + [RefitStage(model, task, config, test_limit, progress, score_test)]
+
+
+# ---------------------------------------------------------------- sieve-edge search
+
+def check_search_task(task) -> None:
+    """The search scores on validation and keeps test for the end: both must exist."""
+    from .drivers import validate_task
+
+    validate_task(task)
+    if "test" not in task.data:
+        raise TaskSpecError(f"{task.path}: task '{task.name}' has no 'test' split in [data]: the search scores "
+                            "its final plan on test, which it never saw; add data.test")
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """OUT may be empty, hold this command's stages, or (with --force) a finished search."""
+    from ..checkpoint import MANIFEST, describe_folder
+
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"output {out} exists and is not a folder")
+    if not out.exists():
+        return
+    visible = [p for p in out.iterdir() if not p.name.startswith(".")]
+    finished = (out / MANIFEST).is_file() and (out / "plan.json").is_file() and (out / "history.json").is_file()
+    if finished and not force:
+        raise ArtifactError(f"output folder {out} already holds a finished search; pass --force to redo it")
+    if visible and not finished and not (out / STATE).is_file():
+        raise ArtifactError(f"output folder {out} already holds {describe_folder(out) or 'other files'}; "
+                            "choose another --out")
+
+
+def publish(src: Path, out: Path) -> None:
+    """Make OUT's visible files those of ``src`` (hard links where possible). The checkpoint
+    manifest goes first out and last in, and the state file first in: a half-published OUT
+    reads as a search in progress, never as a finished checkpoint."""
+    from ..checkpoint import MANIFEST
+
+    (out / MANIFEST).unlink(missing_ok=True)
+    for p in out.iterdir():
+        if p.name.startswith("."):
+            continue
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    files = sorted((f for f in src.iterdir() if f.is_file() and f.name != MANIFEST),
+                   key=lambda f: (f.name != STATE, f.name))
+    for f in [*files, src / MANIFEST]:
+        try:
+            os.link(f, out / f.name)
+        except OSError:
+            shutil.copy2(f, out / f.name)
+
+
+def run_search(model_spec, task_spec, out, config: SearchConfig = SearchConfig(), *,
+               budget_minutes: float | None = None, force: bool = False, test_limit: int | None = None,
+               log: Callable[[str], None] | None = None, progress: bool = False, model=None, tokenizer=None,
+               work=None, trust_remote_code: bool = False) -> dict:
+    """The ``search`` command: search a plan, refit it with ``config.method``, heal, score test, write ``out``.
+
+    ``out`` ends as a factorized checkpoint folder plus ``plan.json``, ``history.json``,
+    ``search.json``, ``search_report.md``, ``frontier.png``, ``heatmap.png`` and the final
+    ``search_state.json``. The stages live in ``work`` (default ``OUT/.stages``): rerunning
+    the same command resumes a killed search and recalibrates nothing already calibrated.
+    A folder holding an unfinished search of another model, task or settings is refused
+    (``force`` starts the search over; it also redoes a finished one, reusing the
+    calibration when it matches). Returns the summary also stored in ``search.json``.
+    """
+    from ..tasks import TaskSpec, load_task
+
+    say = log or (lambda msg: None)
+    task = task_spec if isinstance(task_spec, TaskSpec) else load_task(task_spec)
+    check_search_task(task)  # before loading a model: fail in a second, not in a minute
+    if budget_minutes is not None and budget_minutes <= 0:
+        raise BudgetError(f"budget must be > 0 minutes, got {budget_minutes}")
+    out = Path(out)
+    _check_out(out, force)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / ".stages" if work is None else Path(work)
+    ref = model_ref(model_spec, model, tokenizer, trust_remote_code)
+    stages = search_stages(ref, task, config, budget_minutes=budget_minutes, test_limit=test_limit,
+                           on_state_mismatch="restart" if force else "error", progress=progress)
+    preloaded = {ref.spec: ref.preloaded} if ref.preloaded else None
+    flow = Workflow(work, stages, force={"search", "refit"} if force else False, log=say, preloaded=preloaded,
+                    meta={"command": "search", "out": str(out)}, trust_remote_code=trust_remote_code)
+    flow.run()
+    refit = flow.ctx.output("refit")
+    publish(refit, out)
+    summary = _read_json(out / "search.json")
+    say(f"search: wrote {out} (test {task.metric} {summary['test']['pruned']:.4f}, "
+        f"dense {summary['test']['dense']:.4f})")
+    return summary

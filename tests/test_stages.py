@@ -1,0 +1,159 @@
+"""The stage framework on toy stages (no model): keys, skipping, why, partial folders, the hash cache."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from sieve_edge import stages as S
+
+
+class Copy(S.Stage):
+    """Writes its input file's text (and its upstream's) into out.txt; counts its builds."""
+
+    name = "copy"
+
+    def __init__(self, slot, source, needs=(), factor=1, fail=False):
+        super().__init__(slot=slot, config={"factor": factor}, inputs={"source": source}, needs=needs)
+        self.source, self.fail, self.builds = source, fail, 0
+
+    def build(self, ctx, out):
+        self.builds += 1
+        text = self.source.read_text() * self.config["factor"]
+        for slot in self.needs:
+            text += (ctx.output(slot) / "out.txt").read_text()
+        if self.fail:
+            raise RuntimeError("boom")
+        (out / "out.txt").write_text(text)
+        return {"detail": f"{len(text)} chars"}
+
+
+def flow(tmp_path, stages, **kw):
+    return S.Workflow(tmp_path / "work", stages, **kw)
+
+
+def statuses(records):
+    return {r.slot: (r.status, r.why) for r in records}
+
+
+def test_skips_when_key_matches_and_output_verifies_and_says_why_otherwise(tmp_path):
+    a_in, b_in = tmp_path / "a.txt", tmp_path / "b.txt"
+    a_in.write_text("a")
+    b_in.write_text("b")
+    first = flow(tmp_path, [Copy("a", a_in), Copy("b", b_in, needs=("a",))]).run()
+    assert [r.status for r in first] == ["ran", "ran"] and first[0].why == "output missing"
+    assert (tmp_path / "work" / "b" / "out.txt").read_text() == "ba"
+    record = json.loads((tmp_path / "work" / "a.stage.json").read_text())
+    assert not (tmp_path / "work" / "a" / "stage.json").exists()    # outputs hold only what they are
+    assert record["files"] == {"out.txt": 1} and record["key"] == first[0].key
+    assert record["inputs"]["source"]["sha256"] and record["summary"]["detail"] == "1 chars"
+
+    again = flow(tmp_path, [Copy("a", a_in), Copy("b", b_in, needs=("a",))]).run()
+    assert [r.status for r in again] == ["skipped", "skipped"]
+
+    # the content of an input, not its timestamp, makes the key
+    os.utime(a_in, (1, 1))
+    assert [r.status for r in flow(tmp_path, [Copy("a", a_in), Copy("b", b_in, needs=("a",))]).run()] == \
+        ["skipped", "skipped"]
+    a_in.write_text("A")
+    changed = statuses(flow(tmp_path, [Copy("a", a_in), Copy("b", b_in, needs=("a",))]).run())
+    assert changed["a"] == ("ran", f"key changed: input source {a_in} changed")
+    assert changed["b"] == ("ran", "key changed: upstream a changed")
+
+    # a config change names the key; an output that lost a file reruns, and so does what follows
+    changed = statuses(flow(tmp_path, [Copy("a", a_in, factor=2), Copy("b", b_in, needs=("a",))]).run())
+    assert changed["a"] == ("ran", "key changed: config factor 1 -> 2")
+    (tmp_path / "work" / "a" / "out.txt").write_text("truncated!")
+    changed = statuses(flow(tmp_path, [Copy("a", a_in, factor=2), Copy("b", b_in, needs=("a",))]).run())
+    assert changed["a"] == ("ran", "output incomplete: out.txt missing or changed")
+    assert changed["b"] == ("ran", "upstream a ran")
+    forced = statuses(flow(tmp_path, [Copy("a", a_in, factor=2), Copy("b", b_in, needs=("a",))], force={"b"}).run())
+    assert forced == {"a": ("skipped", "done (key matches, output verified)"), "b": ("ran", "forced")}
+
+
+def test_a_failed_stage_leaves_no_output_and_the_log_says_failed(tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("a")
+    with pytest.raises(RuntimeError, match="boom"):
+        flow(tmp_path, [Copy("a", src, fail=True)]).run()
+    work = tmp_path / "work"
+    assert sorted(p.name for p in work.iterdir()) == [".cache", "run.json"]
+    log = json.loads((work / "run.json").read_text())
+    assert log["stages"][0]["status"] == "failed"
+
+
+def test_leftover_partial_folders_of_dead_processes_are_removed(tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("a")
+    work = tmp_path / "work"
+    dead = work / "a.partial-999999999"          # no such process
+    dead.mkdir(parents=True)
+    (dead / "out.txt").write_text("half")
+    flow(tmp_path, [Copy("a", src)]).run()
+    assert not dead.exists() and (work / "a" / "out.txt").read_text() == "a"
+
+
+def test_stage_needing_a_stage_that_does_not_run_before_it_is_a_bug(tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("a")
+    with pytest.raises(ValueError, match="needs"):
+        flow(tmp_path, [Copy("b", src, needs=("a",)), Copy("a", src)]).run()
+
+
+def test_hash_cache_reads_a_file_once_per_change(tmp_path, monkeypatch):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x" * 1000)
+    cache_file = tmp_path / "hashes.json"
+    cache = S.HashCache(cache_file)
+    first = cache.content(f)
+    cache.save()
+    opened = []
+    real_open = open
+
+    def counting_open(path, *a, **kw):
+        opened.append(str(path))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    again = S.HashCache(cache_file)
+    assert again.content(f) == first and str(f.resolve()) not in opened   # from the cache, unread
+    f.write_bytes(b"y" * 1000)                                           # same size, new mtime
+    assert again.content(f) != first and str(f.resolve()) in opened
+
+
+def test_folder_hash_covers_names_and_contents_not_hidden_files(tmp_path):
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "w.bin").write_bytes(b"1")
+    cache = S.HashCache(None)
+    h = cache.content(d)
+    (d / ".stages").mkdir()
+    (d / ".stages" / "noise").write_text("ignored")
+    assert S.HashCache(None).content(d) == h
+    (d / "w.bin").rename(d / "v.bin")
+    assert S.HashCache(None).content(d) != h
+
+
+def test_external_output_keeps_its_record_in_the_work_folder(tmp_path):
+    class External(Copy):
+        external = True
+
+        def output(self, work):
+            return tmp_path / "shipped"
+
+        def record_path(self, work):
+            return work / "shipped.stage.json"
+
+        def build(self, ctx, out):
+            out.mkdir(exist_ok=True)
+            (out / "out.txt").write_text("x")
+            return {}
+
+    src = tmp_path / "a.txt"
+    src.write_text("a")
+    assert flow(tmp_path, [External("ship", src)]).run()[0].status == "ran"
+    assert not (tmp_path / "shipped" / "stage.json").exists()
+    assert (tmp_path / "work" / "shipped.stage.json").is_file()
+    assert flow(tmp_path, [External("ship", src)]).run()[0].status == "skipped"
