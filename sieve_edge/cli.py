@@ -28,11 +28,15 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _terminate_like_ctrl_c()
         try:
             return fn(*args, **kwargs)
         except SieveEdgeError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except Terminated:
+            click.echo("terminated (SIGTERM): rerun the same command to resume", err=True)
+            sys.exit(143)
         except KeyboardInterrupt:
             click.echo("interrupted: rerun the same command to resume", err=True)
             sys.exit(130)
@@ -47,6 +51,22 @@ def handle_errors(fn):
             sys.exit(1)
 
     return wrapper
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler, ``make`` stopped): unwound like Ctrl-C, so that the
+    running stage is recorded as interrupted and its partial output is removed."""
+
+
+def _terminate_like_ctrl_c() -> None:
+    import signal
+    import threading
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_terminated)
 
 
 def write_error_log(exc: BaseException, command: str):

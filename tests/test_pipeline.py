@@ -261,3 +261,32 @@ def test_sigkill_in_each_stage_then_rerun_gives_the_same_bundle(setup, tmp_path)
         a = json.loads((tmp_path / "killed.work" / stage / "plan.json").read_text())
         b = json.loads((tmp_path / "clean.work" / stage / "plan.json").read_text())
         assert a == b, stage
+
+
+def test_sigterm_unwinds_like_ctrl_c_no_partial_output_and_a_clear_line(setup, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, model_dir, task, profile = setup
+    out, work = tmp_path / "termed", tmp_path / "termed.work"
+    cmd = [sys.executable, "-m", "sieve_edge", "run", "--model", str(model_dir), "--task", str(task), "--target",
+           str(profile), "--out", str(out), "--tune-steps", "400", "--strategy", "uniform", "--calibration", "16"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, SIEVE_EDGE_NO_PROGRESS="1"))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:  # wait until tuning is under way
+        if list(work.glob("tune.partial-*")):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "terminated (SIGTERM): rerun the same command to resume"
+    assert "Traceback" not in err
+    stages = {s["slot"]: s for s in json.loads((work / "run.json").read_text())["stages"]}
+    assert stages["tune"]["status"] == "interrupted"
+    assert not list(work.glob("*.partial-*")) and not out.exists()
