@@ -122,8 +122,11 @@ def _ov_runner(path: Path, weights: str, threads: int, tmp: Path, precision: str
     core = ov.Core()
     model = core.read_model(str(path))
     if weights == "int8":
+        import logging
+
         import nncf
 
+        logging.getLogger("nncf").setLevel(logging.WARNING)  # its per-graph statistics table is noise here
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
               "PERFORMANCE_HINT": "LATENCY"}

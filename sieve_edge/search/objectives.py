@@ -260,7 +260,7 @@ class TimeObjective:
         """{prompt_ms, token_ms, example_ms} of the registry matrices under ``ranks`` (the
         ranks as given: the caller snaps unusable ones)."""
         prompt = sum(self._unit_ms(u, ranks, self.prompt_tokens) for u in self.units)
-        token = sum(self._unit_ms(u, ranks, 1) for u in self.units) if self.new_tokens > 1 else 0.0
+        token = sum(self._unit_ms(u, ranks, 1) for u in self.units)
         return {"prompt_ms": prompt, "token_ms": token, "example_ms": prompt + (self.new_tokens - 1) * token}
 
     def example_ms(self, ranks: dict[str, int | None]) -> float:
@@ -353,7 +353,7 @@ def make_time_objective(config: SearchConfig, shapes: dict[str, tuple[int, int]]
     table = table or make_matmul_table(config, profile)
     objective = TimeObjective(shapes, table, prompt, new, groups)
     points = objective.points(candidate_ranks or {})
-    tokens = {prompt, 1} if new > 1 else {prompt}
+    tokens = {prompt, 1}  # one token also for a classification: the report shows its decode step
     if log:
         log(f"time objective: {prompt} prompt tokens + {new - 1} decode step(s) per example, cost table from "
             f"{table.where}: {len(points)} MatMul shapes x {len(tokens)} token count(s) (cached after the first run)")

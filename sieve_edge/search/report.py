@@ -45,8 +45,8 @@ def time_table(t: dict, reduction: float) -> list[str]:
              "| | linear parameters | prompt pass ms | decode ms per token | **ms per example** |",
              "|---|---|---|---|---|"]
     for label, row, kept in (("dense", t["dense"], 1.0), ("plan", t["plan"], 1.0 - reduction)):
-        token = f"{row['token_ms']:.3f}" if steps else "-"
-        lines.append(f"| {label} | {100 * kept:.1f}% | {row['prompt_ms']:.3f} | {token} | **{row['example_ms']:.3f}** |")
+        lines.append(f"| {label} | {100 * kept:.1f}% | {row['prompt_ms']:.3f} | {row['token_ms']:.3f} | "
+                     f"**{row['example_ms']:.3f}** |")
     return lines + [""]
 
 
