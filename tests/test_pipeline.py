@@ -156,6 +156,10 @@ def test_run_objective_for_a_target_this_host_cannot_time(setup, tmp_path):
     panel = write_profile(tmp_path, "onnxruntime", name="panel", extra=f'arch = "{other}"', max_metric_drop=1.0)
     with pytest.raises(InputError, match="--objective params"):
         run(str(model_dir), str(task), str(panel), tmp_path / "b", strategy="uniform", objective="time")
+    res = CliRunner().invoke(main, ["run", "--model", str(model_dir), "--task", str(task), "--target", str(panel),
+                                    "--out", str(tmp_path / "c"), "--objective", "latency"])
+    assert res.exit_code == 1 and f"is for {other} CPUs" in res.output and "--objective params" in res.output
+    assert not (tmp_path / "c").exists()
 
 
 def test_run_for_another_architecture_builds_the_bundle_and_leaves_validation_not_run(setup, tmp_path):

@@ -145,7 +145,10 @@ def test_matmul_table_interpolates_fused_widths():
     assert table.ms(96, 32, 4) == pytest.approx(1.5)
     assert table.ms(192, 32, 4) == pytest.approx(4.0)
     assert table.ms(320, 32, 4) == pytest.approx(8.0)       # beyond: the last two points' slope
-    with pytest.raises(KeyError, match="in=16"):
+    assert table.ms(128, 32, 4) == 2.0                     # measured: exact
+    across = MatmulTable({(64, 8, 4): 1.0, (64, 24, 4): 3.0})
+    assert across.ms(64, 16, 4) == pytest.approx(2.0)       # a second factor off the ladder: along in
+    with pytest.raises(KeyError, match="64x16"):
         table.ms(64, 16, 4)
 
 
@@ -159,7 +162,8 @@ def test_torch_matmul_table_measures_once_and_caches(tmp_path, monkeypatch):
     obj = make_time_objective(cfg, shapes, candidate_ranks={"a": {8}})
     cache = tmp_path / "sieve-edge" / "cost-tables" / "torch.json"
     keys = json.loads(cache.read_text()).keys()
-    assert {k.split("|", 2)[2] for k in keys} == {"32x16|tok4", "8x16|tok4", "32x8|tok4"}
+    # dense, and the rank-8 pair's two factors, at the prompt length and at one token (decode)
+    assert {k.split("|", 2)[2] for k in keys} == {f"{s}|tok{t}" for s in ("32x16", "8x16", "32x8") for t in (1, 4)}
     assert obj.dense_ms > 0 and isinstance(obj.usable("a", 8), bool) and obj.prompt_tokens == 4
     monkeypatch.setattr("sieve_edge.search.objectives._time_matmul", lambda *a: pytest.fail("measured again"))
     again = make_time_objective(cfg, shapes, candidate_ranks={"a": {8}})

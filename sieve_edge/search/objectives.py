@@ -50,8 +50,9 @@ class MatmulTable:
 
     ``entries`` holds measured points; ``ms`` interpolates linearly in ``out`` between the
     nearest measured widths of the same (in, T) (extrapolating from the last two beyond
-    them), so a fused group's width need not have been measured itself. ``prepare`` fills
-    in missing points; this base class has no way to measure (a fixed table, e.g. in tests).
+    them), so a fused group's width need not have been measured itself, or else in ``in``
+    between the measured input sizes of the same (out, T). ``prepare`` fills in missing
+    points; this base class has no way to measure (a fixed table, e.g. in tests).
     """
 
     where = "a fixed table"
@@ -66,19 +67,30 @@ class MatmulTable:
         k = (int(out), int(inp), int(tokens))
         if k in self.entries:
             return self.entries[k]
-        row = sorted((o, v) for (o, i, t), v in self.entries.items() if i == inp and t == tokens)
-        if not row:
-            self.prepare([(out, inp)], [tokens])
-            if k in self.entries:
-                return self.entries[k]
-            raise KeyError(f"no MatMul time for in={inp} at {tokens} token(s) in {self.where}")
-        if len(row) == 1:  # one width only: scale with the width (an approximation, said so by its use)
-            return row[0][1] * out / row[0][0]
-        lo = max((p for p in row if p[0] <= out), default=row[0], key=lambda p: p[0])
-        hi = min((p for p in row if p[0] >= out), default=row[-1], key=lambda p: p[0])
-        if lo[0] == hi[0]:  # outside the measured widths: the two nearest define the slope
-            lo, hi = (row[0], row[1]) if out < row[0][0] else (row[-2], row[-1])
-        return max(lo[1] + (hi[1] - lo[1]) * (out - lo[0]) / (hi[0] - lo[0]), 0.0)
+        # a fused width: along the widths measured for this input size; a second factor of a
+        # rank off the ladder (the uniform strategy's grid): along the input sizes of this width
+        by_out = sorted((o, v) for (o, i, t), v in self.entries.items() if i == inp and t == tokens)
+        by_in = sorted((i, v) for (o, i, t), v in self.entries.items() if o == out and t == tokens)
+        if len(by_out) >= 2:
+            return _interpolate(by_out, out)
+        if len(by_in) >= 2:
+            return _interpolate(by_in, inp)
+        self.prepare([(out, inp)], [tokens])
+        if k in self.entries:
+            return self.entries[k]
+        raise KeyError(f"no MatMul time for {out}x{inp} (out x in) at {tokens} token(s) in {self.where}")
+
+
+def _interpolate(row: list[tuple[int, float]], x: int) -> float:
+    """Piecewise linear through the (size, ms) points of ``row`` (sorted), extended by the
+    slope of the two nearest points beyond them; never below zero."""
+    lo = max((p for p in row if p[0] <= x), default=row[0], key=lambda p: p[0])
+    hi = min((p for p in row if p[0] >= x), default=row[-1], key=lambda p: p[0])
+    if lo[0] == hi[0]:
+        if lo[0] == x:
+            return lo[1]
+        lo, hi = (row[0], row[1]) if x < row[0][0] else (row[-2], row[-1])
+    return max(lo[1] + (hi[1] - lo[1]) * (x - lo[0]) / (hi[0] - lo[0]), 0.0)
 
 
 class RuntimeMatmulTable(MatmulTable):
