@@ -274,7 +274,10 @@ def search_command(model_spec, task_spec, tolerance, relative, method, strategy,
     if as_json:
         print_json(summary)
     else:
-        click.echo(f"wrote {out}: {strategy} plan, linear parameters -{summary['linear_param_reduction']:.1%}, "
+        t = summary.get("time")
+        ms = (f", {t['dense']['example_ms']:.2f} -> {t['plan']['example_ms']:.2f} ms per example in the matrices"
+              if t else "")
+        click.echo(f"wrote {out}: {strategy} plan, linear parameters -{summary['linear_param_reduction']:.1%}{ms}, "
                    f"validation {summary['metric']} {summary['validation']['final']:.4f} "
                    f"(dense {summary['validation']['dense']:.4f}), test {summary['test']['pruned']:.4f} "
                    f"(dense {summary['test']['dense']:.4f}), {summary['evaluations']} evaluations, "
