@@ -5,7 +5,8 @@ Two parts (``--part``):
 - ``table``: build the time objective's cost table for a model and a target (every MatMul
   shape its ladder may run, at the target's prompt length and at one token), timed from an
   empty cache folder (``--cache``), and print the dense model's predicted ms per example.
-- ``compare``: for search output folders (``sieve-edge search --out``), each plan's predicted
+- ``compare``: for search output folders (``sieve-edge search --out``) or export folders
+  (the ranks of the checkpoint they were exported from), each plan's predicted
   ms per example in the registry matrices (the same table), next to the measured ms per
   example of its OpenVINO / ONNX export (``sieve-edge export``) run by the bundle runner's
   model class with the target's settings on the task's test prompts (median of --examples,
@@ -99,10 +100,15 @@ def part_compare(a) -> dict:
     plans = dict(x.split("=", 1) for x in a.plan)
     exports = dict(x.split("=", 1) for x in a.export)
     for name in ["dense", *plans]:
-        ranks = {} if name == "dense" else \
-            {k: r for k, r in RankPlan.from_json(Path(plans[name]) / "plan.json").ranks.items() if r is not None}
-        row = {"predicted": obj.breakdown(ranks)}
-        if name != "dense":
+        folder = Path(plans.get(name, "."))
+        if name == "dense":
+            ranks = {}
+        elif (folder / "plan.json").is_file():   # a search folder
+            ranks = {k: r for k, r in RankPlan.from_json(folder / "plan.json").ranks.items() if r is not None}
+        else:                                     # an export folder: the ranks of the checkpoint it came from
+            ranks = json.loads((folder / "export.json").read_text())["source"]["ranks"]
+        row = {"predicted": obj.breakdown(ranks), "factorized": len(ranks)}
+        if (folder / "search.json").is_file():
             summary = json.loads((Path(plans[name]) / "search.json").read_text())
             row.update({"linear_param_reduction": summary["linear_param_reduction"],
                         "objective": summary["objective"], "validation": summary["validation"].get("final"),
