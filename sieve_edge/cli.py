@@ -443,7 +443,8 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Redo every stage, even those already done (the search starts over).")
 @click.option("--work", type=click.Path(file_okay=False), default=None,
-              help="Stage folder (default: OUT.work). Share it between targets to tune and search once.")
+              help="Stage folder (default: OUT.work). Share it between targets to tune and calibrate once "
+                   "(and search once with --objective params).")
 @_TRUST_REMOTE_CODE
 @handle_errors
 def run(model, task, target, out, tune_steps, tolerance, strategy, objective, method, budget_minutes, n_calibration,

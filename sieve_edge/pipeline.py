@@ -177,7 +177,8 @@ def default_objective(profile, log=None) -> str:
 
 
 def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, tolerance: float | None = None,
-        strategy: str = "ga", objective: str | None = None, method: str = "sieve", budget_minutes: float | None = None, seed: int = 0,
+        strategy: str = "ga", objective: str | None = None, method: str = "sieve",
+        budget_minutes: float | None = None, seed: int = 0,
         n_calibration: int = 512, val_limit: int | None = 300, test_limit: int | None = None,
         heal_steps: int = 0, task_head: bool | None = None, force: bool = False, work=None,
         log: Callable[[str], None] | None = None, trust_remote_code: bool = False) -> RunSummary:
@@ -190,8 +191,9 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
     target of another CPU architecture than this host's (its kernels cannot be timed here).
     The caller decides what a failed gate means (`summary.report`).
     work: the stage folder (default `OUT.work`); runs for several targets of one model and
-    task can share it, so tuning, calibration and search run once and only export onwards
-    is redone. force: rerun every stage. trust_remote_code: let transformers run code the
+    task can share it, so tuning and calibration run once (and the search too with the
+    params objective; the time objective searches per target runtime, workload and threads)
+    and export onwards is redone. force: rerun every stage. trust_remote_code: let transformers run code the
     model folder names (off unless the user turns it on).
     """
     from .checkpoint import describe_folder
