@@ -600,3 +600,14 @@ def test_time_objective_picks_the_plan_the_table_says_is_cheaper(tuned, monkeypa
 
 def test_latency_is_the_time_objective():
     assert SearchConfig(objective="latency").objective == "time"
+
+
+def test_time_objective_for_a_target_of_another_cpu_fails_before_loading(tmp_path):
+    import platform
+
+    other = "x86_64" if platform.machine().lower() in ("aarch64", "arm64") else "aarch64"
+    profile = tmp_path / "panel.toml"
+    profile.write_text(f'schema_version = 4\nname = "panel"\nruntime = "onnxruntime"\nthreads = 4\narch = "{other}"\n')
+    with pytest.raises(InputError, match="--objective params"):
+        run_search("no-such-model-is-loaded", write_task(tmp_path / "task"), tmp_path / "out",
+                   small_config(objective="time", target=str(profile)))

@@ -476,6 +476,11 @@ def run_search(model_spec, task_spec, out, config: SearchConfig = SearchConfig()
     say = log or (lambda msg: None)
     task = task_spec if isinstance(task_spec, TaskSpec) else load_task(task_spec)
     check_search_task(task)  # before loading a model: fail in a second, not in a minute
+    if config.objective != "params" and config.target is not None:
+        from ..targets import load_profile
+        from .objectives import check_time_target
+
+        check_time_target(load_profile(config.target))
     if budget_minutes is not None and budget_minutes <= 0:
         raise BudgetError(f"budget must be > 0 minutes, got {budget_minutes}")
     out = Path(out)
