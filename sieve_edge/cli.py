@@ -234,8 +234,11 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
               show_default=True, help="Refit method of the final checkpoint (the search scores 'output' factors).")
 @click.option("--strategy", type=click.Choice(["ga", "uniform"]), default="ga", show_default=True,
               help="Genetic algorithm per matrix, or bisection on one keep fraction for all.")
-@click.option("--objective", type=click.Choice(["params", "latency"]), default="params", show_default=True)
-@click.option("--target", default=None, help="Target profile (name or TOML) whose runtime times the latency objective.")
+@click.option("--objective", type=click.Choice(["params", "time", "latency"]), default="params", show_default=True,
+              help="What the plan minimises: linear parameters, or time per example on --target's runtime and "
+                   "workload (a cost table measured once, then cached; latency = time).")
+@click.option("--target", default=None,
+              help="Target profile (name or TOML) whose runtime, threads and [workload] the time objective measures.")
 @click.option("--budget-minutes", type=float, default=None,
               help="Time for the search proper: scoring candidates and breeding (not loading, calibration, "
                    "decomposition, the sensitivity pass or the dense model's scores). When it ends, the best plan "
@@ -276,8 +279,8 @@ def search_command(model_spec, task_spec, tolerance, relative, method, strategy,
     from .progress import log
     from .search import DEFAULT_LADDER, SearchConfig, run_search
 
-    if objective == "latency" and target is None:
-        click.echo("note: --objective latency without --target times torch matmuls on this CPU", err=True)
+    if objective != "params" and target is None:
+        click.echo(f"note: --objective {objective} without --target times torch matmuls on this CPU", err=True)
     try:
         levels = DEFAULT_LADDER if ladder is None else tuple(float(x) for x in ladder.split(","))
     except ValueError:
@@ -291,7 +294,10 @@ def search_command(model_spec, task_spec, tolerance, relative, method, strategy,
     if as_json:
         print_json(summary)
     else:
-        click.echo(f"wrote {out}: {strategy} plan, linear parameters -{summary['linear_param_reduction']:.1%}, "
+        t = summary.get("time")
+        ms = (f", {t['dense']['example_ms']:.2f} -> {t['plan']['example_ms']:.2f} ms per example in the matrices"
+              if t else "")
+        click.echo(f"wrote {out}: {strategy} plan, linear parameters -{summary['linear_param_reduction']:.1%}{ms}, "
                    f"validation {summary['metric']} {summary['validation']['final']:.4f} "
                    f"(dense {summary['validation']['dense']:.4f}), test {summary['test']['pruned']:.4f} "
                    f"(dense {summary['test']['dense']:.4f}), {summary['evaluations']} evaluations, "
@@ -435,6 +441,11 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @click.option("--tolerance", type=float, default=None,
               help="Allowed validation metric drop for the search (default: half the target's max_metric_drop).")
 @click.option("--strategy", type=click.Choice(["ga", "uniform"]), default="ga", show_default=True)
+@click.option("--objective", type=click.Choice(["time", "params", "latency"]), default=None,
+              help="What the plan minimises. Default: time, the target's measured milliseconds per example "
+                   "(its runtime, weights, threads and [workload]; a cost table measured once per target, then "
+                   "cached), or params for a target whose CPU this host cannot time (another architecture). "
+                   "params: linear parameters. latency = time.")
 @click.option("--method", type=click.Choice(["svd", "input-pca", "output", "sieve"]), default="sieve",
               show_default=True)
 @click.option("--budget-minutes", type=float, default=None,
@@ -452,10 +463,11 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Redo every stage, even those already done (the search starts over).")
 @click.option("--work", type=click.Path(file_okay=False), default=None,
-              help="Stage folder (default: OUT.work). Share it between targets to tune and search once.")
+              help="Stage folder (default: OUT.work). Share it between targets to tune and calibrate once "
+                   "(and search once with --objective params).")
 @_TRUST_REMOTE_CODE
 @handle_errors
-def run(model, task, target, out, tune_steps, tolerance, strategy, method, budget_minutes, n_calibration,
+def run(model, task, target, out, tune_steps, tolerance, strategy, objective, method, budget_minutes, n_calibration,
         val_limit, test_limit, heal_steps, task_head, seed, force, work, trust_remote_code):
     """tune? → calibrate → sensitivity → search → refit → export → reference → bundle → validate.
 
@@ -469,7 +481,8 @@ def run(model, task, target, out, tune_steps, tolerance, strategy, method, budge
     from .progress import log
 
     summary = run_pipeline(model, task, target, out, tune_steps=tune_steps, tolerance=tolerance,
-                           strategy=strategy, method=method, budget_minutes=budget_minutes, seed=seed,
+                           strategy=strategy, objective=objective, method=method, budget_minutes=budget_minutes,
+                           seed=seed,
                            n_calibration=n_calibration, val_limit=val_limit, test_limit=test_limit,
                            heal_steps=heal_steps, task_head=task_head, force=force, work=work, log=log,
                            trust_remote_code=trust_remote_code)

@@ -164,8 +164,21 @@ class ValidateStage(Stage):
         return {"detail": report.message(), "status": report.status, "report": report.to_dict()}
 
 
+def default_objective(profile, log=None) -> str:
+    """`time` where this host can time the target's kernels, else `params` (said in the log)."""
+    from .validate import host_arch
+
+    if profile.arch in ("any", host_arch()) and profile.device == "cpu":
+        return "time"
+    if log:
+        log(f"objective: params (target {profile.name} is a {profile.arch} {profile.device} box: this "
+            f"{host_arch()} host cannot time its kernels)")
+    return "params"
+
+
 def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, tolerance: float | None = None,
-        strategy: str = "ga", method: str = "sieve", budget_minutes: float | None = None, seed: int = 0,
+        strategy: str = "ga", objective: str | None = None, method: str = "sieve",
+        budget_minutes: float | None = None, seed: int = 0,
         n_calibration: int = 512, val_limit: int | None = 300, test_limit: int | None = None,
         heal_steps: int = 0, task_head: bool | None = None, force: bool = False, work=None,
         log: Callable[[str], None] | None = None, trust_remote_code: bool = False) -> RunSummary:
@@ -173,10 +186,14 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
 
     tolerance: allowed metric drop on the validation split (default: half the target's
     `max_metric_drop`). budget_minutes: time for the search proper (not calibration,
-    sensitivity, scoring). The caller decides what a failed gate means (`summary.report`).
+    sensitivity, scoring). objective: what the plan minimises, `time` (the target's measured
+    milliseconds per example at its [workload]) or `params`; default `time`, or `params` for a
+    target of another CPU architecture than this host's (its kernels cannot be timed here).
+    The caller decides what a failed gate means (`summary.report`).
     work: the stage folder (default `OUT.work`); runs for several targets of one model and
-    task can share it, so tuning, calibration and search run once and only export onwards
-    is redone. force: rerun every stage. trust_remote_code: let transformers run code the
+    task can share it, so tuning and calibration run once (and the search too with the
+    params objective; the time objective searches per target runtime, workload and threads)
+    and export onwards is redone. force: rerun every stage. trust_remote_code: let transformers run code the
     model folder names (off unless the user turns it on).
     """
     from .checkpoint import describe_folder
@@ -199,8 +216,14 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
     if budget_minutes is not None and budget_minutes <= 0:
         raise BudgetError(f"--budget-minutes must be > 0, got {budget_minutes}")
     check_search_task(spec)
+    objective = default_objective(profile, say) if objective is None else objective
+    if objective != "params":
+        from .search.objectives import check_time_target
+
+        check_time_target(profile)
     # candidates are scored in the target's int8 when it ships int8 (int4 is not simulated)
     config = SearchConfig(tolerance=tolerance, method=method, strategy=strategy, seed=seed,
+                          objective=objective, target=None if objective == "params" else str(profile.path or target),
                           n_calibration=n_calibration, val_limit=val_limit, heal_steps=heal_steps,
                           weights="int8" if profile.weights == "int8" else "fp32")
     out = Path(out)

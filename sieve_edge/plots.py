@@ -40,7 +40,7 @@ def frontier_png(points: list[dict], chosen: dict, dense_metric: float, toleranc
     ax.axhline(limit, color="tab:red", lw=0.8, ls="--", label="tolerance")
     ax.scatter([100 * chosen["gain"]], [chosen["metric"]], marker="*", s=160, color="tab:orange",
                zorder=5, label="chosen plan")
-    ax.set_xlabel("parameters removed (% of linear)" if objective == "params" else "linear time saved (%)")
+    ax.set_xlabel("parameters removed (% of linear)" if objective == "params" else "time per example saved (%, cost table)")
     ax.set_ylabel(f"validation {metric}")
     ax.set_title(title or "search frontier", fontsize=10)
     ax.legend(fontsize=7, loc="lower left")

@@ -1,6 +1,6 @@
 """Target profiles: the kind of machine a bundle is made for, and the budgets it must meet.
 
-A profile is a TOML file (schema in ``docs/TARGETS.md``, ``schema_version = 1``). Loading is
+A profile is a TOML file (schema in ``docs/TARGETS.md``, ``schema_version`` 1 to 4). Loading is
 strict: an unknown key, a value of the wrong type or out of range is a ``ProfileError`` that
 names the file, the key and what is allowed. Imports only the standard library (the edge
 runner and ``sieve-edge --help`` stay light).
@@ -18,7 +18,8 @@ try:  # Python >= 3.11
 except ModuleNotFoundError:  # pragma: no cover - 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-SCHEMA_VERSION = 3  # the newest; every version up to it is read (2 added dynamic_quantization, 3 runtime_cache_capacity)
+SCHEMA_VERSION = 4  # the newest; every version up to it is read (2 added dynamic_quantization,
+#                      3 runtime_cache_capacity, 4 [workload])
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 
 RUNTIMES = ("onnxruntime", "openvino")
@@ -45,6 +46,33 @@ class Budget:
     max_size_mb: float | None = None
 
 
+# A classification prompt of the shipped sample tasks is 20-60 tokens (SmolLM2 tokenizer).
+DEFAULT_PROMPT_TOKENS = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What one example costs the box: a prompt pass over ``prompt_tokens`` tokens, then a
+    greedy decode step for every new token after the first (the prompt pass yields the first).
+
+    ``new_tokens`` is for generation tasks (``None``: the task's ``max_new_tokens``). A
+    classification or perplexity task reads its answer from the prompt pass: 1 new token,
+    whatever the profile says.
+    """
+
+    prompt_tokens: int = DEFAULT_PROMPT_TOKENS
+    new_tokens: int | None = None
+
+    def new_tokens_for(self, kind: str, max_new_tokens: int = 16) -> int:
+        if kind != "generation":
+            return 1
+        return self.new_tokens if self.new_tokens is not None else int(max_new_tokens)
+
+    def for_task(self, task) -> tuple[int, int]:
+        """(prompt tokens, new tokens) of one example of ``task`` (a ``TaskSpec``)."""
+        return self.prompt_tokens, self.new_tokens_for(task.kind, getattr(task, "max_new_tokens", 16))
+
+
 @dataclasses.dataclass(frozen=True)
 class TargetProfile:
     name: str
@@ -59,6 +87,7 @@ class TargetProfile:
     arch: str = "any"                 # CPU architecture the budgets were set for
     cpu_affinity: tuple[int, ...] | None = None
     budget: Budget = dataclasses.field(default_factory=Budget)
+    workload: Workload = dataclasses.field(default_factory=Workload)
     schema_version: int = SCHEMA_VERSION
     path: str | None = None           # the file it was loaded from
 
@@ -92,13 +121,22 @@ _TOP = {
                      and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in v),
                      "a non-empty list of distinct CPU indices >= 0, e.g. [0, 1]"),
     "budget": (lambda v: isinstance(v, dict), "a table [budget]"),
+    "workload": (lambda v: isinstance(v, dict), "a table [workload]"),
 }
 _REQUIRED = ("schema_version", "name", "runtime", "threads")
-_SINCE = {"dynamic_quantization": 2, "runtime_cache_capacity": 3}  # key -> schema_version that added it
+_SINCE = {"dynamic_quantization": 2, "runtime_cache_capacity": 3, "workload": 4}  # key -> schema_version that added it
 _BUDGET = {
     "max_metric_drop": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (metric units)"),
     **{k: (lambda v: _is_number(v) and v > 0, "a number > 0")
        for k in ("max_first_token_ms", "max_token_ms", "max_example_ms", "max_peak_memory_mb", "max_size_mb")},
+}
+
+
+_COUNT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1_000_000,
+          "an integer from 1 to 1000000")
+_WORKLOAD = {
+    "prompt_tokens": _COUNT,   # typical prompt length of one example, in tokens
+    "new_tokens": _COUNT,      # tokens generated per example (generation tasks; classification: 1)
 }
 
 
@@ -139,6 +177,8 @@ def parse_profile(data: dict, path: str | Path = "<profile>") -> TargetProfile:
                            f"(schema_version = {SCHEMA_VERSION}; see docs/TARGETS.md)")
     budget = data.get("budget", {})
     _check_table(path, budget, _BUDGET, "budget.")
+    workload = data.get("workload", {})
+    _check_table(path, workload, _WORKLOAD, "workload.")
     runtime = data["runtime"]
     precision = data.get("inference_precision", "f32")
     if runtime == "onnxruntime" and precision != "f32":
@@ -168,6 +208,7 @@ def parse_profile(data: dict, path: str | Path = "<profile>") -> TargetProfile:
         arch=data.get("arch", "any"),
         cpu_affinity=tuple(affinity) if affinity is not None else None,
         budget=Budget(**{k: float(v) for k, v in budget.items()}),
+        workload=Workload(**workload),
         schema_version=data["schema_version"], path=str(path),
     )
 

@@ -1,5 +1,6 @@
 """`sieve-edge run` end to end on a tiny model: stage order, skipping, redoing half-written output."""
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -10,6 +11,20 @@ from sieve_edge.pipeline import run
 from test_bundle import write_profile
 from test_search import write_task
 from tiny import make_model, make_tokenizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cost_table_cache(tmp_path_factory):
+    """The time objective's cost tables (run's default) in a folder of this module, not the user's cache."""
+    import os
+
+    old = os.environ.get("SIEVE_EDGE_CACHE")
+    os.environ["SIEVE_EDGE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("SIEVE_EDGE_CACHE", None)
+    else:
+        os.environ["SIEVE_EDGE_CACHE"] = old
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +102,14 @@ def test_cli_run_exit_code_3_when_a_gate_fails(setup, tmp_path):
 
 
 def test_two_targets_share_one_work_folder(setup, tmp_path):
+    # with the parameter objective the plan is the same for every target: searched once
     root, model_dir, task, _ = setup
     work = tmp_path / "shared.work"
     ov = write_profile(tmp_path / "t", "openvino", name="ov-target", max_metric_drop=1.0)
-    first = _run(setup, tmp_path / "ort-bundle", work=work)
+    first = _run(setup, tmp_path / "ort-bundle", work=work, objective="params")
     assert first.report["status"] == "pass", first.stages[-1].detail
     second = run(str(model_dir), str(task), str(ov), tmp_path / "ov-bundle", strategy="uniform", n_calibration=32,
-                 val_limit=None, work=work)
+                 val_limit=None, work=work, objective="params")
     st = status(second)
     assert st["calibrate"] == st["search"] == st["refit"] == st["reference"] == "skipped"
     assert st["export-openvino-fp32"] == "ran" and st["bundle"] == "ran"
@@ -101,10 +117,49 @@ def test_two_targets_share_one_work_folder(setup, tmp_path):
     assert manifest["model_format"] == "openvino" and manifest["target_name"] == "ov-target"
     assert (tmp_path / "ort-bundle" / "bundle.json").is_file()   # the first target's bundle is untouched
     # each format keeps its export: going back to the first target redoes nothing but validation
-    again = _run(setup, tmp_path / "ort-bundle", work=work)
+    again = _run(setup, tmp_path / "ort-bundle", work=work, objective="params")
     assert [s.status for s in again.stages[:-1]] == ["skipped"] * 7
+    # the time objective (run's default) prices plans on each target's runtime: searched per target
+    timed = _run(setup, tmp_path / "ort-time", work=work)
+    assert status(timed)["calibrate"] == "skipped" and status(timed)["search"] == "ran"
     with pytest.raises(Exception, match="must not be the bundle folder"):
         _run(setup, tmp_path / "x", work=tmp_path / "x" / "inside")
+
+
+def test_run_minimises_time_per_example_by_default(setup):
+    # the first test's bundle: run's default objective is the target's measured time per example
+    root = setup[0]
+    summary = _run(setup, root / "bundle")
+    search = next(s for s in summary.stages if s.slot == "search")
+    assert "ms per example" in search.detail, search.detail
+    data = json.loads((root / "bundle.work" / "refit" / "search.json").read_text())
+    assert data["objective"] == "time"
+    t = data["time"]
+    assert t["prompt_tokens"] == 32 and t["new_tokens"] == 1 and "onnxruntime fp32 MatMuls, 1 thread" in t["cost_table"]
+    assert 0 < t["plan"]["example_ms"] <= t["dense"]["example_ms"]
+    report = (root / "bundle.work" / "refit" / "search_report.md").read_text()
+    assert "## Time per example" in report and "ms per example" in report
+    # the table was measured once, on the target's runtime, and cached
+    import os
+
+    cached = json.loads((Path(os.environ["SIEVE_EDGE_CACHE"]) / "microbench.json").read_text())
+    assert any(k.startswith("mm|") and "|onnxruntime " in k and "|tok32" in k for k in cached)
+
+
+def test_run_objective_for_a_target_this_host_cannot_time(setup, tmp_path):
+    import platform
+
+    from sieve_edge.errors import InputError
+
+    root, model_dir, task, _ = setup
+    other = "x86_64" if platform.machine().lower() in ("aarch64", "arm64") else "aarch64"
+    panel = write_profile(tmp_path, "onnxruntime", name="panel", extra=f'arch = "{other}"', max_metric_drop=1.0)
+    with pytest.raises(InputError, match="--objective params"):
+        run(str(model_dir), str(task), str(panel), tmp_path / "b", strategy="uniform", objective="time")
+    res = CliRunner().invoke(main, ["run", "--model", str(model_dir), "--task", str(task), "--target", str(panel),
+                                    "--out", str(tmp_path / "c"), "--objective", "latency"])
+    assert res.exit_code == 1 and f"is for {other} CPUs" in res.output and "--objective params" in res.output
+    assert not (tmp_path / "c").exists()
 
 
 def test_run_for_another_architecture_builds_the_bundle_and_leaves_validation_not_run(setup, tmp_path):

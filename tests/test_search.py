@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sieve_edge.errors import ArtifactError, BudgetError, InputError, TaskSpecError
-from sieve_edge.search import (CostTable, Ladder, LatencyObjective, ParamObjective, SearchConfig, bisect_largest,
+from sieve_edge.search import (Ladder, MatmulTable, ParamObjective, SearchConfig, TimeObjective, bisect_largest,
                                run_search, search_plan)
 from sieve_edge.tasks import load_task
 from tiny import make_model, make_tokenizer
@@ -92,39 +92,99 @@ def test_bisect_largest():
             assert len(calls) <= n.bit_length() + 1
 
 
-def test_latency_ladder_never_picks_a_rank_slower_than_dense():
-    class FakeTable(CostTable):
-        def __init__(self):
-            super().__init__(tokens=20)
+class OverheadTable(MatmulTable):
+    """A fixed fake table: per MatMul a fixed overhead plus work; ``slow`` (out, in) pairs cost 100 ms."""
 
-        def time(self, shape, rank):
-            m, n = shape
-            return m * n if rank is None else 1.5 * rank * (m + n)  # pairs carry 50% overhead
+    def __init__(self, overhead=0.05, slow=lambda out, inp: False):
+        super().__init__()
+        self.overhead, self.slow = overhead, slow
 
+    def ms(self, out, inp, tokens):
+        return 100.0 if self.slow(out, inp) else self.overhead + 1e-4 * out * inp * tokens
+
+
+def test_time_objective_prices_fused_groups_prompt_and_decode():
+    shapes = {"l.0.q": (32, 32), "l.0.k": (16, 32), "l.0.v": (16, 32), "l.0.o": (32, 32)}
+    table = OverheadTable()
+    obj = TimeObjective(shapes, table, prompt_tokens=10, new_tokens=5, groups=[["l.0.q", "l.0.k", "l.0.v"]])
+    ms = table.ms
+    # dense: ONE MatMul over the concatenated q/k/v rows, one for o
+    assert obj.breakdown({})["prompt_ms"] == pytest.approx(ms(64, 32, 10) + ms(32, 32, 10))
+    # q at rank 8: the fused first MatMul narrows to 8 + 16 + 16 rows, plus q's second factor
+    got = obj.breakdown({"l.0.q": 8})
+    assert got["token_ms"] == pytest.approx(ms(40, 32, 1) + ms(32, 8, 1) + ms(32, 32, 1))
+    assert got["example_ms"] == pytest.approx(got["prompt_ms"] + 4 * got["token_ms"])  # 5 new: 4 decode steps
+    # an unfused matrix: two MatMuls for its pair
+    assert obj.breakdown({"l.0.o": 8})["prompt_ms"] == pytest.approx(
+        ms(64, 32, 10) + ms(8, 32, 10) + ms(32, 8, 10))
+    # a classification example (1 new token) is its prompt pass alone
+    one = TimeObjective(shapes, table, 10, 1, groups=[["l.0.q", "l.0.k", "l.0.v"]])
+    assert one.breakdown({})["example_ms"] == pytest.approx(obj.breakdown({})["prompt_ms"])
+    assert 0 < obj.gain({"l.0.q": 8, "l.0.o": 8}) < 1
+
+
+def test_time_ladder_never_offers_a_rank_slower_than_dense():
+    # overhead-bound (decode-like): a pair's two MatMuls cost more than the dense one unless its rank is small
     shapes = {"model.layers.0.mlp.up_proj": (64, 32), "model.layers.0.mlp.down_proj": (32, 64)}
-    objective = LatencyObjective(shapes, FakeTable())
-    ladder = Ladder(shapes, (1.0, 0.9, 0.7, 0.5, 0.3), 4, objective)
+    obj = TimeObjective(shapes, OverheadTable(overhead=0.1), prompt_tokens=1, new_tokens=1)
+    ladder = Ladder(shapes, (1.0, 0.9, 0.7, 0.5, 0.3), 4, obj)
     for name, ranks in ladder.ranks.items():
         for r in ranks:
-            assert r is None or objective.table.faster(shapes[name], r)
-        assert ranks[1] is None and ranks[-1] is not None  # keep 0.9 is slower than dense: snapped
-    assert objective.gain(ladder.to_ranks((4, 4))) > 0
+            assert r is None or obj.breakdown({name: r})["example_ms"] < obj.dense_ms
+        # keep 0.9: the pair's second MatMul costs more overhead than its rows save; keep 0.3 pays
+        assert ranks[1] is None and ranks[-1] is not None
+    cheap = TimeObjective(shapes, OverheadTable(overhead=0.0), prompt_tokens=8, new_tokens=1)
+    assert Ladder(shapes, (1.0, 0.9, 0.5), 4, cheap).ranks["model.layers.0.mlp.up_proj"][2] is not None
     # parameters: every level below break-even is usable
     assert all(r is not None for r in Ladder(shapes, (1.0, 0.9, 0.5), 4, ParamObjective(shapes)).ranks[
         "model.layers.0.mlp.up_proj"][1:])
 
 
-def test_torch_cost_table_measures_once_and_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    from sieve_edge.search import make_cost_table
+def test_matmul_table_interpolates_fused_widths():
+    table = MatmulTable({(64, 32, 4): 1.0, (128, 32, 4): 2.0, (256, 32, 4): 6.0})
+    assert table.ms(96, 32, 4) == pytest.approx(1.5)
+    assert table.ms(192, 32, 4) == pytest.approx(4.0)
+    assert table.ms(320, 32, 4) == pytest.approx(8.0)       # beyond: the last two points' slope
+    assert table.ms(128, 32, 4) == 2.0                     # measured: exact
+    across = MatmulTable({(64, 8, 4): 1.0, (64, 24, 4): 3.0})
+    assert across.ms(64, 16, 4) == pytest.approx(2.0)       # a second factor off the ladder: along in
+    with pytest.raises(KeyError, match="64x16"):
+        table.ms(64, 16, 4)
 
-    cfg = SearchConfig(objective="latency", latency_tokens=4)
-    table = make_cost_table(cfg, {(32, 16): {8}})
+
+def test_torch_matmul_table_measures_once_and_caches(tmp_path, monkeypatch):
+    monkeypatch.delenv("SIEVE_EDGE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    from sieve_edge.search import make_time_objective
+
+    cfg = SearchConfig(objective="time", latency_tokens=4)
+    shapes = {"a": (32, 16)}
+    obj = make_time_objective(cfg, shapes, candidate_ranks={"a": {8}})
     cache = tmp_path / "sieve-edge" / "cost-tables" / "torch.json"
-    assert json.loads(cache.read_text()).keys() == {"32x16:dense:4", "32x16:8:4"}
-    assert table.time((32, 16), None) > 0 and isinstance(table.faster((32, 16), 8), bool)
-    again = CostTable(4, "torch", cache)
-    assert again.entries == table.entries  # a second run reads, does not re-measure
+    keys = json.loads(cache.read_text()).keys()
+    # dense, and the rank-8 pair's two factors, at the prompt length and at one token (decode)
+    assert {k.split("|", 2)[2] for k in keys} == {f"{s}|tok{t}" for s in ("32x16", "8x16", "32x8") for t in (1, 4)}
+    assert obj.dense_ms > 0 and isinstance(obj.usable("a", 8), bool) and obj.prompt_tokens == 4
+    monkeypatch.setattr("sieve_edge.search.objectives._time_matmul", lambda *a: pytest.fail("measured again"))
+    again = make_time_objective(cfg, shapes, candidate_ranks={"a": {8}})
+    assert again.table.entries == obj.table.entries  # a second run reads, does not re-measure
+
+
+def test_runtime_matmul_times_are_cached_per_runtime_version(tmp_path, monkeypatch):
+    import onnxruntime
+
+    from sieve_edge.export import microbench as mb
+
+    cache = tmp_path / "mb.json"
+    got = mb.matmul_times([(16, 32), (32, 8)], [1, 4], "onnxruntime", "fp32", threads=1, cache=cache, repeats=2)
+    assert set(got) == {(16, 32, 1), (16, 32, 4), (32, 8, 1), (32, 8, 4)} and all(v > 0 for v in got.values())
+    assert all(f"onnxruntime {onnxruntime.__version__}" in k for k in json.loads(cache.read_text()))
+    monkeypatch.setattr(mb, "_ort_runner", lambda *a, **k: pytest.fail("measured although cached"))
+    assert mb.matmul_times([(16, 32)], [4], "onnxruntime", "fp32", threads=1, cache=cache)[(16, 32, 4)] == \
+        got[(16, 32, 4)]
+    monkeypatch.setattr(mb, "runtime_version", lambda runtime: "another version")
+    with pytest.raises(pytest.fail.Exception, match="measured although cached"):
+        mb.matmul_times([(16, 32)], [4], "onnxruntime", "fp32", threads=1, cache=cache)
 
 
 @pytest.mark.parametrize("tolerance", [0.0, 1.0, -0.1, 1.5])
@@ -500,3 +560,54 @@ def test_search_stages_of_run_start_a_foreign_state_over(tuned, tmp_path, monkey
         if name == "history.json":  # wall times differ; what was scored may not
             a, b = ([{k: v for k, v in g.items() if k != "seconds"} for g in d["generations"]] for d in (a, b))
         assert a == b, name
+
+
+def test_time_objective_picks_the_plan_the_table_says_is_cheaper(tuned, monkeypatch):
+    # A fixed fake cost table in which every MatMul writing 32 rows from fewer than 32 inputs
+    # (the second factor of q_proj, o_proj and down_proj, whose out size is 32) costs 100 ms:
+    # those pairs are slower than their dense matrices, every other pair is faster. With a
+    # tolerance every plan meets, the parameter objective cuts everything; the time objective
+    # must keep exactly those three kinds dense and cut the rest, and be cheaper by the table.
+    import sieve_edge.search.objectives as O
+
+    table = OverheadTable(overhead=0.01, slow=lambda out, inp: out == 32 and inp < 32)
+    monkeypatch.setattr(O, "make_matmul_table", lambda config, profile=None: table)
+    root, task_path = tuned
+    task = load_task(task_path)
+    runs = {}
+    for objective in ("params", "time"):
+        model, tok = load_tuned(root)
+        runs[objective] = search_plan(model, tok, task, small_config(objective=objective, tolerance=0.99))
+    slow_kinds = ("q_proj", "o_proj", "down_proj")
+    timed = runs["time"].plan.ranks
+    assert all(r is None for name, r in timed.items() if name.endswith(slow_kinds)), timed
+    assert all(r is not None for name, r in timed.items() if not name.endswith(slow_kinds)), timed
+    params = runs["params"].plan.ranks
+    assert any(r is not None for name, r in params.items() if name.endswith(slow_kinds)), params
+    # the table's verdict: the time plan costs fewer ms per example than the parameter plan
+    model, _ = load_tuned(root)
+    from sieve_edge import architectures as arch
+    from sieve_edge.factorize import linear_shapes
+
+    priced = TimeObjective(linear_shapes(model), table, 20, 1, arch.linear_groups(model))
+    assert priced.breakdown({k: r for k, r in timed.items() if r is not None})["example_ms"] < \
+        priced.breakdown({k: r for k, r in params.items() if r is not None})["example_ms"]
+    times = runs["time"].times
+    assert times["prompt_tokens"] == 20 and times["new_tokens"] == 1 and times["fused_groups"] == 4
+    assert times["plan"]["example_ms"] < times["dense"]["example_ms"] and runs["params"].times is None
+    assert runs["time"].objective == "time" and 0 < runs["time"].gain < 1
+
+
+def test_latency_is_the_time_objective():
+    assert SearchConfig(objective="latency").objective == "time"
+
+
+def test_time_objective_for_a_target_of_another_cpu_fails_before_loading(tmp_path):
+    import platform
+
+    other = "x86_64" if platform.machine().lower() in ("aarch64", "arm64") else "aarch64"
+    profile = tmp_path / "panel.toml"
+    profile.write_text(f'schema_version = 4\nname = "panel"\nruntime = "onnxruntime"\nthreads = 4\narch = "{other}"\n')
+    with pytest.raises(InputError, match="--objective params"):
+        run_search("no-such-model-is-loaded", write_task(tmp_path / "task"), tmp_path / "out",
+                   small_config(objective="time", target=str(profile)))

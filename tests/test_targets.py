@@ -59,7 +59,7 @@ def test_good_profile_and_defaults(tmp_path):
     (lambda t: t.replace('device = "cpu"', 'device = "tpu"'), "device", "cpu | gpu | npu"),
     (lambda t: t.replace('weights = "int8"', 'weights = "int2"'), "weights", "fp32 | int8 | int4"),
     (lambda t: t.replace('"f32"', '"fp64"'), "inference_precision", "f32 | bf16 | f16"),
-    (lambda t: t.replace("schema_version = 1", "schema_version = 4"), "schema_version", "an integer from 1 to 3"),
+    (lambda t: t.replace("schema_version = 1", "schema_version = 5"), "schema_version", "an integer from 1 to 4"),
     (lambda t: t.replace("threads = 2", "threads = 2\ncpu_affinity = [0, 0]"), "cpu_affinity", "distinct"),
     (lambda t: t.replace("threads = 2", "threads = 4\ncpu_affinity = [0, 1]"), "threads", "len(cpu_affinity)"),
     (lambda t: t.replace('"openvino"', '"onnxruntime"').replace('"f32"', '"bf16"'), "inference_precision",
@@ -125,3 +125,41 @@ def test_dynamic_quantization_key(tmp_path):
     bad.write_text(base + 'runtime = "openvino"\ndynamic_quantization = "yes"\n')
     with pytest.raises(ProfileError, match="true \\| false"):
         load_profile(bad)
+
+
+WORKLOAD = GOOD.replace("schema_version = 1", "schema_version = 4").replace(
+    "[budget]", "[workload]\nprompt_tokens = 40\nnew_tokens = 64\n\n[budget]")
+
+
+def test_workload_keys_and_defaults(tmp_path):
+    p = load_profile(_write(tmp_path, WORKLOAD))
+    assert (p.workload.prompt_tokens, p.workload.new_tokens) == (40, 64)
+    # a classification (or perplexity) example reads its answer from the prompt pass: 1 new token
+    assert p.workload.new_tokens_for("classification") == 1 and p.workload.new_tokens_for("perplexity") == 1
+    assert p.workload.new_tokens_for("generation", 16) == 64
+    bare = load_profile(_write(tmp_path, GOOD))      # no [workload]: a typical prompt, the task's own new tokens
+    assert bare.workload.prompt_tokens >= 1 and bare.workload.new_tokens is None
+    assert bare.workload.new_tokens_for("generation", 12) == 12
+    for name in shipped_profiles():
+        w = load_profile(name).workload
+        assert w.prompt_tokens >= 1 and w.new_tokens >= 1
+
+
+@pytest.mark.parametrize("edit, key, allowed", [
+    (lambda t: t.replace("new_tokens = 64", "new_tokens = 64\nbatch = 4"), "workload.batch", "workload.prompt_tokens"),
+    (lambda t: t.replace("prompt_tokens = 40", 'prompt_tokens = "40"'), "workload.prompt_tokens", "an integer"),
+    (lambda t: t.replace("prompt_tokens = 40", "prompt_tokens = 40.5"), "workload.prompt_tokens", "an integer"),
+    (lambda t: t.replace("new_tokens = 64", "new_tokens = true"), "workload.new_tokens", "an integer"),
+    (lambda t: t.replace("new_tokens = 64", "new_tokens = -1"), "workload.new_tokens", "an integer from 1"),
+    (lambda t: t.replace("prompt_tokens = 40", "prompt_tokens = -40"), "workload.prompt_tokens", "an integer from 1"),
+    (lambda t: t.replace("prompt_tokens = 40", "prompt_tokens = 0"), "workload.prompt_tokens", "an integer from 1"),
+    (lambda t: t.replace("[workload]\nprompt_tokens = 40\nnew_tokens = 64\n", "workload = 40\n"), "workload",
+     "a table [workload]"),
+    (lambda t: t.replace("schema_version = 4", "schema_version = 3"), "workload", "needs schema_version = 4"),
+])
+def test_bad_workload(tmp_path, edit, key, allowed):
+    path = _write(tmp_path, edit(WORKLOAD))
+    with pytest.raises(ProfileError) as e:
+        load_profile(path)
+    msg = str(e.value)
+    assert str(path) in msg and key in msg and allowed in msg, msg

@@ -33,8 +33,9 @@ WARMUP = 3
 
 
 def default_cache() -> Path:
-    root = os.environ.get("SIEVE_EDGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sieve-edge")
-    return Path(root) / "microbench.json"
+    from ..outputs import cache_dir
+
+    return cache_dir() / "microbench.json"
 
 
 def cpu_name() -> str:
@@ -114,19 +115,24 @@ def _ort_runner(path: Path, weights: str, threads: int, tmp: Path):
     return lambda x: sess.run(None, {"X": x})
 
 
-def _ov_runner(path: Path, weights: str, threads: int, tmp: Path):
+def _ov_runner(path: Path, weights: str, threads: int, tmp: Path, precision: str = "f32",
+               dynamic_quantization: bool | None = None):
     import openvino as ov
 
     core = ov.Core()
     model = core.read_model(str(path))
     if weights == "int8":
+        import logging
+
         import nncf
 
+        logging.getLogger("nncf").setLevel(logging.WARNING)  # its per-graph statistics table is noise here
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-    compiled = core.compile_model(model, "CPU", {
-        "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-        "PERFORMANCE_HINT": "LATENCY",
-    })
+    config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+              "PERFORMANCE_HINT": "LATENCY"}
+    if dynamic_quantization is False:   # as the bundle's runner sets it (runtime._OvModel)
+        config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0
+    compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
     return lambda x: request.infer({"X": x})
 
@@ -200,6 +206,80 @@ class Cache:
         tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
         os.replace(tmp, self.path)
+
+
+# ---------------------------------------------------------------------------- single MatMuls
+#
+# The time objective of the search (``search.objectives``) composes a plan's time out of
+# single weight MatMuls: a dense matrix is one (T, in) @ (in, out), a pair is two, and a
+# fused group (q/k/v, gate/up: ``export.fuse``) is one over the concatenated rows plus one
+# per factorized member. Each (out, in) is timed as a graph of ``layers`` copies, like the
+# dense half of ``measure``, compiled once and run at every requested token count.
+
+
+def runtime_version(runtime: str) -> str:
+    """The installed runtime's version: a cached time is only valid for the kernels that made it."""
+    try:
+        if runtime == "onnxruntime":
+            import onnxruntime
+
+            return onnxruntime.__version__
+        import openvino
+
+        return openvino.get_version()
+    except ImportError:
+        return "not installed"
+
+
+def _mm_key(runtime, version, weights, threads, precision, dynamic_quantization, out, inp, tokens) -> str:
+    dq = {None: "", False: "|dq0", True: "|dq1"}[dynamic_quantization]
+    return f"mm|{cpu_name()}|{runtime} {version}|{weights}|t{threads}|{precision}{dq}|{out}x{inp}|tok{tokens}"
+
+
+def matmul_times(points, tokens_list, runtime: str = "openvino", weights: str = "int8", threads: int | None = None,
+                 precision: str = "f32", dynamic_quantization: bool | None = False, cache=None,
+                 repeats: int = REPEATS, on_measured=None) -> dict[tuple[int, int, int], float]:
+    """Median ms of one (T, in) @ (in, out) weight MatMul for every (out, in) in ``points`` and T
+    in ``tokens_list``: ``{(out, in, T): ms}``. Cached per CPU, runtime and its version, weights,
+    threads, precision hint and dynamic quantization (in ``cache``, default ``default_cache()``);
+    only what is missing is measured, and the cache is saved after every point, so an
+    interrupted build keeps what it measured. ``on_measured(i, n, (out, in))`` reports progress."""
+    import numpy as np
+    import onnx
+
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime '{runtime}'; allowed: {', '.join(RUNTIMES)}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"unknown weights '{weights}'; allowed: {', '.join(WEIGHTS)}")
+    threads = _threads(threads)
+    version = runtime_version(runtime)
+    dq = None if runtime == "onnxruntime" else dynamic_quantization
+    store = cache if isinstance(cache, Cache) else Cache(cache)
+    tokens_list = sorted({int(t) for t in tokens_list})
+    points = sorted({(int(o), int(i)) for o, i in points})
+
+    def key(o, i, t):
+        return _mm_key(runtime, version, weights, threads, precision, dq, o, i, t)
+
+    todo = [(o, i) for o, i in points if any(key(o, i, t) not in store.data for t in tokens_list)]
+    rng = np.random.default_rng(1)
+    with tempfile.TemporaryDirectory(prefix="sieve-mm-") as tmp:
+        tmp = Path(tmp)
+        for done, (o, i) in enumerate(todo):
+            layers = _layers((o, i))
+            path = tmp / f"mm{o}x{i}.onnx"
+            onnx.save_model(build_graph((o, i), None, layers), str(path))
+            run = (_ort_runner(path, weights, threads, tmp) if runtime == "onnxruntime" else
+                   _ov_runner(path, weights, threads, tmp, precision, dq))
+            for t in tokens_list:
+                x = rng.standard_normal((t, i)).astype(np.float32)
+                store.data[key(o, i, t)] = {"ms": _time(run, x, repeats) / layers, "layers": layers,
+                                            "repeats": repeats}
+            del run
+            store.save()
+            if on_measured is not None:
+                on_measured(done + 1, len(todo), (o, i))
+    return {(o, i, t): store.data[key(o, i, t)]["ms"] for o, i in points for t in tokens_list}
 
 
 def lookup(shape, rank, tokens, runtime="openvino", weights="int8", threads=None, cache=None,

@@ -13,7 +13,7 @@ STATE_FORMAT = "sieve-edge/search-state"
 STATE_VERSION = 2                # 2: the state names the model and task it was searched for
 DEFAULT_LADDER = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 STRATEGIES = ("ga", "uniform")
-OBJECTIVES = ("params", "latency")
+OBJECTIVES = ("params", "time", "latency")  # latency: the earlier name of time
 WEIGHTS = ("fp32", "int8")  # int8: candidates scored with simulated int8 weights (NNCF INT8_ASYM)
 UNIFORM_STEP = 0.025  # keep resolution of the uniform bisection
 BEFORE_FIRST_GENERATION = "the budget ended before generation 1"
@@ -27,8 +27,8 @@ class SearchConfig:
     relative: bool = False           # tolerance as a fraction of the dense metric
     method: str = "sieve"            # refit method of the final checkpoint
     strategy: str = "ga"             # ga | uniform
-    objective: str = "params"        # params | latency
-    target: str | None = None        # target profile for the latency objective
+    objective: str = "params"        # params | time (latency = time)
+    target: str | None = None        # target profile whose runtime and workload the time objective measures
     seed: int = 0
     population: int = 16
     generations: int = 12
@@ -41,7 +41,7 @@ class SearchConfig:
     race_size: int = 64              # racing subset; 0 = no racing
     race_z: float = 2.0              # one-sided z of the racing rejection test
     batch_size: int = 32
-    latency_tokens: int = 20         # prompt length the latency cost table is measured at
+    latency_tokens: int = 20         # prompt length of the time objective without a target's [workload]
     heal_steps: int = 0
     heal_lr: float = 1e-4
     weights: str = "fp32"            # precision candidates are scored in: int8 simulates the export's int8
@@ -56,6 +56,8 @@ class SearchConfig:
             raise InputError(f"weights '{self.weights}' is not allowed; choose one of {', '.join(WEIGHTS)}")
         if self.objective not in OBJECTIVES:
             raise InputError(f"objective '{self.objective}' is not allowed; choose one of {', '.join(OBJECTIVES)}")
+        if self.objective == "latency":
+            object.__setattr__(self, "objective", "time")
         from ..lowrank import METHODS
         if self.method not in METHODS:
             raise InputError(f"method '{self.method}' is not allowed; choose one of {', '.join(METHODS)}")
@@ -106,6 +108,7 @@ class SearchResult:
     dense_int8_metric: float | None = None  # validation metric of the dense model in simulated int8
     resumed_from: int | None = None   # generation a resumed search started from
     stopped: str = "done"             # done | stalled | budget | BEFORE_FIRST_GENERATION
+    times: dict | None = None         # time objective: workload, table, dense and plan ms per example
     factors: dict = field(default_factory=dict, repr=False)  # name -> (B, A) the plan was scored with
 
     def to_dict(self) -> dict:

@@ -30,7 +30,7 @@ from .budget import Budget
 from .config import BEFORE_FIRST_GENERATION, UNIFORM_STEP, SearchConfig, SearchResult, SearchState
 from .evaluator import CandidateEvaluator
 from .ladder import Ladder, bisect_largest
-from .objectives import LatencyObjective, ParamObjective, make_cost_table
+from .objectives import ParamObjective, make_time_objective, plan_times
 
 
 class _BudgetSpent(Exception):
@@ -43,7 +43,7 @@ class SearchContext:
 
     config: SearchConfig
     ladder: Ladder
-    objective: object                 # ParamObjective | LatencyObjective
+    objective: object                 # ParamObjective | TimeObjective
     evaluator: CandidateEvaluator     # .score(list of rank dicts, budget) -> [Evaluation], .dense_seconds, .tol
     store: SearchState
     budget: Budget
@@ -285,17 +285,16 @@ def spectrum_sensitivity(decs, shapes, multiple) -> dict[str, float]:
     return out
 
 
-def make_objective(config: SearchConfig, shapes: dict[str, tuple[int, int]], log=None):
-    """Parameters removed, or time removed per a cost table (built once per target, then cached)."""
-    if config.objective != "latency":
+def make_objective(config: SearchConfig, shapes: dict[str, tuple[int, int]], log=None, groups=(), task=None):
+    """Parameters removed, or time per example removed per the target's cost table (measured
+    once per target, then cached); ``groups`` are the matrices the export fuses."""
+    if config.objective == "params":
         return ParamObjective(shapes)
     from ..lowrank import rank_for_keep
 
-    wanted: dict[tuple[int, int], set[int]] = {}
-    for m, n in shapes.values():
-        rs = {rank_for_keep(m, n, k, config.multiple) for k in config.ladder}
-        wanted.setdefault((m, n), set()).update(r for r in rs if r is not None)
-    return LatencyObjective(shapes, make_cost_table(config, wanted, log))
+    wanted = {name: {rank_for_keep(m, n, k, config.multiple) for k in config.ladder}
+              for name, (m, n) in shapes.items()}
+    return make_time_objective(config, shapes, groups, task, wanted, log)
 
 
 def ladder_max_ranks(shapes: dict[str, tuple[int, int]], config: SearchConfig) -> dict[str, int]:
@@ -341,7 +340,7 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
     if budget_minutes is not None and budget_minutes <= 0:
         raise BudgetError(f"budget must be > 0 minutes, got {budget_minutes}")
     shapes = linear_shapes(model)
-    objective = make_objective(config, shapes, say)
+    objective = make_objective(config, shapes, say, arch.linear_groups(model), task)
     if state_path is not None and state_identity is None:
         from ..stages import model_fingerprint, task_fingerprint
 
@@ -445,6 +444,7 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
         task_sensitivity=outcome.task_sensitivity,
         dense_int8_metric=dense_ev.metric if config.weights == "int8" else None,
         resumed_from=outcome.resumed_from, stopped=outcome.stopped, factors=factors,
+        times=plan_times(objective, outcome.ranks),
     )
 
 

@@ -145,6 +145,9 @@ def search_summary(result, task, config: SearchConfig, model_spec: str, budget_m
         "evaluations": result.evaluations, "full_evaluations": result.full_evaluations,
         "search_seconds": result.seconds, "budget_minutes": budget_minutes,
         "generations": len(result.history), "resumed_from": result.resumed_from, "stopped": result.stopped,
+        # time objective: the workload, the cost table, and the dense model's and the plan's
+        # milliseconds per example in the registry matrices (prompt pass + decode steps)
+        "time": result.times,
     }
 
 
@@ -154,13 +157,20 @@ class SearchStage(Stage):
     def __init__(self, model: ModelRef, task, config: SearchConfig, budget_minutes: float | None, *,
                  on_state_mismatch: str = "restart", progress: bool = False):
         inputs = task_inputs(task, ("validation",))
-        if config.objective == "latency" and config.target is not None:
+        settings = {"settings": config.fingerprint(), "budget_minutes": budget_minutes}
+        if config.objective != "params" and config.target is not None:
+            # what the time objective reads of the profile (not its budgets: a changed gate
+            # re-validates, it does not re-search)
             from ..targets import load_profile
+            from .objectives import workload_of
 
             profile = load_profile(config.target)
-            if profile.path:
-                inputs["target profile"] = Path(profile.path)
-        super().__init__(config={"settings": config.fingerprint(), "budget_minutes": budget_minutes},
+            settings["settings"] = {**settings["settings"], "target": profile.name}
+            settings["time target"] = {
+                "runtime": profile.runtime, "device": profile.device, "arch": profile.arch,
+                "weights": profile.weights, "threads": profile.threads, "precision": profile.inference_precision,
+                "dynamic_quantization": profile.dynamic_quantization, "workload": list(workload_of(config, task, profile))}
+        super().__init__(config=settings,
                          inputs=inputs, needs=("calibrate",) + (("sensitivity",) if config.strategy == "ga" else ()))
         self.model, self.task, self.settings, self.budget = model, task, config, budget_minutes
         self.on_state_mismatch, self.progress = on_state_mismatch, progress
@@ -218,10 +228,15 @@ class SearchStage(Stage):
         write_plots(out, summary, data)
         (out / "search_report.md").write_text(search_report(summary, data))
         red = result.plan.linear_param_reduction
-        return {"detail": f"linear params -{red:.1%}, validation {self.task.metric} {result.metric:.4f} "
+        ms = ""
+        if result.times:
+            ms = (f", {result.times['dense']['example_ms']:.1f} -> {result.times['plan']['example_ms']:.1f} ms per "
+                  "example in the matrices (cost table)")
+        return {"detail": f"linear params -{red:.1%}{ms}, validation {self.task.metric} {result.metric:.4f} "
                           f"(dense {result.dense_metric:.4f}), {result.evaluations} evaluations, "
                           f"{result.seconds / 60:.1f} min searching, stopped: {result.stopped}",
-                "linear_param_reduction": red, "stopped": result.stopped, "search_seconds": result.seconds}
+                "linear_param_reduction": red, "stopped": result.stopped, "search_seconds": result.seconds,
+                "time": result.times}
 
     def committed(self, ctx: StageContext, output: Path) -> None:
         shutil.rmtree(ctx.scratch(self.slot), ignore_errors=True)  # the output holds the final state
@@ -461,6 +476,11 @@ def run_search(model_spec, task_spec, out, config: SearchConfig = SearchConfig()
     say = log or (lambda msg: None)
     task = task_spec if isinstance(task_spec, TaskSpec) else load_task(task_spec)
     check_search_task(task)  # before loading a model: fail in a second, not in a minute
+    if config.objective != "params" and config.target is not None:
+        from ..targets import load_profile
+        from .objectives import check_time_target
+
+        check_time_target(load_profile(config.target))
     if budget_minutes is not None and budget_minutes <= 0:
         raise BudgetError(f"budget must be > 0 minutes, got {budget_minutes}")
     out = Path(out)
