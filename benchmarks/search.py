@@ -103,6 +103,55 @@ def cross_task(work: Path, name: str) -> Path:
     return path
 
 
+LONG_SOURCES = ("uci_amazon", "uci_yelp", "uci_imdb")
+
+
+def review_task(datasets: Path, folder: Path, sentences: int = 4, seed: int = 0) -> Path:
+    """The long-input task: reviews of ``sentences`` sentences each, written into ``folder``.
+
+    The uci_* sets hold single review sentences (~10 words). A review here joins
+    ``sentences`` sentences of one label from one source (drawn with ``seed``), ~45 words:
+    the length users' reviews and articles have. Train and validation come from the sets'
+    train files (3:1), test from their test files; labels stay balanced per source."""
+    import random
+
+    rng = random.Random(seed)
+    splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
+    for source in LONG_SOURCES:
+        for part in ("train", "test"):
+            path = datasets / source / f"{part}.jsonl"
+            if not path.is_file():
+                raise SystemExit(f"--datasets: {path} is missing (expected the uci_* sets there)")
+            by_label: dict[str, list[str]] = {}
+            for line in path.read_text().split("\n"):
+                if line.strip():
+                    row = json.loads(line)
+                    by_label.setdefault(row["label"], []).append(row["text"].strip())
+            for label, texts in sorted(by_label.items()):
+                rng.shuffle(texts)
+                reviews = [{"text": " ".join(texts[i:i + sentences]), "label": label}
+                           for i in range(0, len(texts) - sentences + 1, sentences)]
+                if part == "test":
+                    splits["test"] += reviews
+                else:
+                    cut = len(reviews) * 3 // 4
+                    splits["train"] += reviews[:cut]
+                    splits["validation"] += reviews[cut:]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        rng.shuffle(rows)
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    toml = folder / "reviews_long.toml"
+    toml.write_text(
+        '# Built by benchmarks/search.py from the uci_* sentiment sets: reviews of several sentences.\n'
+        'name = "reviews_long"\nkind = "classification"\nmetric = "accuracy"\nchat_template = false\n'
+        'prompt = "Review: {text}\\nIs this review positive or negative?\\nAnswer:"\n\n'
+        '[labels]\nnegative = " negative"\npositive = " positive"\n\n'
+        '[data]\ntrain = "train.jsonl"\ncalibration = "train.jsonl"\nvalidation = "validation.jsonl"\n'
+        'test = "test.jsonl"\nsample = "stratified"\n')
+    return toml
+
+
 def tuned_model(args, task_name: str):
     """(model, tokenizer, spec): the task-tuned model from --work, tuning it once if missing."""
     from sieve_edge.models import load_model, load_tokenizer
