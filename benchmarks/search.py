@@ -1,17 +1,20 @@
-"""Benchmark of the search (issue 3): GA-sieve against the uniform baselines on SmolLM2-135M.
+"""Benchmark of the search: the GA against the uniform baseline on SmolLM2-135M.
 
-For each task (sst2, sms_spam, snips): tune SmolLM2-135M on the task once (cached under
+Tasks: sst2, sms_spam, snips and reviews_long, a long-input task (reviews of four
+sentences, ~70 prompt tokens) built at run time under --work from the uci_* sets in
+--datasets (nothing of it is committed). For each task: tune SmolLM2-135M once (cached under
 --work), then for each tolerance (1 and 5 points) run
   uniform-output  bisection on one keep fraction, refit with `output`
   uniform-sieve   the same bisection, refit with `sieve`
-  ga-sieve        the genetic search per matrix, refit with `sieve`
+  ga-sieve        the surrogate-guided genetic search per matrix, refit with `sieve`
+  ga-plain-sieve  the genetic search without the surrogate (--no-surrogate), refit with `sieve`
 and record the linear-parameter reduction, validation and test metric (test never seen by
-the search), wall time and evaluations. For sst2 the pruned models are also scored on the
-uci_yelp / uci_amazon / uci_imdb test sets (same task, other text).
+the search), search time, evaluations, generations reached and candidates per minute. For
+sst2 the pruned models are also scored on the uci_yelp / uci_amazon / uci_imdb test sets.
 
-Prints a Markdown table and writes benchmarks/results/search.json. Heavy: a full run is
-~7 min of tuning per task plus up to 20 min per search on 2 cores. `--quick` is a smoke
-run: no tuning (zero-shot model), sst2 only, one tolerance, small validation and GA.
+Prints a Markdown table and writes benchmarks/results/search.json. Heavy: ~7 min of tuning
+per task plus the 15-minute budget and the stages per search on 2 cores (hours in all).
+`--quick` is a smoke run: no tuning, sst2 only, one tolerance, small validation and GA.
 
     python benchmarks/search.py                 # the full benchmark
     python benchmarks/search.py --quick         # a ~10 min check, GA vs uniform on sst2
@@ -33,15 +36,21 @@ STRATEGIES = {
     "uniform-output": dict(strategy="uniform", method="output"),
     "uniform-sieve": dict(strategy="uniform", method="sieve"),
     "ga-sieve": dict(strategy="ga", method="sieve"),
+    "ga-plain-sieve": dict(strategy="ga", method="sieve", surrogate=False),
 }
+DEFAULT_STRATEGIES = "uniform-sieve,ga-sieve"
+TASK_ORDER = ("sst2", "sms_spam", "snips", "reviews_long")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--tasks", default="sst2,sms_spam,snips")
+    p.add_argument("--tasks", default=",".join(TASK_ORDER),
+                   help="sample task names, or reviews_long (built from --datasets)")
+    p.add_argument("--datasets", type=Path, default=DATASETS,
+                   help="folder holding uci_amazon, uci_yelp, uci_imdb (for reviews_long and the sst2 cross checks)")
     p.add_argument("--tolerances", default="0.01,0.05")
-    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--strategies", default=DEFAULT_STRATEGIES, help=f"of {', '.join(STRATEGIES)}")
     p.add_argument("--only", default=None, metavar="STRATEGY@TOL,...",
                    help="run just these rows per task, e.g. ga-sieve@0.01,uniform-sieve@0.05 "
                         "(instead of every --strategies x --tolerances pair)")
@@ -52,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--race", type=int, default=64)
     p.add_argument("--population", type=int, default=16)
     p.add_argument("--generations", type=int, default=12)
-    p.add_argument("--budget-minutes", type=float, default=20.0)
+    p.add_argument("--budget-minutes", type=float, default=15.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "search.json")
@@ -93,17 +102,73 @@ def _pairs(parser, args) -> list[tuple[float, str]]:
     return pairs
 
 
-def cross_task(work: Path, name: str) -> Path:
+def task_spec(args, name: str) -> str:
+    """What run_search and tune take for a task name: the sample name, or the built file."""
+    if name == "reviews_long":
+        return str(review_task(args.datasets, args.work / "tasks" / "reviews_long", seed=args.seed))
+    return name
+
+
+def cross_task(work: Path, name: str, datasets: Path = DATASETS) -> Path:
     """A task file for another sentiment dataset with the sst2 prompt and labels (test split only)."""
     sst2 = (ROOT / "samples" / "tasks" / "sst2.toml").read_text()
     head = sst2.split("[data]")[0].replace('name = "sst2"', f'name = "{name}"')
     path = work / "tasks" / f"{name}.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(head + f'[data]\ntest = "{DATASETS / name / "test.jsonl"}"\n')
+    path.write_text(head + f'[data]\ntest = "{datasets / name / "test.jsonl"}"\n')
     return path
 
 
-def tuned_model(args, task_name: str):
+LONG_SOURCES = ("uci_amazon", "uci_yelp", "uci_imdb")
+
+
+def review_task(datasets: Path, folder: Path, sentences: int = 4, seed: int = 0) -> Path:
+    """The long-input task: reviews of ``sentences`` sentences each, written into ``folder``.
+
+    The uci_* sets hold single review sentences (~10 words). A review here joins
+    ``sentences`` sentences of one label from one source (drawn with ``seed``), ~45 words:
+    the length users' reviews and articles have. Train and validation come from the sets'
+    train files (3:1), test from their test files; labels stay balanced per source."""
+    import random
+
+    rng = random.Random(seed)
+    splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
+    for source in LONG_SOURCES:
+        for part in ("train", "test"):
+            path = datasets / source / f"{part}.jsonl"
+            if not path.is_file():
+                raise SystemExit(f"--datasets: {path} is missing (expected the uci_* sets there)")
+            by_label: dict[str, list[str]] = {}
+            for line in path.read_text().split("\n"):
+                if line.strip():
+                    row = json.loads(line)
+                    by_label.setdefault(row["label"], []).append(row["text"].strip())
+            for label, texts in sorted(by_label.items()):
+                rng.shuffle(texts)
+                reviews = [{"text": " ".join(texts[i:i + sentences]), "label": label}
+                           for i in range(0, len(texts) - sentences + 1, sentences)]
+                if part == "test":
+                    splits["test"] += reviews
+                else:
+                    cut = len(reviews) * 3 // 4
+                    splits["train"] += reviews[:cut]
+                    splits["validation"] += reviews[cut:]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        rng.shuffle(rows)
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    toml = folder / "reviews_long.toml"
+    toml.write_text(
+        '# Built by benchmarks/search.py from the uci_* sentiment sets: reviews of several sentences.\n'
+        'name = "reviews_long"\nkind = "classification"\nmetric = "accuracy"\nchat_template = false\n'
+        'prompt = "Review: {text}\\nIs this review positive or negative?\\nAnswer:"\n\n'
+        '[labels]\nnegative = " negative"\npositive = " positive"\n\n'
+        '[data]\ntrain = "train.jsonl"\ncalibration = "train.jsonl"\nvalidation = "validation.jsonl"\n'
+        'test = "test.jsonl"\nsample = "stratified"\n')
+    return toml
+
+
+def tuned_model(args, task_name: str, spec: str):
     """(model, tokenizer, spec): the task-tuned model from --work, tuning it once if missing."""
     from sieve_edge.models import load_model, load_tokenizer
 
@@ -119,7 +184,7 @@ def tuned_model(args, task_name: str):
     lr = DEFAULT_LR[False]
     model = load_model(args.model)
     t0 = time.perf_counter()
-    tune(model, tok, task_name, steps=args.tune_steps, lr=lr, batch_size=16, seed=args.seed)
+    tune(model, tok, spec, steps=args.tune_steps, lr=lr, batch_size=16, seed=args.seed)
     save_tuned(model, tok, folder, base_model=args.model, task=task_name, steps=args.tune_steps, lora=False,
                lr=lr, batch_size=16, seed=args.seed, force=True)
     print(f"tuned {task_name} in {time.perf_counter() - t0:.0f} s -> {folder}", file=sys.stderr)
@@ -143,11 +208,12 @@ def main(argv=None) -> int:
     kept = _previous_rows(args) if args.merge else []
     started = time.perf_counter()
     for task_name in args.tasks.split(","):
-        dense, tok, spec = tuned_model(args, task_name)
+        task_file = task_spec(args, task_name)
+        dense, tok, spec = tuned_model(args, task_name, task_file)
         cross_dense = {}
         if task_name == "sst2" and args.cross:
             for name in CROSS:
-                cross_dense[name] = evaluate(dense, tok, cross_task(args.work, name), "test").value
+                cross_dense[name] = evaluate(dense, tok, cross_task(args.work, name, args.datasets), "test").value
         # Every strategy searches `output` factors of the same calibration: the rows share one
         # stage folder per task, so the calibrate stage runs once (its key matches) and so does
         # the dense reference.
@@ -158,7 +224,7 @@ def main(argv=None) -> int:
                                val_limit=args.val_limit, race_size=args.race, **STRATEGIES[label])
             out = args.work / f"search-{task_name}-{label}-{tol:g}{'-quick' if args.quick else ''}"
             t0 = time.perf_counter()
-            summary = run_search(spec, task_name, out, cfg, budget_minutes=args.budget_minutes, force=True,
+            summary = run_search(spec, task_file, out, cfg, budget_minutes=args.budget_minutes, force=True,
                                  test_limit=args.test_limit, log=log, model=copy.deepcopy(dense),
                                  tokenizer=tok, work=stages)
             row = {"task": task_name, "strategy": label, "tolerance": tol,
@@ -167,6 +233,9 @@ def main(argv=None) -> int:
                    "test_dense": summary["test"]["dense"], "test_pruned": summary["test"]["pruned"],
                    "test_drop": summary["test"]["drop"], "evaluations": summary["evaluations"],
                    "search_minutes": summary["search_seconds"] / 60,
+                   "generations": summary["generations"], "stopped": summary["stopped"],
+                   "full_evaluations": summary["full_evaluations"],
+                   "candidates_per_minute": summary["evaluations"] / max(summary["search_seconds"] / 60, 1e-9),
                    "total_minutes": (time.perf_counter() - t0) / 60, "out": str(out),
                    "model": spec, "tune_steps": args.tune_steps, "budget_minutes": args.budget_minutes,
                    "method": summary["method"], "notes": summary["notes"],
@@ -176,7 +245,8 @@ def main(argv=None) -> int:
 
                 pruned = load_checkpoint(out)
                 row["cross"] = {n: {"dense": cross_dense[n],
-                                    "pruned": evaluate(pruned, tok, cross_task(args.work, n), "test").value}
+                                    "pruned": evaluate(pruned, tok, cross_task(args.work, n, args.datasets),
+                                                       "test").value}
                                 for n in CROSS}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
@@ -244,7 +314,7 @@ def _merged(kept: list[dict], rows: list[dict]) -> list[dict]:
     """kept rows not redone by this run, then this run's rows, in benchmark order."""
     key = lambda r: (r["task"], r["strategy"], r["tolerance"])  # noqa: E731
     redone = {key(r) for r in rows}
-    order = {name: i for i, name in enumerate(("sst2", "sms_spam", "snips"))}
+    order = {name: i for i, name in enumerate(TASK_ORDER)}
     merged = [r for r in kept if key(r) not in redone] + rows
     return sorted(merged, key=lambda r: (order.get(r["task"], 99), r["tolerance"], list(STRATEGIES).index(r["strategy"])))
 
@@ -267,14 +337,15 @@ def _budget(row) -> str:
 
 def table(rows) -> str:
     lines = ["| task | strategy | tol | removed | val dense → final | test dense → pruned (drop) | evals "
-             "| search min (budget) | row min |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| gens | cand/min | search min (budget) | row min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         # a sieve refit that missed the tolerance keeps the output factors the search scored
         fell_back = " (kept output)" if r["strategy"].endswith("sieve") and r.get("method") == "output" else ""
         lines.append(f"| {r['task']} | {r['strategy']}{fell_back} | {r['tolerance']:g} | {100 * r['reduction']:.1f}% | "
                      f"{r['val_dense']:.3f} → {r['val_final']:.3f} | {r['test_dense']:.3f} → {r['test_pruned']:.3f} "
-                     f"({100 * r['test_drop']:+.1f} pt) | {r['evaluations']} | {r['search_minutes']:.1f} "
+                     f"({100 * r['test_drop']:+.1f} pt) | {r['evaluations']} | {r.get('generations', '-')} | "
+                     f"{r.get('candidates_per_minute', float('nan')):.1f} | {r['search_minutes']:.1f} "
                      f"({_budget(r)}) | {r['total_minutes']:.1f} |")
     cross = [r for r in rows if r.get("cross")]
     if cross:

@@ -252,11 +252,23 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
 @click.option("--val-limit", type=click.IntRange(min=1), default=300, show_default=True,
               help="Validation examples each candidate is scored on.")
 @click.option("--race", "race_size", type=click.IntRange(min=0), default=64, show_default=True,
-              help="Racing subset size (0 = score every candidate on the whole validation set).")
+              help="First racing subset: a candidate is scored on this many validation rows, then twice as many, "
+                   "..., and stops as soon as a one-sided test puts it clearly within or beyond the tolerance "
+                   "(0 = score every candidate on the whole validation set). The chosen plan is always confirmed "
+                   "on the whole set.")
+@click.option("--race-z", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="z of the racing tests: each early decision errs with probability about Φ(-z) (2.3%% at 2).")
+@click.option("--surrogate/--no-surrogate", default=True, show_default=True,
+              help="GA: screen thousands of plans per generation on a surrogate of the metric drop (label-Fisher "
+                   "costs refit on every measured plan) and score only the most promising on the model.")
 @click.option("--test-limit", type=click.IntRange(min=1), default=None, help="Score only the first N test rows.")
 @click.option("--heal-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Fine-tune the factors this many steps on the train split after the refit.")
 @click.option("--heal-lr", type=float, default=1e-4, show_default=True)
+@click.option("--heal", "heal", type=click.Choice(["ce", "kl"]), default="ce", show_default=True,
+              help="Healing loss: ce = the answers' cross-entropy on the train split; kl = distil the dense "
+                   "model's label distribution on the train prompts (single-token labels). Kept only if "
+                   "validation improves.")
 @click.option("--weights", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="Score candidates as the export will compute: int8 simulates int8 weights (NNCF INT8_ASYM).")
 @click.option("--out", required=True, help="Output folder: the refit checkpoint and the search's reports.")
@@ -267,8 +279,8 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
 @_TRUST_REMOTE_CODE
 @handle_errors
 def search_command(model_spec, task_spec, tolerance, relative, method, strategy, objective, target, budget_minutes,
-                   seed, population, generations, ladder, n_calibration, val_limit, race_size, test_limit, heal_steps,
-                   heal_lr, weights, out, force, as_json, trust_remote_code):
+                   seed, population, generations, ladder, n_calibration, val_limit, race_size, race_z, surrogate,
+                   test_limit, heal_steps, heal_lr, heal, weights, out, force, as_json, trust_remote_code):
     """Search a keep level per matrix within an accuracy tolerance; write the refit checkpoint.
 
     Stages: calibrate → sensitivity → search → reference → refit, kept in OUT/.stages.
@@ -288,7 +300,8 @@ def search_command(model_spec, task_spec, tolerance, relative, method, strategy,
     config = SearchConfig(tolerance=tolerance, relative=relative, method=method, strategy=strategy,
                           objective=objective, target=target, seed=seed, population=population,
                           generations=generations, ladder=levels, n_calibration=n_calibration, val_limit=val_limit,
-                          race_size=race_size, heal_steps=heal_steps, heal_lr=heal_lr, weights=weights)
+                          race_size=race_size, race_z=race_z, surrogate=surrogate, heal_steps=heal_steps,
+                          heal_lr=heal_lr, heal=heal, weights=weights)
     summary = run_search(model_spec, task_spec, out, config, budget_minutes=budget_minutes, force=force,
                          test_limit=test_limit, log=log, trust_remote_code=trust_remote_code)
     if as_json:

@@ -66,8 +66,9 @@ class Evaluation:
     """What one candidate scored. ``gain`` is the objective (fraction of parameters or time
     removed, higher is better); ``drop`` is the metric loss against the dense model in the
     tolerance's units; ``proxy`` a smooth divergence from the dense model (lower is better)
-    used to break the ties a coarse metric leaves; ``full`` is False when racing rejected the
-    candidate on a subset, so its metric is a subset estimate."""
+    used to break the ties a coarse metric leaves; ``full`` is False when racing decided the
+    candidate on a subset of ``rows`` rows (accepted: ``feasible``, or rejected), so its
+    metric and drop are estimates; a plan is confirmed on the full split before it is kept."""
 
     gain: float
     metric: float
@@ -76,6 +77,7 @@ class Evaluation:
     proxy: float = 0.0
     full: bool = True
     seconds: float = 0.0
+    rows: int = 0                # validation rows scored (0: not recorded)
 
 
 def fitness(ev: Evaluation, tolerance: float, penalty: float) -> float:
@@ -153,6 +155,10 @@ class GeneticSearch:
         self._rng_before_ask = None                  # the RNG as it was before breeding it (for the state)
         self._new: list[str] = []                    # keys scored for the pending generation
         self._pending_seconds = 0.0
+        # (search, bred children) -> the candidates to score instead: a surrogate's screen.
+        # It may draw from self.rng (restored to before the ask on resume) and must otherwise
+        # depend only on state saved with the search, so a resumed ask gives the same list.
+        self.proposer: Callable[["GeneticSearch", list[Genome]], list[Genome]] | None = None
 
     # ---- public -------------------------------------------------------------------------
 
@@ -191,7 +197,13 @@ class GeneticSearch:
         order; asking again before the generation completes returns the same list."""
         if self._pending is None:
             self._rng_before_ask = self.rng.getstate()
-            self._pending = list(dict.fromkeys(self._initial() if self.generation < 0 else self._breed()))
+            if self.generation < 0:
+                candidates = self._initial()
+            else:
+                candidates = self._breed()
+                if self.proposer is not None:
+                    candidates = [self._check(g) for g in self.proposer(self, candidates)]
+            self._pending = list(dict.fromkeys(candidates))
             self._new, self._pending_seconds = [], 0.0
         return list(self._pending)
 
@@ -224,6 +236,17 @@ class GeneticSearch:
         self.history.append(record)
         self._pending, self._rng_before_ask, self._new = None, None, []
         return record
+
+    def correct(self, genome: Sequence[int], ev: Evaluation) -> None:
+        """Replace a genome's evaluation (a race's estimate by its full-split confirmation)
+        and recompute the best feasible genome over everything scored."""
+        self.cache[key(self._check(genome))] = ev
+        self.refresh_best()
+
+    def refresh_best(self) -> None:
+        """The best feasible genome over every evaluation in the cache."""
+        self.best_feasible = None
+        self._update_best([unkey(k) for k in self.cache])
 
     def evaluation(self, genome: Sequence[int]) -> Evaluation:
         return self.cache[key(genome)]
@@ -341,7 +364,7 @@ class GeneticSearch:
         improved = False
         for g in genomes:
             ev = self.cache[key(g)]
-            if not (ev.feasible and ev.full):
+            if not ev.feasible:  # full, or accepted by racing (confirmed on the full split at the end)
                 continue
             if self.best_feasible is None or self._better_feasible(g, self.best_feasible):
                 self.best_feasible, improved = g, True

@@ -1,9 +1,14 @@
 """Healing: a short fine-tune of a factorized model's low-rank factors on the train split.
 
+Two losses (``loss``): "ce", the answer tokens' cross-entropy (as in ``tune``), or "kl",
+distillation of the dense model's label distribution on the train prompts (KL(dense ||
+healed) over the label tokens; ``teacher`` holds the dense log-probs, computed before the
+cut). KL asks the factors to give back what the cut took, not to learn the task anew: it
+cannot overfit the train labels beyond what the dense model believed.
+
 Only the factors of the ``LowRankLinear`` modules train (everything else stays frozen):
 they are the part the cut changed, they are few, and full fine-tuning of a pruned
-SmolLM2-135M was seen to swing by ten points from one checkpoint to the next. The loss is the answer
-tokens' cross-entropy, as in ``tune``. ``heal_`` scores the validation split before and
+SmolLM2-135M was seen to swing by ten points from one checkpoint to the next. ``heal_`` scores the validation split before and
 after and keeps the healed weights only if they did not score worse, so healing can never
 cost accuracy on the split the search was held to.
 """
@@ -31,6 +36,7 @@ class HealResult:
     seconds: float
     loss_first: float
     loss_last: float
+    loss: str = "ce"      # ce | kl
 
 
 def factor_parameters(model) -> list[torch.nn.Parameter]:
@@ -38,8 +44,11 @@ def factor_parameters(model) -> list[torch.nn.Parameter]:
 
 
 def heal_(model, tokenizer, task, steps: int, *, lr: float = 1e-4, batch_size: int = 16, seed: int = 0,
-          val_scorer=None, higher_is_better: bool = True, log=None, max_length: int = 256) -> HealResult:
-    """Fine-tune the low-rank factors in place for ``steps`` steps; see the module docstring."""
+          val_scorer=None, higher_is_better: bool = True, log=None, max_length: int = 256, loss: str = "ce",
+          teacher=None, train_scorer=None) -> HealResult:
+    """Fine-tune the low-rank factors in place for ``steps`` steps; see the module docstring.
+    ``loss="kl"`` needs ``train_scorer`` (a classification ``Scorer`` of the train split on its
+    single-token path) and ``teacher`` (N, L), the dense model's label log-probs on its rows."""
     from .tasks import pad_id, right_pad
     from .tune import training_sequences
 
@@ -48,7 +57,15 @@ def heal_(model, tokenizer, task, steps: int, *, lr: float = 1e-4, batch_size: i
     params = factor_parameters(model)
     if not params:
         raise InputError("healing needs a factorized model: it has no LowRankLinear module to train")
-    data = training_sequences(task, tokenizer, "train", None, max_length)
+    if loss not in ("ce", "kl"):
+        raise InputError(f"heal loss '{loss}' is not allowed; choose ce or kl")
+    if loss == "kl":
+        if train_scorer is None or teacher is None or not getattr(train_scorer, "fast", False):
+            raise InputError(f"--heal kl distils the label distribution: task '{task.name}' needs single-token "
+                             "labels (see `sieve-edge task show`); use --heal ce")
+        data = list(range(train_scorer.n))
+    else:
+        data = training_sequences(task, tokenizer, "train", None, max_length)
     pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     before = float(val_scorer.metric(model)) if val_scorer is not None else math.nan
@@ -75,17 +92,20 @@ def heal_(model, tokenizer, task, steps: int, *, lr: float = 1e-4, batch_size: i
                     perm, cursor = torch.randperm(len(data), generator=order), 0
                 batch = [data[i] for i in perm[cursor:cursor + batch_size].tolist()]
                 cursor += batch_size
-                ids, mask = right_pad([b[0] for b in batch], pad)
-                labels = torch.full_like(ids, -100)
-                for row, (_, lab) in enumerate(batch):
-                    labels[row, :len(lab)] = torch.tensor(lab, dtype=torch.long)
-                loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device),
-                             use_cache=False).loss
-                train_step(loss, optimizer, schedule, params,
+                if loss == "kl":
+                    value = _kl_loss(model, train_scorer, teacher, batch, device)
+                else:
+                    ids, mask = right_pad([b[0] for b in batch], pad)
+                    labels = torch.full_like(ids, -100)
+                    for row, (_, lab) in enumerate(batch):
+                        labels[row, :len(lab)] = torch.tensor(lab, dtype=torch.long)
+                    value = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                  labels=labels.to(device), use_cache=False).loss
+                train_step(value, optimizer, schedule, params,
                            f"healing diverged at step {step} (loss {{loss}}); lower --heal-lr")
-                losses.append(loss.item())
+                losses.append(value.item())
                 if log and (step == 1 or step == steps or step % max(1, steps // 5) == 0):
-                    log(f"heal step {step}/{steps}  loss {loss.item():.4f}")
+                    log(f"heal step {step}/{steps}  {loss} loss {value.item():.4f}")
         finally:
             optimizer.zero_grad(set_to_none=True)
             for n, p in model.named_parameters():
@@ -99,4 +119,20 @@ def heal_(model, tokenizer, task, steps: int, *, lr: float = 1e-4, batch_size: i
             for p in params:
                 p.copy_(saved[id(p)])
     return HealResult(steps, lr, sum(p.numel() for p in params), before, after, kept,
-                      time.perf_counter() - t0, losses[0], losses[-1])
+                      time.perf_counter() - t0, losses[0], losses[-1], loss)
+
+
+def _kl_loss(model, scorer, teacher, rows: list[int], device) -> torch.Tensor:
+    """KL(dense || model) of the label distributions at the prompts' last position, mean over rows."""
+    from .evaluate import _hidden_states, head_logits
+    from .tasks import right_pad
+
+    seqs = [scorer.prompt_ids[i] for i in rows]
+    ids, mask = right_pad(seqs, scorer.pad)
+    hidden = _hidden_states(model, ids.to(device), mask.to(device))                     # (B, T, H)
+    last = torch.tensor([len(s) - 1 for s in seqs], device=device)
+    z = head_logits(model, hidden[torch.arange(len(seqs), device=device), last],
+                    scorer.label_token_ids.to(device))                                 # (B, L)
+    q = torch.log_softmax(z, -1)
+    p = teacher[rows].to(device=device, dtype=q.dtype)                                  # (B, L) log-probs
+    return (p.exp() * (p - q)).sum(-1).mean()

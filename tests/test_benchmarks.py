@@ -26,7 +26,10 @@ def _row(task, strategy, tol, reduction, budget=6.0):
 def test_only_picks_rows_and_rejects_unknown_strategies(bench, capsys):
     assert bench.parse_args(["--only", "ga-sieve@0.01,uniform-sieve@0.05"]).pairs == \
         [(0.01, "ga-sieve"), (0.05, "uniform-sieve")]
-    assert len(bench.parse_args([]).pairs) == 6   # every strategy at both tolerances
+    # by default uniform-sieve and ga-sieve at both tolerances
+    assert bench.parse_args([]).pairs == [(0.01, "uniform-sieve"), (0.01, "ga-sieve"), (0.05, "uniform-sieve"),
+                                          (0.05, "ga-sieve")]
+    assert len(bench.parse_args(["--strategies", ",".join(bench.STRATEGIES)]).pairs) == 8
     for bad in ("ga@0.01", "ga-sieve"):
         with pytest.raises(SystemExit):
             bench.parse_args(["--only", bad])

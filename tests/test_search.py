@@ -227,10 +227,10 @@ def fake_clock(monkeypatch, seconds_per_candidate: float) -> dict:
     monkeypatch.setattr(B, "now", lambda: clock["t"])
     original = CandidateEvaluator.__call__
 
-    def timed(self, ranks):
+    def timed(self, ranks, **kw):
         clock["t"] += seconds_per_candidate
         clock["calls"] += 1
-        return original(self, ranks)
+        return original(self, ranks, **kw)
 
     monkeypatch.setattr(CandidateEvaluator, "__call__", timed)
     return clock

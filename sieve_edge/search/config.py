@@ -10,10 +10,11 @@ from typing import Callable
 from ..errors import ArtifactError, BudgetError, InputError
 
 STATE_FORMAT = "sieve-edge/search-state"
-STATE_VERSION = 2                # 2: the state names the model and task it was searched for
+STATE_VERSION = 3                # 3: racing accepts on subsets; the surrogate is in the state
 DEFAULT_LADDER = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 STRATEGIES = ("ga", "uniform")
 OBJECTIVES = ("params", "time", "latency")  # latency: the earlier name of time
+HEALS = ("ce", "kl")    # healing loss: answer cross-entropy on train, or KL to the dense label distribution
 WEIGHTS = ("fp32", "int8")  # int8: candidates scored with simulated int8 weights (NNCF INT8_ASYM)
 UNIFORM_STEP = 0.025  # keep resolution of the uniform bisection
 BEFORE_FIRST_GENERATION = "the budget ended before generation 1"
@@ -38,12 +39,14 @@ class SearchConfig:
     n_calibration: int = 512         # calibration examples for the search decompositions and the refit
     calibration_batch: int = 16
     val_limit: int | None = 300      # validation examples scored per candidate
-    race_size: int = 64              # racing subset; 0 = no racing
-    race_z: float = 2.0              # one-sided z of the racing rejection test
+    race_size: int = 64              # first racing subset (doubled at each look); 0 = no racing
+    race_z: float = 2.0              # one-sided z of the racing tests (accept and reject)
+    surrogate: bool = True           # GA: screen each generation's candidates on the surrogate
     batch_size: int = 32
     latency_tokens: int = 20         # prompt length of the time objective without a target's [workload]
     heal_steps: int = 0
     heal_lr: float = 1e-4
+    heal: str = "ce"                 # ce | kl (see HEALS)
     weights: str = "fp32"            # precision candidates are scored in: int8 simulates the export's int8
 
     def __post_init__(self):
@@ -52,6 +55,10 @@ class SearchConfig:
                               f"got {self.tolerance}")
         if self.strategy not in STRATEGIES:
             raise InputError(f"strategy '{self.strategy}' is not allowed; choose one of {', '.join(STRATEGIES)}")
+        if self.heal not in HEALS:
+            raise InputError(f"heal '{self.heal}' is not allowed; choose one of {', '.join(HEALS)}")
+        if not (isinstance(self.race_z, (int, float)) and self.race_z > 0):
+            raise InputError(f"race_z must be > 0, got {self.race_z}")
         if self.weights not in WEIGHTS:
             raise InputError(f"weights '{self.weights}' is not allowed; choose one of {', '.join(WEIGHTS)}")
         if self.objective not in OBJECTIVES:
@@ -82,7 +89,7 @@ class SearchConfig:
     def fingerprint(self) -> dict:
         """The settings a resumed search must share with the one that wrote the state."""
         d = asdict(self)
-        for k in ("heal_steps", "heal_lr"):  # after the search: free to change on a rerun
+        for k in ("heal_steps", "heal_lr", "heal"):  # after the search: free to change on a rerun
             d.pop(k)
         d["ladder"] = list(self.ladder)
         return d

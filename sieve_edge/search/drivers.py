@@ -28,7 +28,7 @@ from ..ga import Evaluation, GAConfig, GeneticSearch, Genome, key, unkey
 from ..stages import kill_point
 from .budget import Budget
 from .config import BEFORE_FIRST_GENERATION, UNIFORM_STEP, SearchConfig, SearchResult, SearchState
-from .evaluator import CandidateEvaluator
+from .evaluator import REFERENCE, CandidateEvaluator
 from .ladder import Ladder, bisect_largest
 from .objectives import ParamObjective, make_time_objective, plan_times
 
@@ -85,25 +85,49 @@ class Outcome:
 
 def run_genetic(ctx: SearchContext, saved: dict | None, costs: tuple[dict[str, list[float]], str] | None
                 ) -> Outcome:
-    """Seed (first run only) and run the GA, one generation's candidates scored at once.
+    """Seed (first run only) and run the GA, one generation's candidates scored at once;
+    with ``config.surrogate`` each generation's candidates are screened on the surrogate.
 
-    ``costs`` = (name -> estimated cost per ladder level, what it is) for the seeds; needed
-    only when the state holds no finished seeding (None otherwise)."""
+    ``costs`` = (name -> estimated cost per ladder level, what it is): the seeds' and the
+    surrogate's base; needed only when the state holds no finished seeding (None otherwise:
+    the surrogate, costs included, is in the state)."""
+    from .surrogate import Surrogate, SurrogateScreen
+
     config, ladder = ctx.config, ctx.ladder
-    ga = GeneticSearch(len(ladder.names), len(ladder.keeps), None, ctx.evaluator.tol,
-                       GAConfig(population=config.population, generations=config.generations, seed=config.seed,
-                                elite=min(2, config.population - 1)))
+    gaconf = GAConfig(population=config.population, generations=config.generations, seed=config.seed,
+                      elite=min(2, config.population - 1))
+    ga = GeneticSearch(len(ladder.names), len(ladder.keeps), None, ctx.evaluator.tol, gaconf)
     # the dense genome was scored when the evaluator measured the reference (or in int8 after it)
     ga.cache[key(ladder.uniform(0))] = ctx.dense
     resumed_from, task_sensitivity = None, _at_half(costs, ladder)
+    surrogate = None
     if saved is not None:
         ga.load_state_dict(saved["ga"])
         task_sensitivity = saved.get("task_sensitivity", {})
         resumed_from = ga.generation
+        if saved.get("surrogate"):
+            surrogate = Surrogate.from_state(saved["surrogate"])
         ctx.log(f"search: resuming after generation {ga.generation} ({len(ga.cache)} evaluations cached)")
+    if config.surrogate and surrogate is None and costs is not None:
+        surrogate = Surrogate({n: _dense_zero(costs[0][n], ladder.ranks[n]) for n in ladder.names}, ladder.names,
+                              costs[1])
+    screen = None
+    if config.surrogate and surrogate is not None:
+        gains = {n: [ctx.objective.gain({n: r}) for r in ladder.ranks[n]] for n in ladder.names}
+        additive = isinstance(ctx.objective, ParamObjective)
+
+        def gain_of(genome: Genome) -> float:
+            if additive:  # parameters removed add up over matrices
+                return sum(gains[n][g] for n, g in zip(ladder.names, genome))
+            return ctx.objective.gain(ladder.to_ranks(genome))
+
+        screen = SurrogateScreen(surrogate, gain_of, ctx.evaluator.tol, gaconf.penalty,
+                                 explore=max(1, config.population // 8))
+        ga.proposer = screen
 
     def save() -> None:
-        ctx.save({"strategy": "ga", "ga": ga.state_dict(), "task_sensitivity": task_sensitivity})
+        ctx.save({"strategy": "ga", "ga": ga.state_dict(), "task_sensitivity": task_sensitivity,
+                  "surrogate": None if surrogate is None else surrogate.state_dict()})
 
     def measured(genome: Genome) -> Evaluation:
         k = key(genome)
@@ -129,6 +153,9 @@ def run_genetic(ctx: SearchContext, saved: dict | None, costs: tuple[dict[str, l
             record = ga.tell(todo[:len(got)], got, seconds=time.perf_counter() - t0)
             if record is None:
                 raise _BudgetSpent
+            if surrogate is not None:
+                # refit only between generations: the next ask must be reproducible from the state
+                surrogate.fit(ga.cache)
             save()
             kill_point("search", f"generation-{ga.generation}")
             ctx.progress(f"generation {ga.generation}/{config.generations}", record.best_gain, record.best_metric,
@@ -145,18 +172,53 @@ def run_genetic(ctx: SearchContext, saved: dict | None, costs: tuple[dict[str, l
     if stopped == "budget" and ga.generation < 1:
         stopped = BEFORE_FIRST_GENERATION
         ctx.log(f"search: {BEFORE_FIRST_GENERATION}")
-    scored = [(unkey(k), e) for k, e in ga.cache.items() if e.feasible and e.full]
-    best = ga.best_feasible
-    if best is None or cut_short:
-        # the best candidate fully scored so far: the GA's, or a seed it had no time to breed from
-        best = max(scored, key=lambda ge: (ge[1].gain, -ge[1].proxy, ge[0]))[0] if scored else ladder.uniform(0)
+    # the best feasible plan over everything scored (seeds a cut-short run had no time to breed
+    # from included), confirmed on the whole split: racing only proposes a plan, never keeps it
+    ga.refresh_best()
+    best = _confirmed_best(ga, ctx)
+    save()
     ev = ga.evaluation(best)
-    frontier = [dict(gain=e.gain, metric=e.metric, feasible=e.feasible, full=e.full, proxy=e.proxy)
+    frontier = [dict(gain=e.gain, metric=e.metric, feasible=e.feasible, full=e.full, proxy=e.proxy, rows=e.rows)
                 for _, e in sorted(ga.cache.items())]
     ranks = ladder.to_ranks(best)
     levels = {name: ladder.keeps[g] if ranks[name] is not None else 1.0 for name, g in zip(ladder.names, best)}
+    if screen is not None:
+        ctx.log(f"search: the surrogate screened {screen.screened} plans this run "
+                f"({surrogate.n_fit} measured plans in its last fit)")
     return Outcome(ranks, ev, [asdict(r) for r in ga.history], frontier, levels, resumed_from, stopped,
                    task_sensitivity)
+
+
+MAX_CONFIRMATIONS = 8  # racing-accepted plans checked on the full split before falling back
+
+
+def _confirmed_best(ga: GeneticSearch, ctx: SearchContext) -> Genome:
+    """The best feasible genome whose feasibility was measured on the whole validation split:
+    racing-accepted ones are confirmed (best first, ``MAX_CONFIRMATIONS`` at most, while the
+    budget allows: scoring keeps one full evaluation in reserve for it); a failed one is
+    corrected in the cache."""
+    for _ in range(MAX_CONFIRMATIONS):
+        best = ga.best_feasible
+        if best is None or ga.evaluation(best).full:
+            break
+        if not ctx.budget.allows(ctx.evaluator.dense_seconds):
+            ctx.log("search: no time left to confirm the best racing-accepted plan; keeping the best plan "
+                    "measured on the whole split")
+            break
+        got = ctx.evaluator.confirm(ctx.ladder.to_ranks(best))
+        ctx.log(f"search: confirming the best plan on the whole split: {ctx.metric} {got.metric:.4f}, drop "
+                f"{got.drop:+.4f} ({'within' if got.feasible else 'BEYOND'} the tolerance)")
+        ga.correct(best, got)
+    best = ga.best_feasible
+    if best is None or not ga.evaluation(best).full:
+        full = [(unkey(k), e) for k, e in ga.cache.items() if e.feasible and e.full]
+        best = max(full, key=lambda ge: (ge[1].gain, -ge[1].proxy, ge[0]))[0] if full else ctx.ladder.uniform(0)
+    return best
+
+
+def _dense_zero(costs: list[float], ranks: list) -> list[float]:
+    # a level whose rank snaps to dense costs nothing
+    return [0.0 if r is None else c for r, c in zip(ranks, costs)]
 
 
 def _at_half(costs: tuple[dict[str, list[float]], str] | None, ladder: Ladder) -> dict[str, float]:
@@ -168,9 +230,10 @@ def _at_half(costs: tuple[dict[str, list[float]], str] | None, ladder: Ladder) -
 
 
 def _next_generation_too_long(ga: GeneticSearch, ctx: SearchContext) -> bool:
-    # a generation costs about what the recent ones did (and at least one full evaluation)
+    # a generation costs about what the recent ones did (and at least one full evaluation),
+    # and one full evaluation stays in reserve to confirm the chosen plan
     recent = [r.seconds for r in ga.history[-3:]] + [ctx.evaluator.dense_seconds]
-    return not ctx.budget.allows(max(recent))
+    return not ctx.budget.allows(max(recent) + ctx.evaluator.dense_seconds)
 
 
 def _seed(ga: GeneticSearch, ctx: SearchContext, measured: Callable[[Genome], Evaluation],
@@ -235,7 +298,7 @@ def run_uniform(ctx: SearchContext, saved: dict | None) -> Outcome:
                 stopped["why"] = "budget"
                 return False  # out of time: treat the untested level as too deep
             memo[k] = asdict(got[0])
-            best = max((v for v in memo.values() if v["feasible"] and v["full"]), key=lambda v: v["gain"],
+            best = max((v for v in memo.values() if v["feasible"]), key=lambda v: v["gain"],
                        default=memo[f"{1.0:.6f}"])
             history.append({"generation": len(history) + 1, "keep": keeps[i], "feasible": memo[k]["feasible"],
                             "metric": memo[k]["metric"], "best_gain": best["gain"], "best_metric": best["metric"],
@@ -247,6 +310,23 @@ def run_uniform(ctx: SearchContext, saved: dict | None) -> Outcome:
 
     memo.setdefault(f"{1.0:.6f}", asdict(ctx.dense))
     i = bisect_largest(n, feasible)
+    for _ in range(MAX_CONFIRMATIONS):
+        # racing only proposes: the chosen level is confirmed on the whole split (a failed one
+        # is corrected and the bisection goes on below it, from what it already measured)
+        k = f"{keeps[i]:.6f}"
+        if memo[k]["full"] or not memo[k]["feasible"] or not ctx.budget.allows(ctx.evaluator.dense_seconds):
+            break
+        got = ctx.evaluator.confirm(ranks_of(keeps[i]))
+        memo[k] = asdict(got)
+        ctx.log(f"search: confirming keep {keeps[i]} on the whole split: {ctx.metric} {got.metric:.4f} "
+                f"({'within' if got.feasible else 'BEYOND'} the tolerance)")
+        ctx.save({"strategy": "uniform", "uniform": memo, "history": history})
+        if got.feasible:
+            break
+        i = bisect_largest(i, feasible)
+    if not memo[f"{keeps[i]:.6f}"]["full"]:  # confirmations ran out: the deepest level measured in full
+        i = max((j for j in range(n) if memo.get(f"{keeps[j]:.6f}", {}).get("full")
+                 and memo[f"{keeps[j]:.6f}"]["feasible"]), default=0)
     if stopped["why"] == "budget":
         ctx.log(f"search: budget spent after {len(history)} bisection steps; keeping keep {keeps[i]}")
         ctx.save({"strategy": "uniform", "uniform": memo, "history": history})
@@ -387,7 +467,9 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
             else:
                 costs = (errors, "spectrum error")
         evaluator = CandidateEvaluator(model, scorer, objective, 0.0, config.race_size, config.race_z,
-                                       higher_is_better=task.metric != "perplexity")
+                                       higher_is_better=task.metric != "perplexity", seed=config.seed,
+                                       reference_path=None if state_path is None else Path(state_path).parent / REFERENCE,
+                                       reference_identity=state_identity, log=say)
         tol_abs = tolerance_in_units(config, evaluator.dense_metric)
         evaluator.tol = tol_abs
         say(f"search: dense validation {task.metric} {evaluator.dense_metric:.4f} on {scorer.n} examples "
@@ -397,7 +479,7 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
         dense_ev = Evaluation(0.0, evaluator.dense_metric, 0.0, True, 0.0, True)
         if config.weights == "int8":
             undo_int8 = simulate_int8_(model)
-            dense_ev = evaluator({})
+            dense_ev = evaluator.confirm({})  # on the whole split: every plan is held to it
             say(f"search: int8 weights alone (simulated): validation {task.metric} {dense_ev.metric:.4f}, drop "
                 f"{dense_ev.drop:+.4f} ({'within' if dense_ev.feasible else 'BEYOND'} the tolerance)")
             if not dense_ev.feasible:

@@ -28,6 +28,7 @@ from ..stages import ModelRef, Stage, StageContext, Workflow, model_ref, task_in
 from .config import SearchConfig, SearchState
 
 STATE = "search_state.json"
+HEAL_KL_ROWS = 512  # train prompts the dense label distribution is distilled from (--heal kl)
 
 
 def _write_json(path: Path, obj, indent: int | None = 2) -> None:
@@ -279,6 +280,7 @@ class RefitStage(Stage):
             splits += ("train",)
         super().__init__(
             config={"method": config.method, "heal_steps": config.heal_steps, "heal_lr": config.heal_lr,
+                    **({"heal": config.heal} if config.heal != "ce" else {}),
                     "n_calibration": config.n_calibration, "calibration_batch": config.calibration_batch,
                     "multiple": config.multiple, "val_limit": config.val_limit, "batch_size": config.batch_size,
                     "test_limit": test_limit, "seed": config.seed},
@@ -313,6 +315,12 @@ class RefitStage(Stage):
         val_scorer = make_scorer(tok, task, "validation", limit=cfg.val_limit, batch_size=cfg.batch_size,
                                  model=model)
         search_method = plan.meta["search_method"]
+        teacher = train_scorer = None
+        if cfg.heal_steps and cfg.heal == "kl" and plan.factorized:
+            # the dense model's label distribution on the train prompts, before the cut
+            train_scorer = make_scorer(tok, task, "train", limit=HEAL_KL_ROWS, batch_size=cfg.batch_size, model=model)
+            if train_scorer.fast:
+                teacher = train_scorer.label_logprobs(model).float()
 
         def searched_factors():
             # the bases the search scored, as it scored them (float32 slices of the calibrate stage's)
@@ -347,8 +355,9 @@ class RefitStage(Stage):
             from ..heal import heal_
 
             heal = heal_(refit, tok, task, cfg.heal_steps, lr=cfg.heal_lr, batch_size=16, seed=cfg.seed,
-                         val_scorer=val_scorer, higher_is_better=higher, log=ctx.log)
-            ctx.log(f"refit: healing {cfg.heal_steps} steps: validation {heal.metric_before:.4f} -> "
+                         val_scorer=val_scorer, higher_is_better=higher, log=ctx.log, loss=cfg.heal,
+                         teacher=teacher, train_scorer=train_scorer)
+            ctx.log(f"refit: healing ({cfg.heal}) {cfg.heal_steps} steps: validation {heal.metric_before:.4f} -> "
                     f"{heal.metric_after:.4f} ({'kept' if heal.kept else 'discarded: it scored worse'})")
             val_final = heal.metric_after if heal.kept else heal.metric_before
         else:
