@@ -152,7 +152,7 @@ class SearchStage(Stage):
     name = "search"
 
     def __init__(self, model: ModelRef, task, config: SearchConfig, budget_minutes: float | None, *,
-                 on_state_mismatch: str = "restart", progress: bool = False):
+                 on_state_mismatch: str = "restart", progress: bool = False, workers=None):
         inputs = task_inputs(task, ("validation",))
         if config.objective == "latency" and config.target is not None:
             from ..targets import load_profile
@@ -164,6 +164,8 @@ class SearchStage(Stage):
                          inputs=inputs, needs=("calibrate",) + (("sensitivity",) if config.strategy == "ga" else ()))
         self.model, self.task, self.settings, self.budget = model, task, config, budget_minutes
         self.on_state_mismatch, self.progress = on_state_mismatch, progress
+        # where candidates are scored (a distributed.RayWorkers): not keyed, the plan is the same
+        self.workers = workers
 
     def _state(self, ctx: StageContext) -> SearchState:
         # the calibrate key covers the model weights and the calibration data; the validation
@@ -202,10 +204,19 @@ class SearchStage(Stage):
         if "sensitivity" in self.needs and sens.get("applies"):
             seed_costs = _read_json(ctx.output("sensitivity") / "sensitivity.json")["kl"]
         store = self._state(ctx)
+        workers = None
+        if self.workers is not None:
+            # actors load the model from its files (one handed in memory goes through the object
+            # store) and the bases from this calibrate output
+            workers = self.workers.with_sources(
+                model_spec=None if self.model.preloaded else self.model.spec,
+                decompositions=str(ctx.output("calibrate")), trust_remote_code=ctx.trust_remote_code,
+                device=ctx.device)
         result = search_plan(model, tok, self.task, self.settings, budget_minutes=self.budget,
                              state_path=scratch / STATE, log=ctx.log, progress=self.progress,
                              decompositions=(decs, tokens), seed_costs=seed_costs,
-                             state_identity=store.identity, on_state_mismatch=self.on_state_mismatch)
+                             state_identity=store.identity, on_state_mismatch=self.on_state_mismatch,
+                             workers=workers)
         del decs
         summary = search_summary(result, self.task, self.settings, self.model.spec, self.budget)
         data = {**result.to_dict(), "summary": summary}
@@ -383,11 +394,12 @@ class RefitStage(Stage):
 
 def search_stages(model: ModelRef, task, config: SearchConfig, *, budget_minutes: float | None,
                   test_limit: int | None, on_state_mismatch: str = "restart", progress: bool = False,
-                  score_test: bool = True) -> list[Stage]:
+                  score_test: bool = True, workers=None) -> list[Stage]:
     """calibrate → sensitivity → search → [reference →] refit, for a model and a task
     (the reference stage, the dense test metric, only when the refit is scored on test)."""
     stages = [CalibrateStage(model, task, config, progress), SensitivityStage(model, task, config),
-              SearchStage(model, task, config, budget_minutes, on_state_mismatch=on_state_mismatch, progress=progress)]
+              SearchStage(model, task, config, budget_minutes, on_state_mismatch=on_state_mismatch, progress=progress,
+                          workers=workers)]
     if score_test:
         stages.append(ReferenceStage(model, task, test_limit))
     return stages + [RefitStage(model, task, config, test_limit, progress, score_test)]
@@ -445,7 +457,7 @@ def publish(src: Path, out: Path) -> None:
 def run_search(model_spec, task_spec, out, config: SearchConfig = SearchConfig(), *,
                budget_minutes: float | None = None, force: bool = False, test_limit: int | None = None,
                log: Callable[[str], None] | None = None, progress: bool = False, model=None, tokenizer=None,
-               work=None, trust_remote_code: bool = False) -> dict:
+               work=None, trust_remote_code: bool = False, workers=None, device: str | None = None) -> dict:
     """The ``search`` command: search a plan, refit it with ``config.method``, heal, score test, write ``out``.
 
     ``out`` ends as a factorized checkpoint folder plus ``plan.json``, ``history.json``,
@@ -455,6 +467,8 @@ def run_search(model_spec, task_spec, out, config: SearchConfig = SearchConfig()
     A folder holding an unfinished search of another model, task or settings is refused
     (``force`` starts the search over; it also redoes a finished one, reusing the
     calibration when it matches). Returns the summary also stored in ``search.json``.
+    ``workers`` (a ``distributed.RayWorkers``) scores candidates on Ray actors; ``device``
+    (auto, cpu, cuda) is where the stages run the model.
     """
     from ..tasks import TaskSpec, load_task
 
@@ -469,10 +483,10 @@ def run_search(model_spec, task_spec, out, config: SearchConfig = SearchConfig()
     work = out / ".stages" if work is None else Path(work)
     ref = model_ref(model_spec, model, tokenizer, trust_remote_code)
     stages = search_stages(ref, task, config, budget_minutes=budget_minutes, test_limit=test_limit,
-                           on_state_mismatch="restart" if force else "error", progress=progress)
+                           on_state_mismatch="restart" if force else "error", progress=progress, workers=workers)
     preloaded = {ref.spec: ref.preloaded} if ref.preloaded else None
     flow = Workflow(work, stages, force={"search", "refit"} if force else False, log=say, preloaded=preloaded,
-                    meta={"command": "search", "out": str(out)}, trust_remote_code=trust_remote_code)
+                    meta={"command": "search", "out": str(out)}, trust_remote_code=trust_remote_code, device=device)
     flow.run()
     refit = flow.ctx.output("refit")
     publish(refit, out)
