@@ -68,19 +68,50 @@ class CalibrateStage(Stage):
         from .drivers import ladder_max_ranks
 
         cfg, method = self.settings, self.settings.search_method
-        model, tok = ctx.model(self.model.spec)
+        folder = self._stream_folder()
+        lazy = None
+        if folder is not None:
+            # one decoder layer at a time from the safetensors files: memory follows the largest
+            # layer, not the model (the same factors as the in-memory path)
+            from ..lazy import LazyCheckpoint
+            from ..models import load_tokenizer
+
+            lazy = LazyCheckpoint(folder, device=ctx.device, trust_remote_code=ctx.trust_remote_code)
+            model, tok = lazy.model, load_tokenizer(self.model.spec, trust_remote_code=ctx.trust_remote_code)
+        else:
+            model, tok = ctx.model(self.model.spec)
         shapes = linear_shapes(model)
         deepest = ladder_max_ranks(shapes, cfg)
         ctx.log(f"calibrate: {cfg.n_calibration} {self.task.name} examples, decomposing {len(shapes)} matrices "
-                f"({method}) down to the ladder's largest rank")
+                f"({method}) down to the ladder's largest rank"
+                + (f", streaming one decoder layer at a time from {folder}" if lazy is not None else ""))
         batches = None if method == "svd" else list(
             calibration_batches(self.task, tok, cfg.n_calibration, cfg.calibration_batch, max_length=256, seed=0))
-        manifest = save_decompositions(
-            out, iter_decompositions(model, batches, method, lambda name, m, n: deepest[name], self.progress),
-            n_calibration=cfg.n_calibration, calibration_batch=cfg.calibration_batch, draw_seed=0,
-            max_length=256, split="calibration")
-        return {"detail": f"{len(manifest['matrices'])} matrices ({method}), {manifest['tokens']} tokens",
-                "method": method, "tokens": manifest["tokens"], "matrices": len(manifest["matrices"])}
+        try:
+            manifest = save_decompositions(
+                out, iter_decompositions(model, batches, method, lambda name, m, n: deepest[name], self.progress,
+                                         weights=lazy),
+                n_calibration=cfg.n_calibration, calibration_batch=cfg.calibration_batch, draw_seed=0,
+                max_length=256, split="calibration")
+        finally:
+            if lazy is not None:
+                lazy.close()
+        return {"detail": f"{len(manifest['matrices'])} matrices ({method}), {manifest['tokens']} tokens"
+                          + (", streamed layer by layer" if lazy is not None else ""),
+                "method": method, "tokens": manifest["tokens"], "matrices": len(manifest["matrices"]),
+                "streamed": lazy is not None}
+
+    def _stream_folder(self) -> Path | None:
+        """The model's folder when it can be read layer by layer (dense safetensors on disk)."""
+        if self.model.preloaded is not None:
+            return None
+        from ..lazy import streamable
+        from ..models import resolve_source
+
+        source = resolve_source(self.model.spec)
+        if source.kind in ("folder", "checkpoint") and source.path is not None and streamable(source.path):
+            return Path(source.path)
+        return None
 
 
 class SensitivityStage(Stage):
