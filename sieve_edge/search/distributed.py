@@ -35,7 +35,9 @@ from typing import Callable, Sequence
 from ..errors import BackendMissingError, InputError, SieveEdgeError
 
 RAY_INSTALL = "pip install 'sieve-edge[ray]'"
-KILL_WORKER_ENV = "SIEVE_EDGE_KILL_WORKER"  # tests only: "W:K" makes worker W exit at its K-th candidate, once
+# tests only: "G:C" makes the worker that gets the C-th candidate of the G-th generation-sized
+# batch (a score() of several candidates) exit while holding it, once
+KILL_WORKER_ENV = "SIEVE_EDGE_KILL_WORKER"
 MAX_RESTARTS = 3
 
 
@@ -164,14 +166,6 @@ class ScoringWorker:
 
         torch.set_num_threads(payload["threads"])
         self.rank = rank
-        self.calls = 0
-        kill = payload.get("kill_at")
-        self.kill_at = kill if kill and kill[0] == rank else None
-        if self.kill_at is not None:
-            import ray
-
-            if ray.get_runtime_context().was_current_actor_reconstructed:
-                self.kill_at = None  # the fault is injected once, in the first life
         if payload["model_spec"]:
             from ..models import load_model
 
@@ -207,10 +201,9 @@ class ScoringWorker:
         return {"rank": self.rank, "pid": os.getpid(), "threads": self.threads, "device": self.device,
                 "dense_metric": self.evaluator.dense_metric}
 
-    def score(self, ranks: dict):
-        self.calls += 1
-        if self.kill_at is not None and self.calls == self.kill_at[1]:
-            os._exit(1)  # test hook: the worker dies mid-generation, holding this candidate
+    def score(self, ranks: dict, die: bool = False):
+        if die:
+            os._exit(1)  # test hook (KILL_WORKER_ENV): the worker dies mid-generation, holding this candidate
         return self.evaluator(ranks)
 
 
@@ -234,8 +227,9 @@ class RayEvaluator:
             "decompositions": w.decompositions, "decs": shared.decs_ref, "device": w.device,
             "trust_remote_code": w.trust_remote_code, "scorer": scorer, "objective": objective,
             "config": config, "tol": local.tol, "higher": higher_is_better,
-            "kill_at": tuple(int(x) for x in kill.split(":")) if kill else None,
         }
+        self.kill_at = tuple(int(x) for x in kill.split(":")) if kill else None
+        self.batches = 0
         gpus = 1 if (w.device or "").startswith("cuda") else 0
         actor = ray.remote(ScoringWorker).options(num_cpus=threads, num_gpus=gpus, max_restarts=MAX_RESTARTS,
                                                   max_task_retries=0)
@@ -274,13 +268,17 @@ class RayEvaluator:
         inflight = {ref: (None, w) for ref, w in self._probes.items()}  # ObjectRef -> (candidate or None, worker)
         self._probes = {}
         stopped = False
+        self.batches += len(candidates) > 1
+        dispatched = 0
         while True:
             while pending and self.idle and not stopped:
                 if budget is not None and not budget.allows(self.dense_seconds):
                     stopped = True  # as one process: start a candidate only if a full evaluation still fits
                     break
                 i, w = pending.pop(0), self.idle.pop(0)
-                inflight[self.actors[w].score.remote(candidates[i])] = (i, w)
+                dispatched += 1
+                die = self.kill_at == (self.batches, dispatched) and len(candidates) > 1
+                inflight[self.actors[w].score.remote(candidates[i], die)] = (i, w)
             now = time.perf_counter()
             for w, at in list(self.recovering.items()):
                 if at <= now:  # is the restarted actor back? (a call to a restarting one fails at once)
