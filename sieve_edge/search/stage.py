@@ -109,8 +109,16 @@ class CalibrateStage(Stage):
         from ..models import resolve_source
 
         source = resolve_source(self.model.spec)
-        if source.kind in ("folder", "checkpoint") and source.path is not None and streamable(source.path):
-            return Path(source.path)
+        folder = source.path if source.kind in ("folder", "checkpoint") else None
+        if source.kind == "hub":
+            try:  # a hub model already in the local cache is a folder like any other
+                from huggingface_hub import snapshot_download
+
+                folder = Path(snapshot_download(source.hub_id, local_files_only=True))
+            except Exception:  # noqa: BLE001 - not cached: loaded (and downloaded) whole, as before
+                folder = None
+        if folder is not None and streamable(folder):
+            return Path(folder)
         return None
 
 
@@ -238,11 +246,14 @@ class SearchStage(Stage):
         workers = None
         if self.workers is not None:
             # actors load the model from its files (one handed in memory goes through the object
-            # store) and the bases from this calibrate output
+            # store) and the bases from this calibrate output, on the device this process chose
+            # ("auto" resolved here: Ray hides GPUs from an actor that did not ask for one)
+            from ..models import pick_device
+
             workers = self.workers.with_sources(
                 model_spec=None if self.model.preloaded else self.model.spec,
                 decompositions=str(ctx.output("calibrate")), trust_remote_code=ctx.trust_remote_code,
-                device=ctx.device)
+                device=pick_device(ctx.device).type)
         result = search_plan(model, tok, self.task, self.settings, budget_minutes=self.budget,
                              state_path=scratch / STATE, log=ctx.log, progress=self.progress,
                              decompositions=(decs, tokens), seed_costs=seed_costs,
