@@ -214,7 +214,7 @@ def extrapolate(rows: list[dict], args) -> dict:
     """peak ≈ base + H + max(k·S, E), s/layer ≈ c·(3d³ + i³):
 
     base: the process before calibrating (torch, transformers); H: the cached hidden states,
-    4 bytes x padded tokens x d (x2 while a layer maps old to new); S: ``layer_bytes``; E: the
+    4 bytes x padded tokens x d (a layer replaces them batch by batch); S: ``layer_bytes``; E: the
     float32 embedding, held only while layer 0's inputs are recorded. k (working set over S:
     eigendecomposition workspace, bases) and c (the eigendecompositions' O(n³)) are fitted on
     the measured model with the largest layer."""
@@ -222,13 +222,13 @@ def extrapolate(rows: list[dict], args) -> dict:
         return {}
     ref = max(rows, key=lambda r: layer_bytes(SHAPES[r["shape"]]))
     s_ref = SHAPES[ref["shape"]]
-    hidden = lambda shape: 2 * 4 * args.examples * args.tokens * shape["hidden_size"]  # noqa: E731
+    hidden = lambda shape: 4 * args.examples * args.tokens * shape["hidden_size"]  # noqa: E731
     embed = lambda shape: 4 * shape["vocab_size"] * shape["hidden_size"]  # noqa: E731
     base = ref["baseline_rss"]
     k = max(ref["peak_rss"] - base - hidden(s_ref), 0) / layer_bytes(s_ref)
     cube = lambda shape: 3 * shape["hidden_size"] ** 3 + shape["intermediate_size"] ** 3  # noqa: E731
     c = ref["seconds_per_layer"] / cube(s_ref)
-    out = {"formula": "peak = base + H + max(k*S, E); s/layer = c*(3d^3 + i^3); H = 8*examples*tokens*d, "
+    out = {"formula": "peak = base + H + max(k*S, E); s/layer = c*(3d^3 + i^3); H = 4*examples*tokens*d, "
                       "S = 4*layer_params + 8*(3d^2 + i^2), E = 4*vocab*d",
            "fitted_on": ref["shape"], "k": k, "c": c, "base_bytes": base, "rows": []}
     for name, shape in {**{r["shape"]: SHAPES[r["shape"]] for r in rows}, **EXTRAPOLATE}.items():
