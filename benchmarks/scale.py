@@ -177,7 +177,8 @@ def calibrate_one(folder: Path, examples: int, tokens: int, method: str) -> dict
             "padded_tokens": examples * tokens, "threads": torch.get_num_threads()}
 
 
-def part_calibration(args) -> dict:
+def part_calibration(args, save=lambda partial: None) -> dict:
+    """``save(partial result)`` after each shape: a long run killed midway keeps what it measured."""
     work = args.work or Path(tempfile.mkdtemp(prefix="sieve-scale-"))
     rows = []
     for name in [s.strip() for s in args.shapes.split(",") if s.strip()]:
@@ -198,6 +199,7 @@ def part_calibration(args) -> dict:
                                                                         shape["hidden_size"]),
                      "disk_bytes": disk, **m})
         print(f"  {name}: peak RSS {m['peak_rss'] / GB:.2f} GB, {m['seconds_per_layer']:.1f} s/layer", flush=True)
+        save({"rows": rows, "extrapolation": extrapolate(rows, args)})
     return {"rows": rows, "extrapolation": extrapolate(rows, args), "settings": {
         "examples": args.examples, "tokens": args.tokens, "method": args.method}}
 
@@ -358,9 +360,14 @@ def main(argv=None) -> dict:
     if args.part in ("both", "search"):
         print("part 1: search throughput", flush=True)
         result["search"] = part_search(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.part in ("both", "calibration"):
         print("part 2: streamed calibration", flush=True)
-        result["calibration"] = part_calibration(args)
+
+        def save(partial):
+            args.out.write_text(json.dumps({**result, "calibration": partial, "partial": True}, indent=1))
+
+        result["calibration"] = part_calibration(args, save)
     result["machine"]["load_average_at_end"] = os.getloadavg()
     result["minutes"] = (time.time() - t0) / 60
     args.out.parent.mkdir(parents=True, exist_ok=True)

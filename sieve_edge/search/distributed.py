@@ -106,15 +106,18 @@ class RayWorkers:
                                  "start one with `ray start --head`, or use --workers N alone for a local one") from e
         return True
 
-    def plan(self) -> tuple[int, int]:
-        """(actors, threads per actor): threads = the cluster's CPUs / actors (at least 1)."""
+    def plan(self) -> tuple[int, int, float]:
+        """(actors, threads per actor, CPUs each asks Ray for): threads = the cluster's CPUs /
+        actors, at least 1; more actors than CPUs share them (a fractional request), rather
+        than wait for CPUs that never free up."""
         ray = require_ray()
-        cpus = int(ray.cluster_resources().get("CPU", 1))
+        cpus = float(ray.cluster_resources().get("CPU", 1))
         if self.workers is not None:
             n = self.workers
         else:
             n = max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
-        return n, max(1, cpus // n)
+        threads = max(1, int(cpus // n))
+        return n, threads, min(float(threads), cpus / n)
 
     def share(self, model, decompositions, log: Callable[[str], None] | None = None) -> "Shared":
         """Connect, and put in the object store what the actors cannot load from disk.
@@ -216,7 +219,7 @@ class RayEvaluator:
         self.shared, self.log = shared, shared.log
         self.local = local                   # the driver's evaluator: reference, tolerance, dense timing
         self.tol, self.dense_metric, self.dense_seconds = local.tol, local.dense_metric, local.dense_seconds
-        self.n_workers, threads = shared.workers.plan()
+        self.n_workers, threads, cpus = shared.workers.plan()
         self.scored = 0
         self.rescheduled = 0
         self.seconds = 0.0
@@ -230,8 +233,14 @@ class RayEvaluator:
         }
         self.kill_at = tuple(int(x) for x in kill.split(":")) if kill else None
         self.batches = 0
-        gpus = 1 if (w.device or "").startswith("cuda") else 0
-        actor = ray.remote(ScoringWorker).options(num_cpus=threads, num_gpus=gpus, max_restarts=MAX_RESTARTS,
+        gpus = 0.0
+        if (w.device or "").startswith("cuda"):
+            # one GPU per actor, or a share of one when there are more actors than GPUs
+            total = float(ray.cluster_resources().get("GPU", 0))
+            if total <= 0:
+                raise InputError("--device cuda: the Ray cluster has no GPU; use --device cpu for the workers")
+            gpus = min(1.0, total / self.n_workers)
+        actor = ray.remote(ScoringWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=MAX_RESTARTS,
                                                   max_task_retries=0)
         self._payload = ray.put(payload)  # held: a restarted actor is built from it again
         self.actors = [actor.remote(i, self._payload) for i in range(self.n_workers)]
