@@ -67,7 +67,6 @@ class LazyCheckpoint:
         self.model.to(dtype)
         self.spec = arch.get_arch(self.model)
         self.files = self._index()
-        self._handles: dict[str, object] = {}
         # tensors are read in the model's own names; a checkpoint saved with other names is refused
         self.names = [n for n, _ in self.model.named_parameters(remove_duplicate=False)]
         self.layer_prefix = f"{self.spec.layers}."
@@ -87,26 +86,29 @@ class LazyCheckpoint:
         with safe_open(str(self.folder / SINGLE), framework="pt") as f:
             return {name: self.folder / SINGLE for name in f.keys()}
 
-    def _handle(self, path: Path):
-        from safetensors import safe_open
-
-        key = str(path)
-        if key not in self._handles:
-            if not path.is_file():
-                raise ArtifactError(f"{path}: missing (the safetensors index names it)")
-            self._handles[key] = safe_open(key, framework="pt", device="cpu")
-        return self._handles[key]
-
     def _load(self, names: list[str]) -> None:
         from accelerate.utils import set_module_tensor_to_device
+        from safetensors import safe_open
 
+        by_file: dict[Path, list[str]] = {}
         for name in names:
             if name not in self.files:
                 raise ArtifactError(f"{self.folder}: no tensor '{name}' in its safetensors files (the model "
                                     f"class {type(self.model).__name__} expects it)")
-            t = self._handle(self.files[name]).get_tensor(name)
-            self.bytes_read += t.numel() * t.element_size()
-            set_module_tensor_to_device(self.model, name, self.device, value=t.to(self.dtype))
+            by_file.setdefault(self.files[name], []).append(name)
+        for path, members in by_file.items():
+            if not path.is_file():
+                raise ArtifactError(f"{path}: missing (the safetensors index names it)")
+            # opened for this layer only: the mapped pages it touched are unmapped on close, so the
+            # process does not keep every layer read so far resident
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in members:
+                    t = f.get_tensor(name)
+                    self.bytes_read += t.numel() * t.element_size()
+                    # .to copies (the dtype changes, or the device): nothing keeps the mapping alive
+                    value = t.to(device=self.device, dtype=self.dtype, copy=True)
+                    del t
+                    set_module_tensor_to_device(self.model, name, self.device, value=value)
 
     def _drop(self, names: list[str]) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -132,4 +134,4 @@ class LazyCheckpoint:
         self._drop(self.layer_names(i))
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between layers; kept for symmetry with the callers' ``finally``."""
