@@ -50,8 +50,13 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, batches: Iterable[dict]) -> list[LayerInputs]:
-    """Run each batch once and record every decoder layer's inputs (hidden only for layer 0)."""
+def capture_layer_inputs(model: nn.Module, batches: Iterable[dict], run_layers: bool = True) -> list[LayerInputs]:
+    """Run each batch once and record every decoder layer's inputs (hidden only for layer 0).
+
+    ``run_layers=False``: the decoder layers are not run (their weights may still be on the
+    meta device, ``lazy.LazyCheckpoint``); each passes its input through, which is enough,
+    as the arguments a layer gets besides the hidden states (masks, rotary tables) are made
+    in front of the layers."""
     layers = arch.decoder_layers(model)
     device = model_device(model)
     captured: list[LayerInputs] = []
@@ -75,6 +80,9 @@ def capture_layer_inputs(model: nn.Module, batches: Iterable[dict]) -> list[Laye
             return hook
 
         handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        if not run_layers:
+            for layer in layers:
+                layer.forward = _pass_through
         try:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         except _StopForward:
@@ -82,6 +90,9 @@ def capture_layer_inputs(model: nn.Module, batches: Iterable[dict]) -> list[Laye
         finally:
             for h in handles:
                 h.remove()
+            if not run_layers:
+                for layer in layers:
+                    del layer.forward
         if record.hidden is None:
             spec = arch.get_arch(model)
             raise UnsupportedArchitectureError(
@@ -90,6 +101,10 @@ def capture_layer_inputs(model: nn.Module, batches: Iterable[dict]) -> list[Laye
                 "match this model class")
         captured.append(record)
     return captured
+
+
+def _pass_through(hidden_states=None, *args, **kwargs):
+    return hidden_states if hidden_states is not None else kwargs.get("hidden_states")
 
 
 def run_layer(layer: nn.Module, inputs: LayerInputs, i: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -141,16 +156,20 @@ class ActivationStats:
             raise KeyError(f"no statistics for '{name}'") from None
 
 
-def _iter_layer_covariances(model: nn.Module, captured: list[LayerInputs], progress: bool, desc: str
-                            ) -> Iterator[tuple[int, dict[str, torch.Tensor], int]]:
-    """Walk the dense model layer by layer, yielding (layer index, {qualified name: C}, tokens)."""
+def _iter_layer_covariances(model: nn.Module, captured: list[LayerInputs], progress: bool, desc: str,
+                            weights=None) -> Iterator[tuple[int, dict[str, torch.Tensor], int]]:
+    """Walk the dense model layer by layer, yielding (layer index, {qualified name: C}, tokens).
+    ``weights`` (a ``lazy.LazyCheckpoint``): layer i is read from disk for its turn only (it
+    stays loaded while the consumer handles what was yielded for it)."""
     spec = arch.get_arch(model)
     layers = arch.decoder_layers(model)
-    dev = stats_device(model)
+    dev = stats_device(model) if weights is None else _stats_device_of(weights.device)
     hidden = [c.hidden for c in captured]
     tokens = sum(int(c.mask.sum()) for c in captured)
     for i in progress_bar(range(len(layers)), desc=desc, enabled=progress):
         layer = layers[i]
+        if weights is not None:
+            weights.load_layer(i)
         sums: dict[str, torch.Tensor] = {}
         hooks = []
         current_mask = {}
@@ -179,7 +198,15 @@ def _iter_layer_covariances(model: nn.Module, captured: list[LayerInputs], progr
             C = sums[group[0]] / max(tokens, 1)
             for rel in group:
                 covs[prefix + rel] = C
+        del sums
         yield i, covs, tokens
+        del covs
+        if weights is not None:
+            weights.drop_layer(i)
+
+
+def _stats_device_of(device: torch.device) -> torch.device:
+    return device if device.type == "cuda" else torch.device("cpu")
 
 
 def collect_stats(model: nn.Module, batches: Iterable[dict], names: Iterable[str] | None = None,
@@ -208,10 +235,12 @@ def decompose_all(model: nn.Module, batches: Iterable[dict] | None, method: str 
 
 def iter_decompositions(model: nn.Module, batches: Iterable[dict] | None, method: str = "output",
                         max_rank: Callable[[str, int, int], int | None] | None = None,
-                        progress: bool = False) -> Iterator[tuple[int, dict[str, Decomposition], int]]:
+                        progress: bool = False, weights=None) -> Iterator[tuple[int, dict[str, Decomposition], int]]:
     """Decompose every registry matrix, one decoder layer at a time: yields (layer index,
     {name: Decomposition on the CPU, float64}, calibration tokens), holding one layer's
     covariances. ``max_rank(name, m, n)`` bounds how many directions are kept (None: all).
+    ``weights`` (a ``lazy.LazyCheckpoint`` whose ``model`` is ``model``): the weights stay on
+    disk but for the layer being decomposed (``stream_decompositions``).
     """
     from .factorize import dense_weight
 
@@ -223,14 +252,26 @@ def iter_decompositions(model: nn.Module, batches: Iterable[dict] | None, method
         for name in arch.linear_names(model):
             by_layer.setdefault(arch.layer_index(name), []).append(name)
         for i in progress_bar(sorted(by_layer), desc="decompose", enabled=progress):
+            if weights is not None:
+                weights.load_layer(i)
             decs = {}
             for name in by_layer[i]:
                 w = dense_weight(arch.get_module(model, name))
                 decs[name] = _to_cpu(decompose(w, None, "svd", bound(name, w)))
+            if weights is not None:
+                weights.drop_layer(i)
             yield i, decs, 0
         return
-    captured = capture_layer_inputs(model, batches)
-    for i, covs, tokens in _iter_layer_covariances(model, captured, progress, f"calibrate+decompose ({method})"):
+    if weights is None:
+        captured = capture_layer_inputs(model, batches)
+    else:
+        weights.load_outer()  # the embedding, for the pass that records what layer 0 receives
+        try:
+            captured = capture_layer_inputs(model, batches, run_layers=False)
+        finally:
+            weights.drop_outer()
+    for i, covs, tokens in _iter_layer_covariances(model, captured, progress, f"calibrate+decompose ({method})",
+                                                   weights):
         whitened = {}  # matrices sharing an input share C, and so its whitening
         decs = {}
         for name, C in covs.items():
@@ -240,6 +281,22 @@ def iter_decompositions(model: nn.Module, batches: Iterable[dict] | None, method
                 L = whitened.setdefault(id(C), whitening(C))
             decs[name] = _to_cpu(decompose(w, C, method, bound(name, w), L=L))
         yield i, decs, tokens
+
+
+def stream_decompositions(folder, batches: Iterable[dict] | None, method: str = "output",
+                          max_rank: Callable[[str, int, int], int | None] | None = None, *,
+                          device: str | torch.device | None = None, progress: bool = False,
+                          trust_remote_code: bool = False) -> Iterator[tuple[int, dict[str, Decomposition], int]]:
+    """``iter_decompositions`` of a model folder read one decoder layer at a time from its
+    safetensors files (``lazy.LazyCheckpoint``): peak memory is about the largest layer plus
+    the cached hidden states, not the model. Same results as the in-memory path."""
+    from .lazy import LazyCheckpoint
+
+    lazy = LazyCheckpoint(folder, device=device, trust_remote_code=trust_remote_code)
+    try:
+        yield from iter_decompositions(lazy.model, batches, method, max_rank, progress, weights=lazy)
+    finally:
+        lazy.close()
 
 
 DECOMPOSITIONS = "decompositions.json"

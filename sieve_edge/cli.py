@@ -106,6 +106,38 @@ _TRUST_REMOTE_CODE = click.option(
     help="DANGEROUS: let transformers run Python code that the model folder names (auto_map); "
          "without it such a folder is refused.")
 
+_DEVICE = click.option(
+    "--device", default="auto", show_default=True, metavar="auto|cpu|cuda",
+    help="Where the model runs: calibration statistics, eigendecompositions, candidate scoring, training. "
+         "auto = CUDA when torch sees it, else the CPU; cuda:N picks one GPU.")
+_WORKERS = click.option(
+    "--workers", type=click.IntRange(min=1), default=None,
+    help="Score search candidates on N Ray actors (a local Ray cluster unless --ray names one); each loads the "
+         "model once and gets cores/N threads. Same seed, same plan. Needs: pip install 'sieve-edge[ray]'.")
+_RAY = click.option(
+    "--ray", "ray_address", default=None, metavar="auto|ADDRESS",
+    help="Score search candidates on a running Ray cluster ('auto', or the head's HOST:PORT); one actor per node "
+         "unless --workers says how many. Nodes need sieve-edge and the model and stage files at the same paths.")
+
+
+def check_device(device: str | None) -> None:
+    """--device fails now, before minutes of loading, when it names a device that is not here."""
+    from .models import pick_device
+
+    pick_device(device)
+
+
+def ray_workers(ray_address: str | None, workers: int | None):
+    """The RayWorkers of --ray / --workers (None when neither is given); ray must be installed."""
+    if ray_address is None and workers is None:
+        return None
+    from .search.distributed import RayWorkers, require_ray
+
+    spec = RayWorkers(address=ray_address, workers=workers)
+    require_ray()
+    return spec
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sieve-edge")
 def main():
@@ -165,9 +197,11 @@ def eval_command(model_spec, task_spec, split, with_extra, limit, batch_size, as
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Train on N rows of the train split, drawn as the task's [data] sample says.")
 @click.option("--force", is_flag=True, help="Replace an existing checkpoint in --out.")
+@_DEVICE
 @_TRUST_REMOTE_CODE
 @handle_errors
-def tune_command(model_spec, task_spec, out, steps, batch_size, lr, lora, seed, limit, force, trust_remote_code):
+def tune_command(model_spec, task_spec, out, steps, batch_size, lr, lora, seed, limit, force, device,
+                 trust_remote_code):
     """Fine-tune a model on a task's train split (loss on answer tokens) and save it."""
     from .checkpoint import model_bytes
     from .models import load_model, load_tokenizer
@@ -176,9 +210,10 @@ def tune_command(model_spec, task_spec, out, steps, batch_size, lr, lora, seed, 
     from .tune import DEFAULT_LR, check_output, save_tuned, tune
 
     check_output(out, force)  # before the long part
+    check_device(device)
     task = load_task(task_spec)
     tokenizer = load_tokenizer(model_spec, trust_remote_code=trust_remote_code)
-    model = load_model(model_spec, trust_remote_code=trust_remote_code)
+    model = load_model(model_spec, device=device, trust_remote_code=trust_remote_code)
     check_room(out, model_bytes(model))  # the disk must hold the tuned copy: known now, before the steps
     lr = DEFAULT_LR[lora] if lr is None else lr
     model = tune(model, tokenizer, task, steps=steps, batch_size=batch_size, lr=lr, lora=lora, seed=seed, limit=limit)
@@ -198,7 +233,8 @@ def tune_command(model_spec, task_spec, out, steps, batch_size, lr, lora, seed, 
               help="Calibration examples from the task's calibration split.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available).")
+@click.option("--device", default=None, metavar="auto|cpu|cuda",
+              help="auto, cpu, cuda, cuda:1, mps (default auto: CUDA when torch sees it, else the CPU).")
 @click.option("--decompositions", type=click.Path(file_okay=False, exists=True), default=None,
               help="A calibrate stage's folder of this model and task (OUT.work/calibrate of `run`, "
                    "OUT/.stages/calibrate of `search`): reuse its factors instead of calibrating "
@@ -213,6 +249,7 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
     """Factorize every linear matrix to low rank, calibrated on the task; write a checkpoint."""
     from .prune import prune_checkpoint
 
+    check_device(device)
     manifest = prune_checkpoint(model, task, out, method=method, keep=keep, plan_file=plan_file,
                                 n_calibration=n_calibration, batch_size=batch_size, seed=seed, device=device,
                                 force=force, decompositions=decompositions, trust_remote_code=trust_remote_code)
@@ -276,11 +313,15 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
               help="Start the search over even if --out holds an unfinished or finished one (also one of another "
                    "model, task or settings); a calibration that matches is reused.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (search.json) as JSON.")
+@_DEVICE
+@_WORKERS
+@_RAY
 @_TRUST_REMOTE_CODE
 @handle_errors
 def search_command(model_spec, task_spec, tolerance, relative, method, strategy, objective, target, budget_minutes,
                    seed, population, generations, ladder, n_calibration, val_limit, race_size, race_z, surrogate,
-                   test_limit, heal_steps, heal_lr, heal, weights, out, force, as_json, trust_remote_code):
+                   test_limit, heal_steps, heal_lr, heal, weights, out, force, as_json, device, workers, ray_address,
+                   trust_remote_code):
     """Search a keep level per matrix within an accuracy tolerance; write the refit checkpoint.
 
     Stages: calibrate → sensitivity → search → reference → refit, kept in OUT/.stages.
@@ -291,6 +332,8 @@ def search_command(model_spec, task_spec, tolerance, relative, method, strategy,
     from .progress import log
     from .search import DEFAULT_LADDER, SearchConfig, run_search
 
+    check_device(device)
+    pool = ray_workers(ray_address, workers)
     if objective != "params" and target is None:
         click.echo(f"note: --objective {objective} without --target times torch matmuls on this CPU", err=True)
     try:
@@ -303,7 +346,8 @@ def search_command(model_spec, task_spec, tolerance, relative, method, strategy,
                           race_size=race_size, race_z=race_z, surrogate=surrogate, heal_steps=heal_steps,
                           heal_lr=heal_lr, heal=heal, weights=weights)
     summary = run_search(model_spec, task_spec, out, config, budget_minutes=budget_minutes, force=force,
-                         test_limit=test_limit, log=log, trust_remote_code=trust_remote_code)
+                         test_limit=test_limit, log=log, trust_remote_code=trust_remote_code, workers=pool,
+                         device=device)
     if as_json:
         print_json(summary)
     else:
@@ -478,10 +522,14 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @click.option("--work", type=click.Path(file_okay=False), default=None,
               help="Stage folder (default: OUT.work). Share it between targets to tune and calibrate once "
                    "(and search once with --objective params).")
+@_DEVICE
+@_WORKERS
+@_RAY
 @_TRUST_REMOTE_CODE
 @handle_errors
 def run(model, task, target, out, tune_steps, tolerance, strategy, objective, method, budget_minutes, n_calibration,
-        val_limit, test_limit, heal_steps, task_head, seed, force, work, trust_remote_code):
+        val_limit, test_limit, heal_steps, task_head, seed, force, work, device, workers, ray_address,
+        trust_remote_code):
     """tune? → calibrate → sensitivity → search → refit → export → reference → bundle → validate.
 
     Every stage has a key made of its settings, the content of what it reads (model, task
@@ -493,12 +541,14 @@ def run(model, task, target, out, tune_steps, tolerance, strategy, objective, me
     from .pipeline import run as run_pipeline
     from .progress import log
 
+    check_device(device)
+    pool = ray_workers(ray_address, workers)
     summary = run_pipeline(model, task, target, out, tune_steps=tune_steps, tolerance=tolerance,
                            strategy=strategy, objective=objective, method=method, budget_minutes=budget_minutes,
                            seed=seed,
                            n_calibration=n_calibration, val_limit=val_limit, test_limit=test_limit,
                            heal_steps=heal_steps, task_head=task_head, force=force, work=work, log=log,
-                           trust_remote_code=trust_remote_code)
+                           trust_remote_code=trust_remote_code, workers=pool, device=device)
     click.echo(summary.table())
     report = summary.report or {}
     md = (report.get("paths") or {}).get("markdown")

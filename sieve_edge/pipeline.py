@@ -181,7 +181,8 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
         budget_minutes: float | None = None, seed: int = 0,
         n_calibration: int = 512, val_limit: int | None = 300, test_limit: int | None = None,
         heal_steps: int = 0, task_head: bool | None = None, force: bool = False, work=None,
-        log: Callable[[str], None] | None = None, trust_remote_code: bool = False) -> RunSummary:
+        log: Callable[[str], None] | None = None, trust_remote_code: bool = False, workers=None,
+        device: str | None = None) -> RunSummary:
     """Run every stage for one model, task and target; return the summary (report included).
 
     tolerance: allowed metric drop on the validation split (default: half the target's
@@ -194,7 +195,9 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
     task can share it, so tuning and calibration run once (and the search too with the
     params objective; the time objective searches per target runtime, workload and threads)
     and export onwards is redone. force: rerun every stage. trust_remote_code: let transformers run code the
-    model folder names (off unless the user turns it on).
+    model folder names (off unless the user turns it on). workers: a
+    ``search.distributed.RayWorkers`` to score the search's candidates on Ray actors (the
+    same plan). device: auto, cpu or cuda, where the stages run the model (not keyed).
     """
     from .checkpoint import describe_folder
     from .search import SearchConfig, search_stages
@@ -243,13 +246,13 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
     # an unfinished search of other inputs is started over: its stage key changed. The refit
     # is not scored on test with torch: validate scores the bundle on the target's runtime.
     stages += search_stages(source, spec, config, budget_minutes=budget_minutes, test_limit=test_limit,
-                            on_state_mismatch="restart", score_test=False)
+                            on_state_mismatch="restart", score_test=False, workers=workers)
     fmt = {"onnxruntime": "onnx", "openvino": "openvino"}[profile.runtime]
     export = ExportStage(fmt, profile.weights, spec, task_head)
     stages += [export, ReferenceStage(source, spec, test_limit), BundleStage(out, export.slot, spec, profile),
                ValidateStage(out, profile, test_limit)]
     flow = Workflow(work, stages, force=force, log=say,
                     meta={"command": "run", "model": str(model), "task": str(spec.path), "target": profile.name,
-                          "bundle": str(out), "order": ORDER}, trust_remote_code=trust_remote_code)
+                          "bundle": str(out), "order": ORDER}, trust_remote_code=trust_remote_code, device=device)
     records = flow.run()
     return RunSummary(str(out), str(work), records, flow.ctx.summary("validate").get("report"))

@@ -281,10 +281,11 @@ class StageContext:
     """What a running stage may use: the work folder, upstream outputs and summaries, a model cache."""
 
     def __init__(self, work: Path, log: Callable[[str], None], preloaded: dict | None = None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, device: str | None = None):
         self.work = work
         self.log = log
         self.trust_remote_code = trust_remote_code  # for models the stages load (the user's choice)
+        self.device = device                        # auto | cpu | cuda[:N] for models the stages load (not keyed)
         self.outputs: dict[str, Path] = {}
         self.summaries: dict[str, dict] = {}
         self.seconds: dict[str, float] = {}           # per slot: this run's time, or the finished run's
@@ -310,7 +311,7 @@ class StageContext:
             from .models import load_model, load_tokenizer
 
             self.log(f"loading {spec}")
-            self._models[spec] = (load_model(spec, trust_remote_code=self.trust_remote_code),
+            self._models[spec] = (load_model(spec, device=self.device, trust_remote_code=self.trust_remote_code),
                                   load_tokenizer(spec, trust_remote_code=self.trust_remote_code))
         return self._models.pop(spec) if take else self._models[spec]
 
@@ -321,7 +322,7 @@ class Workflow:
     def __init__(self, work: str | Path, stages: list[Stage], *, force: bool | set[str] = False,
                  log: Callable[[str], None] | None = None, preloaded: dict | None = None,
                  hashes: HashCache | None = None, run_file: str = "run.json", meta: dict | None = None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, device: str | None = None):
         self.work = Path(work)
         self.stages = list(stages)
         slots = [s.slot for s in self.stages]
@@ -333,7 +334,7 @@ class Workflow:
         self.hashes = hashes or HashCache(self.work / ".cache" / "hashes.json")
         self.run_file = self.work / run_file
         self.meta = dict(meta or {})
-        self.ctx = StageContext(self.work, self.say, preloaded, trust_remote_code)
+        self.ctx = StageContext(self.work, self.say, preloaded, trust_remote_code, device)
         self.ctx.forced = self.force
         self.records: list[StageRecord] = []
         self._descriptions: dict[str, dict] = {}

@@ -108,3 +108,32 @@ def test_runtime_bytes_read_skip_gather_only_tables(runtime_bench, tmp_path):
         [numpy_helper.from_array(table, "table"), numpy_helper.from_array(head, "head")])
     (tmp_path / "model.onnx").write_bytes(helper.make_model(graph).SerializeToString())
     assert runtime_bench.bytes_read_per_token(tmp_path) == head.nbytes
+
+
+# ---------------------------------------------------------------- benchmarks/scale.py
+
+@pytest.fixture(scope="module")
+def scale():
+    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "benchmarks" / "scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scale_synthetic_model_streams_and_the_extrapolation_reproduces_its_fit(scale, tmp_path):
+    folder = scale.write_synthetic(scale.SHAPES["tiny"], tmp_path / "tiny")
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == [
+        "model-layer-000.safetensors", "model-layer-001.safetensors", "model-layer-002.safetensors",
+        "model-outer.safetensors"]  # one shard per decoder layer: written (and read) layer by layer
+    m = scale.calibrate_one(folder, examples=8, tokens=8, method="output")
+    assert m["layers"] == 3 and m["peak_rss"] >= m["baseline_rss"] > 0 and m["tokens"] <= 64
+    args = scale.parse_args(["--examples", "8", "--tokens", "8"])
+    e = scale.extrapolate([{"shape": "tiny", **m}], args)
+    tiny = next(r for r in e["rows"] if r["shape"] == "tiny")
+    # fitted on the one measured row, the formula gives that row back (unless the embedding dominates)
+    assert tiny["predicted_seconds_per_layer"] == pytest.approx(m["seconds_per_layer"])
+    assert {r["shape"] for r in e["rows"]} == {"tiny", "8b", "70b"}
+    big = {r["shape"]: r for r in e["rows"]}
+    assert big["70b"]["predicted_peak_rss"] > big["8b"]["predicted_peak_rss"] > 0
+    assert "8b" in scale.tables({"calibration": {"rows": [{"shape": "tiny", **scale.SHAPES["tiny"], **m,
+                                                             "fp32_model_bytes": 1}], "extrapolation": e}})

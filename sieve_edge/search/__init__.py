@@ -10,6 +10,7 @@ The package, by job:
 - ``drivers``     ``search_plan`` (in memory) and its GA / uniform-bisection drivers
 - ``report``      ``search_report.md`` and the plots
 - ``stage``       calibrate → sensitivity → search → reference → refit as stages, ``run_search``
+- ``distributed`` ``RayWorkers`` / ``RayEvaluator``: candidates scored on Ray actors (optional extra)
 """
 from .budget import Budget
 from .config import (DEFAULT_LADDER, OBJECTIVES, STRATEGIES, WEIGHTS, SearchConfig, SearchResult,

@@ -393,7 +393,8 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
                 log: Callable[[str], None] | None = None, progress: bool = False,
                 decompositions: tuple[dict, int] | None = None,
                 seed_costs: dict[str, list[float]] | None = None,
-                state_identity: dict | None = None, on_state_mismatch: str = "error") -> SearchResult:
+                state_identity: dict | None = None, on_state_mismatch: str = "error",
+                workers=None) -> SearchResult:
     """Find a keep level per matrix: the largest objective gain within the tolerance.
 
     The model is modified during the search and restored (dense) before returning. With
@@ -407,6 +408,8 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
     calibration settings, deep enough for the ladder (``calibrate.decompose_all`` or the
     calibrate stage's folder). ``seed_costs`` = name -> label-Fisher KL per ladder level
     (the sensitivity stage's output); without it the GA measures it when it applies.
+    ``workers`` (a ``distributed.RayWorkers``): score candidates on Ray actors instead of
+    this process; the plan is the same.
     """
     from .. import architectures as arch
     from ..calibrate import decompose_all
@@ -451,9 +454,12 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
 
     scorer = make_scorer(tokenizer, task, "validation", limit=config.val_limit, batch_size=config.batch_size,
                          model=model)
+    # Ray actors get the dense model and the decompositions before this process wraps its own
+    shared = workers.share(model, decs, say) if workers is not None else None
     attach_search_(model, decs)
     del decs  # the SearchLinear modules hold their own copies of the bases, in the model's dtype
     undo_int8 = None
+    pool = None
     try:
         costs = None
         if config.strategy == "ga" and (saved is None or saved["ga"]["generation"] < 0):
@@ -486,6 +492,8 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
                 say("search: no plan can meet the tolerance in int8: the search keeps looking for the least "
                     "harmful one, but expect the accuracy gate to fail; consider tuning first (--tune-steps), "
                     "fp32 weights, or a larger budget")
+        if shared is not None:
+            pool = evaluator = shared.evaluator(evaluator, scorer, objective, config, task.metric != "perplexity")
         # the budget counts from here: what came before is preparation, not search
         budget = Budget(budget_minutes, float(saved["elapsed"]) if saved else 0.0).start()
         ctx = SearchContext(config, ladder, objective, evaluator, store, budget, dense_ev, task.metric, say)
@@ -505,6 +513,10 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
                 module = arch.get_module(model, name)
                 factors[name] = (module.Bt[:r].T.clone(), module.A[:r].clone())
     finally:
+        if pool is not None:
+            pool.close()
+        elif shared is not None:
+            shared.close()
         if undo_int8 is not None:
             undo_int8()
         detach_search_(model)

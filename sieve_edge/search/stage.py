@@ -69,19 +69,58 @@ class CalibrateStage(Stage):
         from .drivers import ladder_max_ranks
 
         cfg, method = self.settings, self.settings.search_method
-        model, tok = ctx.model(self.model.spec)
+        folder = self._stream_folder()
+        lazy = None
+        if folder is not None:
+            # one decoder layer at a time from the safetensors files: memory follows the largest
+            # layer, not the model (the same factors as the in-memory path)
+            from ..lazy import LazyCheckpoint
+            from ..models import load_tokenizer
+
+            lazy = LazyCheckpoint(folder, device=ctx.device, trust_remote_code=ctx.trust_remote_code)
+            model, tok = lazy.model, load_tokenizer(self.model.spec, trust_remote_code=ctx.trust_remote_code)
+        else:
+            model, tok = ctx.model(self.model.spec)
         shapes = linear_shapes(model)
         deepest = ladder_max_ranks(shapes, cfg)
         ctx.log(f"calibrate: {cfg.n_calibration} {self.task.name} examples, decomposing {len(shapes)} matrices "
-                f"({method}) down to the ladder's largest rank")
+                f"({method}) down to the ladder's largest rank"
+                + (f", streaming one decoder layer at a time from {folder}" if lazy is not None else ""))
         batches = None if method == "svd" else list(
             calibration_batches(self.task, tok, cfg.n_calibration, cfg.calibration_batch, max_length=256, seed=0))
-        manifest = save_decompositions(
-            out, iter_decompositions(model, batches, method, lambda name, m, n: deepest[name], self.progress),
-            n_calibration=cfg.n_calibration, calibration_batch=cfg.calibration_batch, draw_seed=0,
-            max_length=256, split="calibration")
-        return {"detail": f"{len(manifest['matrices'])} matrices ({method}), {manifest['tokens']} tokens",
-                "method": method, "tokens": manifest["tokens"], "matrices": len(manifest["matrices"])}
+        try:
+            manifest = save_decompositions(
+                out, iter_decompositions(model, batches, method, lambda name, m, n: deepest[name], self.progress,
+                                         weights=lazy),
+                n_calibration=cfg.n_calibration, calibration_batch=cfg.calibration_batch, draw_seed=0,
+                max_length=256, split="calibration")
+        finally:
+            if lazy is not None:
+                lazy.close()
+        return {"detail": f"{len(manifest['matrices'])} matrices ({method}), {manifest['tokens']} tokens"
+                          + (", streamed layer by layer" if lazy is not None else ""),
+                "method": method, "tokens": manifest["tokens"], "matrices": len(manifest["matrices"]),
+                "streamed": lazy is not None}
+
+    def _stream_folder(self) -> Path | None:
+        """The model's folder when it can be read layer by layer (dense safetensors on disk)."""
+        if self.model.preloaded is not None:
+            return None
+        from ..lazy import streamable
+        from ..models import resolve_source
+
+        source = resolve_source(self.model.spec)
+        folder = source.path if source.kind in ("folder", "checkpoint") else None
+        if source.kind == "hub":
+            try:  # a hub model already in the local cache is a folder like any other
+                from huggingface_hub import snapshot_download
+
+                folder = Path(snapshot_download(source.hub_id, local_files_only=True))
+            except Exception:  # noqa: BLE001 - not cached: loaded (and downloaded) whole, as before
+                folder = None
+        if folder is not None and streamable(folder):
+            return Path(folder)
+        return None
 
 
 class SensitivityStage(Stage):
@@ -156,7 +195,7 @@ class SearchStage(Stage):
     name = "search"
 
     def __init__(self, model: ModelRef, task, config: SearchConfig, budget_minutes: float | None, *,
-                 on_state_mismatch: str = "restart", progress: bool = False):
+                 on_state_mismatch: str = "restart", progress: bool = False, workers=None):
         inputs = task_inputs(task, ("validation",))
         settings = {"settings": config.fingerprint(), "budget_minutes": budget_minutes}
         if config.objective != "params" and config.target is not None:
@@ -175,6 +214,8 @@ class SearchStage(Stage):
                          inputs=inputs, needs=("calibrate",) + (("sensitivity",) if config.strategy == "ga" else ()))
         self.model, self.task, self.settings, self.budget = model, task, config, budget_minutes
         self.on_state_mismatch, self.progress = on_state_mismatch, progress
+        # where candidates are scored (a distributed.RayWorkers): not keyed, the plan is the same
+        self.workers = workers
 
     def _state(self, ctx: StageContext) -> SearchState:
         # the calibrate key covers the model weights and the calibration data; the validation
@@ -213,10 +254,22 @@ class SearchStage(Stage):
         if "sensitivity" in self.needs and sens.get("applies"):
             seed_costs = _read_json(ctx.output("sensitivity") / "sensitivity.json")["kl"]
         store = self._state(ctx)
+        workers = None
+        if self.workers is not None:
+            # actors load the model from its files (one handed in memory goes through the object
+            # store) and the bases from this calibrate output, on the device this process chose
+            # ("auto" resolved here: Ray hides GPUs from an actor that did not ask for one)
+            from ..models import pick_device
+
+            workers = self.workers.with_sources(
+                model_spec=None if self.model.preloaded else self.model.spec,
+                decompositions=str(ctx.output("calibrate")), trust_remote_code=ctx.trust_remote_code,
+                device=pick_device(ctx.device).type)
         result = search_plan(model, tok, self.task, self.settings, budget_minutes=self.budget,
                              state_path=scratch / STATE, log=ctx.log, progress=self.progress,
                              decompositions=(decs, tokens), seed_costs=seed_costs,
-                             state_identity=store.identity, on_state_mismatch=self.on_state_mismatch)
+                             state_identity=store.identity, on_state_mismatch=self.on_state_mismatch,
+                             workers=workers)
         del decs
         summary = search_summary(result, self.task, self.settings, self.model.spec, self.budget)
         data = {**result.to_dict(), "summary": summary}
@@ -407,11 +460,12 @@ class RefitStage(Stage):
 
 def search_stages(model: ModelRef, task, config: SearchConfig, *, budget_minutes: float | None,
                   test_limit: int | None, on_state_mismatch: str = "restart", progress: bool = False,
-                  score_test: bool = True) -> list[Stage]:
+                  score_test: bool = True, workers=None) -> list[Stage]:
     """calibrate → sensitivity → search → [reference →] refit, for a model and a task
     (the reference stage, the dense test metric, only when the refit is scored on test)."""
     stages = [CalibrateStage(model, task, config, progress), SensitivityStage(model, task, config),
-              SearchStage(model, task, config, budget_minutes, on_state_mismatch=on_state_mismatch, progress=progress)]
+              SearchStage(model, task, config, budget_minutes, on_state_mismatch=on_state_mismatch, progress=progress,
+                          workers=workers)]
     if score_test:
         stages.append(ReferenceStage(model, task, test_limit))
     return stages + [RefitStage(model, task, config, test_limit, progress, score_test)]
@@ -469,7 +523,7 @@ def publish(src: Path, out: Path) -> None:
 def run_search(model_spec, task_spec, out, config: SearchConfig = SearchConfig(), *,
                budget_minutes: float | None = None, force: bool = False, test_limit: int | None = None,
                log: Callable[[str], None] | None = None, progress: bool = False, model=None, tokenizer=None,
-               work=None, trust_remote_code: bool = False) -> dict:
+               work=None, trust_remote_code: bool = False, workers=None, device: str | None = None) -> dict:
     """The ``search`` command: search a plan, refit it with ``config.method``, heal, score test, write ``out``.
 
     ``out`` ends as a factorized checkpoint folder plus ``plan.json``, ``history.json``,
@@ -479,6 +533,8 @@ def run_search(model_spec, task_spec, out, config: SearchConfig = SearchConfig()
     A folder holding an unfinished search of another model, task or settings is refused
     (``force`` starts the search over; it also redoes a finished one, reusing the
     calibration when it matches). Returns the summary also stored in ``search.json``.
+    ``workers`` (a ``distributed.RayWorkers``) scores candidates on Ray actors; ``device``
+    (auto, cpu, cuda) is where the stages run the model.
     """
     from ..tasks import TaskSpec, load_task
 
@@ -498,10 +554,10 @@ def run_search(model_spec, task_spec, out, config: SearchConfig = SearchConfig()
     work = out / ".stages" if work is None else Path(work)
     ref = model_ref(model_spec, model, tokenizer, trust_remote_code)
     stages = search_stages(ref, task, config, budget_minutes=budget_minutes, test_limit=test_limit,
-                           on_state_mismatch="restart" if force else "error", progress=progress)
+                           on_state_mismatch="restart" if force else "error", progress=progress, workers=workers)
     preloaded = {ref.spec: ref.preloaded} if ref.preloaded else None
     flow = Workflow(work, stages, force={"search", "refit"} if force else False, log=say, preloaded=preloaded,
-                    meta={"command": "search", "out": str(out)}, trust_remote_code=trust_remote_code)
+                    meta={"command": "search", "out": str(out)}, trust_remote_code=trust_remote_code, device=device)
     flow.run()
     refit = flow.ctx.output("refit")
     publish(refit, out)

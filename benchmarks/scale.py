@@ -1,0 +1,381 @@
+"""Scale benchmark (issue 13): search throughput on Ray workers, and streamed calibration memory.
+
+Part 1, search throughput: the GA on SmolLM2-135M / sst2 scored by one process (2 threads)
+and by a local Ray cluster of 2 workers (1 thread each), same seed, same settings: the plans
+must be equal; the table gives candidates per minute of the generations (the part the
+workers share: seeding bisects one candidate at a time) and their ratio.
+
+Part 2, calibration streamed layer by layer (``calibrate.stream_decompositions``) of
+synthetic Llama-shaped models with random weights, written at run time as bf16 safetensors
+one layer per shard (the shapes of SmolLM2-135M, SmolLM2-360M, Llama-3.2-1B, and the 1B
+shape with 2 layers): peak RSS (each in a fresh child process) and seconds per layer, then
+extrapolated to Llama-3.1-8B and Llama-3-70B shapes by the formula printed with the table.
+
+Prints Markdown tables and writes benchmarks/results/scale.json (``--out``).
+
+    python benchmarks/scale.py                          # both parts (idle box: ~40 min + ~30 min)
+    python benchmarks/scale.py --part calibration --shapes 135m,360m
+    python benchmarks/scale.py --quick                  # a tiny smoke run of both parts (~3 min)
+
+Part 1 needs ray (pip install 'sieve-edge[ray]') and the smollm2-135m alias's wheel.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Llama-family shapes: hidden, intermediate, layers, heads, kv heads, vocabulary
+SHAPES = {
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                 num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "1b-2layer": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=2, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True),
+}
+EXTRAPOLATE = {
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=128256),
+}
+GB = 1e9
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=("both", "search", "calibration"), default="both")
+    # part 1
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="threads of the single process (the workers share them)")
+    p.add_argument("--population", type=int, default=16)
+    p.add_argument("--generations", type=int, default=3)
+    p.add_argument("--val-limit", type=int, default=300)
+    p.add_argument("--race", type=int, default=64)
+    p.add_argument("--calibration", type=int, default=256)
+    p.add_argument("--tolerance", type=float, default=0.02)
+    p.add_argument("--seed", type=int, default=0)
+    # part 2
+    p.add_argument("--shapes", default="135m,360m,1b,1b-2layer")
+    p.add_argument("--examples", type=int, default=512, help="calibration sequences per model")
+    p.add_argument("--tokens", type=int, default=64, help="tokens per calibration sequence (sst2 prompts: ~50)")
+    p.add_argument("--method", default="output", choices=("output", "input-pca", "svd"))
+    p.add_argument("--work", type=Path, default=None, help="where the synthetic models are written (default: a temp dir)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
+    p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run of both parts")
+    p.add_argument("--calibrate-one", type=Path, default=None, help=argparse.SUPPRESS)  # the child process
+    args = p.parse_args(argv)
+    if args.quick:
+        args.model, args.population, args.generations = "tiny", 4, 1
+        args.val_limit, args.race, args.calibration = 32, 8, 16
+        args.shapes, args.examples, args.tokens = "tiny", 32, 16
+        if args.out == ROOT / "benchmarks" / "results" / "scale.json":
+            args.out = ROOT / "benchmarks" / "results" / "scale-quick.json"
+    return args
+
+
+# ---------------------------------------------------------------- synthetic models
+
+def llama_config(shape: dict):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(max_position_embeddings=4096, rms_norm_eps=1e-5, **shape)
+
+
+def layer_params(shape: dict) -> int:
+    """Weights of one decoder layer: q, k, v, o, gate, up, down (the norms are noise)."""
+    d, i = shape["hidden_size"], shape["intermediate_size"]
+    kv = d // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    return 2 * d * d + 2 * d * kv + 3 * d * i
+
+
+def write_synthetic(shape: dict, folder: Path, seed: int = 0) -> Path:
+    """A Llama-shaped model folder with random bf16 weights, one shard per decoder layer, made
+    one layer at a time (never the whole model in memory)."""
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = llama_config(shape)
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    names = {n: tuple(p.shape) for n, p in skeleton.named_parameters()}  # tied head: listed once
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        parts = n.split(".")
+        key = f"layer-{int(parts[2]):03d}" if n.startswith("model.layers.") else "outer"
+        groups.setdefault(key, []).append(n)
+    gen = torch.Generator().manual_seed(seed)
+    weight_map = {}
+    for key, members in groups.items():
+        tensors = {}
+        for n in members:
+            shape_n = names[n]
+            if len(shape_n) == 1:
+                t = torch.ones(shape_n)
+            else:
+                t = torch.randn(shape_n, generator=gen) * (1.0 / shape_n[-1] ** 0.5)
+            tensors[n] = t.to(torch.bfloat16).contiguous()
+        file = f"model-{key}.safetensors"
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in members})
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.save_pretrained(folder)
+    return folder
+
+
+def calibrate_one(folder: Path, examples: int, tokens: int, method: str) -> dict:
+    """Run in a fresh child: streamed calibration of ``folder``; peak RSS and time per layer."""
+    import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401 - counted in the baseline, not the calibration
+
+    from sieve_edge.calibrate import stream_decompositions
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    config = json.loads((folder / "config.json").read_text())
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for start in range(0, examples, 16):
+        n = min(16, examples - start)
+        ids = torch.randint(0, config["vocab_size"], (n, tokens), generator=gen)
+        mask = torch.ones(n, tokens, dtype=torch.long)
+        mask[:, : tokens // 4] = torch.arange(tokens // 4) >= torch.randint(0, tokens // 4, (n, 1), generator=gen)
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    t0 = time.perf_counter()
+    first = None
+    layers = 0
+    for _ in stream_decompositions(folder, batches, method, device="cpu"):
+        layers += 1
+        if first is None:
+            first = time.perf_counter() - t0  # includes recording layer 0's inputs
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"layers": layers, "seconds": seconds, "first_layer_seconds": first,
+            "seconds_per_layer": (seconds - first) / max(layers - 1, 1) if layers > 1 else seconds,
+            "peak_rss": peak, "baseline_rss": base, "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
+            "padded_tokens": examples * tokens, "threads": torch.get_num_threads()}
+
+
+def part_calibration(args, save=lambda partial: None) -> dict:
+    """``save(partial result)`` after each shape: a long run killed midway keeps what it measured."""
+    work = args.work or Path(tempfile.mkdtemp(prefix="sieve-scale-"))
+    rows = []
+    for name in [s.strip() for s in args.shapes.split(",") if s.strip()]:
+        shape = SHAPES[name]
+        folder = write_synthetic(shape, work / name)
+        disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--calibrate-one", str(folder),
+               "--examples", str(args.examples), "--tokens", str(args.tokens), "--method", args.method]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise SystemExit(f"calibration of {name} failed:\n{done.stderr[-3000:]}")
+        m = json.loads(done.stdout.strip().splitlines()[-1])
+        params = layer_params(shape) * shape["num_hidden_layers"]
+        rows.append({"shape": name, **{k: shape[k] for k in ("hidden_size", "intermediate_size",
+                                                              "num_hidden_layers", "vocab_size")},
+                     "linear_params": params, "fp32_model_bytes": 4 * (params + shape["vocab_size"] *
+                                                                        shape["hidden_size"]),
+                     "disk_bytes": disk, **m})
+        print(f"  {name}: peak RSS {m['peak_rss'] / GB:.2f} GB, {m['seconds_per_layer']:.1f} s/layer", flush=True)
+        save({"rows": rows, "extrapolation": extrapolate(rows, args)})
+    return {"rows": rows, "extrapolation": extrapolate(rows, args), "settings": {
+        "examples": args.examples, "tokens": args.tokens, "method": args.method}}
+
+
+def layer_bytes(shape: dict) -> float:
+    """What one layer's turn holds, by construction: its weights in float32 plus the float64
+    input covariances of its 4 groups (q/k/v, o and gate/up read the hidden size d, down reads
+    the intermediate size i)."""
+    d, i = shape["hidden_size"], shape["intermediate_size"]
+    return 4 * layer_params(shape) + 8 * (3 * d * d + i * i)
+
+
+def extrapolate(rows: list[dict], args) -> dict:
+    """peak ≈ base + H + max(k·S, E), s/layer ≈ c·(3d³ + i³):
+
+    base: the process before calibrating (torch, transformers); H: the cached hidden states,
+    4 bytes x padded tokens x d (a layer replaces them batch by batch); S: ``layer_bytes``; E: the
+    float32 embedding, held only while layer 0's inputs are recorded. k (working set over S:
+    eigendecomposition workspace, bases) and c (the eigendecompositions' O(n³)) are fitted on
+    the measured model with the largest layer."""
+    if not rows:
+        return {}
+    ref = max(rows, key=lambda r: layer_bytes(SHAPES[r["shape"]]))
+    s_ref = SHAPES[ref["shape"]]
+    hidden = lambda shape: 4 * args.examples * args.tokens * shape["hidden_size"]  # noqa: E731
+    embed = lambda shape: 4 * shape["vocab_size"] * shape["hidden_size"]  # noqa: E731
+    base = ref["baseline_rss"]
+    k = max(ref["peak_rss"] - base - hidden(s_ref), 0) / layer_bytes(s_ref)
+    cube = lambda shape: 3 * shape["hidden_size"] ** 3 + shape["intermediate_size"] ** 3  # noqa: E731
+    c = ref["seconds_per_layer"] / cube(s_ref)
+    out = {"formula": "peak = base + H + max(k*S, E); s/layer = c*(3d^3 + i^3); H = 4*examples*tokens*d, "
+                      "S = 4*layer_params + 8*(3d^2 + i^2), E = 4*vocab*d",
+           "fitted_on": ref["shape"], "k": k, "c": c, "base_bytes": base, "rows": []}
+    for name, shape in {**{r["shape"]: SHAPES[r["shape"]] for r in rows}, **EXTRAPOLATE}.items():
+        peak = base + hidden(shape) + max(k * layer_bytes(shape), embed(shape))
+        out["rows"].append({"shape": name, "layers": shape["num_hidden_layers"], "predicted_peak_rss": peak,
+                            "predicted_seconds_per_layer": c * cube(shape),
+                            "predicted_hours": c * cube(shape) * shape["num_hidden_layers"] / 3600,
+                            "measured_peak_rss": next((r["peak_rss"] for r in rows if r["shape"] == name), None)})
+    return out
+
+
+# ---------------------------------------------------------------- part 1: search throughput
+
+def _tiny_model(folder: Path):
+    """The --quick model: a tiny random Llama folder with SmolLM2's tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sieve_edge.models import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    if not (folder / "config.json").is_file():
+        config = llama_config({**SHAPES["tiny"], "vocab_size": len(tok)})
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+        tok.save_pretrained(folder)
+    return str(folder)
+
+
+def part_search(args) -> dict:
+    import torch
+
+    from sieve_edge.calibrate import iter_decompositions, load_decompositions, save_decompositions
+    from sieve_edge.factorize import linear_shapes
+    from sieve_edge.models import load_model, load_tokenizer
+    from sieve_edge.search import SearchConfig, search_plan
+    from sieve_edge.search.distributed import RayWorkers, require_ray
+    from sieve_edge.search.drivers import ladder_max_ranks
+    from sieve_edge.tasks import calibration_batches, load_task
+
+    ray = require_ray()
+    work = args.work or Path(tempfile.mkdtemp(prefix="sieve-scale-"))
+    spec = _tiny_model(work / "tiny-model") if args.model == "tiny" else args.model
+    task = load_task(args.task)
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(spec), load_tokenizer(spec)
+    config = SearchConfig(tolerance=args.tolerance, seed=args.seed, population=args.population,
+                          generations=args.generations, val_limit=args.val_limit, race_size=args.race,
+                          n_calibration=args.calibration)
+    decs_dir = work / f"decompositions-{Path(str(spec)).name}-{args.calibration}"
+    if not (decs_dir / "decompositions.json").is_file():
+        decs_dir.mkdir(parents=True, exist_ok=True)
+        deepest = ladder_max_ranks(linear_shapes(model), config)
+        batches = list(calibration_batches(task, tok, config.n_calibration, config.calibration_batch))
+        save_decompositions(decs_dir, iter_decompositions(model, batches, "output", lambda n, m, k: deepest[n]))
+    decs, tokens, _ = load_decompositions(decs_dir)
+    runs = {}
+    for label, workers in (("1 process", None), (f"ray {args.workers} workers", args.workers)):
+        pool = None
+        if workers:
+            ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+            pool = RayWorkers(workers=workers, model_spec=spec, decompositions=str(decs_dir))
+        lines: list[str] = []
+        t0 = time.perf_counter()
+        res = search_plan(model, tok, task, config, decompositions=(decs, tokens), workers=pool,
+                          log=lambda m: (lines.append(m), print(f"    {m}", flush=True)))
+        wall = time.perf_counter() - t0
+        if workers:
+            ray.shutdown()
+        gens = res.history  # one record per generation (generation 0: the initial population)
+        n_gen = sum(r["evaluations"] for r in gens)
+        s_gen = sum(r["seconds"] for r in gens)
+        runs[label] = {"ranks": res.plan.ranks, "evaluations": res.evaluations, "metric": res.metric,
+                       "reduction": res.plan.linear_param_reduction, "generation_candidates": n_gen,
+                       "generation_seconds": s_gen, "search_seconds": res.seconds, "wall_seconds": wall,
+                       "candidates_per_minute": 60 * n_gen / s_gen if s_gen else None,
+                       "search_candidates_per_minute": 60 * res.evaluations / res.seconds if res.seconds else None}
+    one, many = runs["1 process"], runs[f"ray {args.workers} workers"]
+    return {"runs": runs, "same_plan": one["ranks"] == many["ranks"],
+            "ratio": (many["candidates_per_minute"] / one["candidates_per_minute"]
+                      if one["candidates_per_minute"] and many["candidates_per_minute"] else None),
+            "settings": {k: getattr(args, k) for k in ("model", "task", "workers", "threads", "population",
+                                                       "generations", "val_limit", "race", "calibration",
+                                                       "tolerance", "seed")}}
+
+
+# ---------------------------------------------------------------- tables
+
+def tables(result: dict) -> str:
+    out = []
+    s = result.get("search")
+    if s:
+        out += ["| scoring | candidates/min (generations) | candidates/min (whole search) | evaluations | plan |",
+                "|---|---|---|---|---|"]
+        for label, r in s["runs"].items():
+            cpm = "-" if r["candidates_per_minute"] is None else f"{r['candidates_per_minute']:.1f}"
+            spm = "-" if r["search_candidates_per_minute"] is None else f"{r['search_candidates_per_minute']:.1f}"
+            out.append(f"| {label} | {cpm} | {spm} | {r['evaluations']} | -{r['reduction']:.1%} |")
+        ratio = "-" if s["ratio"] is None else f"{s['ratio']:.2f}x"
+        out += ["", f"same plan: {s['same_plan']}; ratio (generations): {ratio}", ""]
+    c = result.get("calibration")
+    if c:
+        out += ["| shape | layers | d | i | peak RSS | s/layer | model fp32 |", "|---|---|---|---|---|---|---|"]
+        for r in c["rows"]:
+            out.append(f"| {r['shape']} | {r['num_hidden_layers']} | {r['hidden_size']} | {r['intermediate_size']} | "
+                       f"{r['peak_rss'] / GB:.2f} GB | {r['seconds_per_layer']:.1f} | {r['fp32_model_bytes'] / GB:.1f} GB |")
+        e = c["extrapolation"]
+        if e:
+            out += ["", f"extrapolation ({e['formula']}; k = {e['k']:.2f}, c = {e['c']:.3g} s, fitted on "
+                        f"{e['fitted_on']}):", "", "| shape | layers | peak RSS | s/layer | hours |", "|---|---|---|---|---|"]
+            for r in e["rows"]:
+                measured = "" if r["measured_peak_rss"] is None else f" (measured {r['measured_peak_rss'] / GB:.2f})"
+                out.append(f"| {r['shape']} | {r['layers']} | {r['predicted_peak_rss'] / GB:.2f} GB{measured} | "
+                           f"{r['predicted_seconds_per_layer']:.1f} | {r['predicted_hours']:.2f} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.calibrate_one is not None:
+        print(json.dumps(calibrate_one(args.calibrate_one, args.examples, args.tokens, args.method)))
+        return {}
+    t0 = time.time()
+    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                          "load_average_at_start": os.getloadavg()},
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if args.part in ("both", "search"):
+        print("part 1: search throughput", flush=True)
+        result["search"] = part_search(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.part in ("both", "calibration"):
+        print("part 2: streamed calibration", flush=True)
+
+        def save(partial):
+            args.out.write_text(json.dumps({**result, "calibration": partial, "partial": True}, indent=1))
+
+        result["calibration"] = part_calibration(args, save)
+    result["machine"]["load_average_at_end"] = os.getloadavg()
+    result["minutes"] = (time.time() - t0) / 60
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(tables(result))
+    print(f"\nwrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
