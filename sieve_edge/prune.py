@@ -45,11 +45,7 @@ def prune_with_batches(model: nn.Module, batches: Iterable[dict] | None, plan: R
     """Factorize `model` in place per `plan` (a RankPlan, or one keep fraction for all)."""
     _check_method(method)
     t0 = time.perf_counter()
-    shapes = linear_shapes(model)
-    if not isinstance(plan, RankPlan):
-        plan = RankPlan.from_keep(shapes, float(plan), multiple, method)
-    plan.check_model(shapes)
-    plan.method = method
+    shapes, plan = _resolve_plan(model, plan, multiple, method)
     ranks = plan.factorized
     if method == "svd" and batches is not None:
         batches = None
@@ -107,6 +103,17 @@ def _sieve_(model: nn.Module, batches: list[dict], ranks: dict[str, int], damp: 
                 dense_h[b] = run_layer(layer, c, i, dense_h[b])
             pruned_h[b] = run_layer(layer, c, i, pruned_h[b])
     return tokens
+
+
+def _resolve_plan(model, plan, multiple: int, method: str):
+    """(shapes, RankPlan) for ``model``: ``plan`` as given (checked against the model) or one
+    keep fraction for every matrix."""
+    shapes = linear_shapes(model)
+    if not isinstance(plan, RankPlan):
+        plan = RankPlan.from_keep(shapes, float(plan), multiple, method)
+    plan.check_model(shapes)
+    plan.method = method
+    return shapes, plan
 
 
 def prune(model: nn.Module, tokenizer, task, plan: RankPlan | float, method: str = "sieve", *,
@@ -210,11 +217,7 @@ def _prune_from(model: nn.Module, folder, plan: RankPlan | float, method: str, m
     from .calibrate import load_decompositions
 
     t0 = time.perf_counter()
-    shapes = linear_shapes(model)
-    if not isinstance(plan, RankPlan):
-        plan = RankPlan.from_keep(shapes, float(plan), multiple, method)
-    plan.check_model(shapes)
-    plan.method = method
+    shapes, plan = _resolve_plan(model, plan, multiple, method)
     decs, tokens, _ = load_decompositions(folder)
     for name, r in plan.factorized.items():
         if name not in decs:

@@ -28,7 +28,11 @@ def _same_search(a, b) -> None:
     assert b.plan.ranks == a.plan.ranks
     assert (b.metric, b.gain, b.evaluations, b.full_evaluations) == (a.metric, a.gain, a.evaluations,
                                                                     a.full_evaluations)
-    untimed = lambda history: [{k: v for k, v in r.items() if k != "seconds"} for r in history]  # noqa: E731
+    # per generation, whole-split evaluations are counted where a race ended: one process continues a
+    # candidate's race from its own row cache, a worker from its own, so the count may land one
+    # generation apart (the totals above are equal); everything else must match
+    untimed = lambda history: [{k: v for k, v in r.items() if k not in ("seconds", "full_evaluations")}  # noqa: E731
+                               for r in history]
     assert untimed(b.history) == untimed(a.history)
     assert b.frontier == a.frontier  # every candidate scored, in the same order, none twice
 

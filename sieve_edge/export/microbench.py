@@ -148,15 +148,19 @@ def _time(run, x, repeats: int) -> float:
     return statistics.median(times) * 1e3 / 1.0
 
 
+def _check_case(runtime: str, weights: str) -> None:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime '{runtime}'; allowed: {', '.join(RUNTIMES)}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"unknown weights '{weights}'; allowed: {', '.join(WEIGHTS)}")
+
+
 def measure(shape: tuple[int, int], rank: int, tokens_list=TOKENS, runtime: str = "openvino",
             weights: str = "int8", threads: int | None = None, repeats: int = REPEATS) -> list[dict]:
     """Median ms per matrix, dense vs pair, for each token count (one graph build per case)."""
     import numpy as np
 
-    if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime '{runtime}'; allowed: {', '.join(RUNTIMES)}")
-    if weights not in WEIGHTS:
-        raise ValueError(f"unknown weights '{weights}'; allowed: {', '.join(WEIGHTS)}")
+    _check_case(runtime, weights)
     threads = _threads(threads)
     layers = _layers(shape)
     make = _ort_runner if runtime == "onnxruntime" else _ov_runner
@@ -247,10 +251,7 @@ def matmul_times(points, tokens_list, runtime: str = "openvino", weights: str = 
     import numpy as np
     import onnx
 
-    if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime '{runtime}'; allowed: {', '.join(RUNTIMES)}")
-    if weights not in WEIGHTS:
-        raise ValueError(f"unknown weights '{weights}'; allowed: {', '.join(WEIGHTS)}")
+    _check_case(runtime, weights)
     threads = _threads(threads)
     version = runtime_version(runtime)
     dq = None if runtime == "onnxruntime" else dynamic_quantization

@@ -19,7 +19,7 @@ rank dicts in, Evaluations out): that is the seam for another scorer.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -501,8 +501,17 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
             outcome = run_uniform(ctx, saved)
         else:
             outcome = run_genetic(ctx, saved, costs)
+        if outcome.evaluation.gain < 0:
+            # slower than dense by the objective (a time table can price a cut above the dense model):
+            # the dense model is the better plan, and a pruned model that is not faster is not shipped
+            say(f"search: the best plan found costs more than the dense model by the {config.objective} objective "
+                f"(gain {outcome.evaluation.gain:+.4f}); keeping the dense model")
+            outcome = replace(outcome, ranks={n: None for n in outcome.ranks}, evaluation=dense_ev,
+                              levels={n: 1.0 for n in outcome.levels})
         if outcome.stopped == BEFORE_FIRST_GENERATION:
             need = (10 + config.population) * evaluator.dense_seconds / 60
+            if budget_minutes is not None:  # this budget was not enough: at least one more generation on top of it
+                need = max(need, budget_minutes + (config.population + 1) * evaluator.dense_seconds / 60)
             say(f"search: one full evaluation takes {evaluator.dense_seconds:.0f} s here; the seeds need about 10 "
                 f"and a generation up to {config.population}: --budget-minutes {max(need, 0.1):.1f} or more lets "
                 "the GA breed")
