@@ -61,6 +61,14 @@ class Case:
     patch: str | None = None        # in-process only: "full_disk" (the free-space probe says 0 bytes)
 
 
+
+def rerecord_export(folder: Path) -> None:
+    """Make an edited export folder's export.json list its files as they now are."""
+    manifest = json.loads((folder / "export.json").read_text())
+    manifest["files"] = {f.name: f.stat().st_size for f in sorted(folder.iterdir())
+                         if f.is_file() and f.name != "export.json"}
+    (folder / "export.json").write_text(json.dumps(manifest))
+
 def dead_pid() -> int:
     """The pid of a process that has exited (reused only after the kernel wraps around)."""
     proc = subprocess.Popen(["true"])
@@ -284,20 +292,14 @@ def build_cases(root: Path, bundles: dict[str, Path] | None = None, export: Path
         outputs=(marker,))
     custom_export = shutil.copytree(export, m / "custom-export")
     marker = add_auto_map(custom_export, "tokenizer_config.json")
-    manifest = json.loads((custom_export / "export.json").read_text())  # as exported with that tokenizer
-    manifest["files"] = {f.name: f.stat().st_size for f in sorted(custom_export.iterdir())
-                         if f.is_file() and f.name != "export.json"}
-    (custom_export / "export.json").write_text(json.dumps(manifest))
+    rerecord_export(custom_export)  # as exported with that tokenizer
     add("auto-map-export-tokenizer", "model", ["bundle", "--export", custom_export, "--task", task, "--target", profile,
                                                "--out", out("bundle-custom")],
         ["custom-export/tokenizer_config.json", "auto_map"], outputs=(marker, out("bundle-custom")))
 
     broken = shutil.copytree(export, m / "corrupt-export")
     (broken / "model.onnx").write_bytes(b"\x08\x07garbage, not a protobuf graph" * 10)
-    manifest = json.loads((broken / "export.json").read_text())  # sizes as if exported so
-    manifest["files"] = {f.name: f.stat().st_size for f in sorted(broken.iterdir())
-                         if f.is_file() and f.name != "export.json"}
-    (broken / "export.json").write_text(json.dumps(manifest))
+    rerecord_export(broken)  # sizes as if exported so
     add("export-corrupt-model-onnx", "model", ["bundle", "--export", broken, "--task", task, "--target", profile,
                                                "--out", out("bundle-corrupt")],
         ["corrupt-export/model.onnx", "onnxruntime cannot load"], outputs=(out("bundle-corrupt"),))
