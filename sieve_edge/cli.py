@@ -106,6 +106,15 @@ _TRUST_REMOTE_CODE = click.option(
     help="DANGEROUS: let transformers run Python code that the model folder names (auto_map); "
          "without it such a folder is refused.")
 
+# healing after the refit: shared by search and run
+_HEAL_STEPS = click.option("--heal-steps", type=click.IntRange(min=0), default=0, show_default=True,
+                           help="Fine-tune the factors this many steps on the train split after the refit.")
+_HEAL_LR = click.option("--heal-lr", type=float, default=1e-4, show_default=True)
+_HEAL = click.option("--heal", "heal", type=click.Choice(["ce", "kl"]), default="ce", show_default=True,
+                     help="Healing loss: ce = the answers' cross-entropy on the train split; kl = distil the dense "
+                          "model's label distribution on the train prompts (single-token labels). Kept only if "
+                          "validation improves.")
+
 _DEVICE = click.option(
     "--device", default="auto", show_default=True, metavar="auto|cpu|cuda",
     help="Where the model runs: calibration statistics, eigendecompositions, candidate scoring, training. "
@@ -299,13 +308,9 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
               help="GA: screen thousands of plans per generation on a surrogate of the metric drop (label-Fisher "
                    "costs refit on every measured plan) and score only the most promising on the model.")
 @click.option("--test-limit", type=click.IntRange(min=1), default=None, help="Score only the first N test rows.")
-@click.option("--heal-steps", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Fine-tune the factors this many steps on the train split after the refit.")
-@click.option("--heal-lr", type=float, default=1e-4, show_default=True)
-@click.option("--heal", "heal", type=click.Choice(["ce", "kl"]), default="ce", show_default=True,
-              help="Healing loss: ce = the answers' cross-entropy on the train split; kl = distil the dense "
-                   "model's label distribution on the train prompts (single-token labels). Kept only if "
-                   "validation improves.")
+@_HEAL_STEPS
+@_HEAL_LR
+@_HEAL
 @click.option("--weights", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="Score candidates as the export will compute: int8 simulates int8 weights (NNCF INT8_ASYM).")
 @click.option("--out", required=True, help="Output folder: the refit checkpoint and the search's reports.")
@@ -513,7 +518,9 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @click.option("--val-limit", type=int, default=300, show_default=True,
               help="Validation examples the search scores per candidate.")
 @click.option("--test-limit", type=int, default=None, help="Test examples for the reference and validation.")
-@click.option("--heal-steps", type=int, default=0, show_default=True)
+@_HEAL_STEPS
+@_HEAL_LR
+@_HEAL
 @click.option("--task-head/--no-task-head", default=None,
               help="Export an LM head restricted to the label tokens. Default: on for a classification task "
                    "whose label answers are single tokens (the same predictions, a fraction of the cost).")
@@ -528,8 +535,8 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @_TRUST_REMOTE_CODE
 @handle_errors
 def run(model, task, target, out, tune_steps, tolerance, strategy, objective, method, budget_minutes, n_calibration,
-        val_limit, test_limit, heal_steps, task_head, seed, force, work, device, workers, ray_address,
-        trust_remote_code):
+        val_limit, test_limit, heal_steps, heal_lr, heal, task_head, seed, force, work, device, workers,
+        ray_address, trust_remote_code):
     """tune? → calibrate → sensitivity → search → refit → export → reference → bundle → validate.
 
     Every stage has a key made of its settings, the content of what it reads (model, task
@@ -547,7 +554,8 @@ def run(model, task, target, out, tune_steps, tolerance, strategy, objective, me
                            strategy=strategy, objective=objective, method=method, budget_minutes=budget_minutes,
                            seed=seed,
                            n_calibration=n_calibration, val_limit=val_limit, test_limit=test_limit,
-                           heal_steps=heal_steps, task_head=task_head, force=force, work=work, log=log,
+                           heal_steps=heal_steps, heal_lr=heal_lr, heal=heal, task_head=task_head, force=force,
+                           work=work, log=log,
                            trust_remote_code=trust_remote_code, workers=pool, device=device)
     click.echo(summary.table())
     report = summary.report or {}

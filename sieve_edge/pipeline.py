@@ -180,8 +180,8 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
         strategy: str = "ga", objective: str | None = None, method: str = "sieve",
         budget_minutes: float | None = None, seed: int = 0,
         n_calibration: int = 512, val_limit: int | None = 300, test_limit: int | None = None,
-        heal_steps: int = 0, task_head: bool | None = None, force: bool = False, work=None,
-        log: Callable[[str], None] | None = None, trust_remote_code: bool = False, workers=None,
+        heal_steps: int = 0, heal_lr: float = 1e-4, heal: str = "ce", task_head: bool | None = None,
+        force: bool = False, work=None, log: Callable[[str], None] | None = None, trust_remote_code: bool = False, workers=None,
         device: str | None = None) -> RunSummary:
     """Run every stage for one model, task and target; return the summary (report included).
 
@@ -228,7 +228,7 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
     config = SearchConfig(tolerance=tolerance, method=method, strategy=strategy, seed=seed,
                           objective=objective, target=None if objective == "params" else str(profile.path or target),
                           n_calibration=n_calibration, val_limit=val_limit, heal_steps=heal_steps,
-                          weights="int8" if profile.weights == "int8" else "fp32")
+                          heal_lr=heal_lr, heal=heal, weights="int8" if profile.weights == "int8" else "fp32")
     out = Path(out)
     work = out.with_name(out.name + ".work") if work is None else Path(work)
     if work.resolve() == out.resolve() or out.resolve() in work.resolve().parents:
