@@ -181,8 +181,8 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
         budget_minutes: float | None = None, seed: int = 0,
         n_calibration: int = 512, val_limit: int | None = 300, test_limit: int | None = None,
         heal_steps: int = 0, heal_lr: float = 1e-4, heal: str = "ce", task_head: bool | None = None,
-        force: bool = False, work=None, log: Callable[[str], None] | None = None, trust_remote_code: bool = False, workers=None,
-        device: str | None = None) -> RunSummary:
+        force: bool = False, work=None, log: Callable[[str], None] | None = None,
+        trust_remote_code: bool = False, workers=None, device: str | None = None) -> RunSummary:
     """Run every stage for one model, task and target; return the summary (report included).
 
     tolerance: allowed metric drop on the validation split (default: half the target's
@@ -198,6 +198,8 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
     model folder names (off unless the user turns it on). workers: a
     ``search.distributed.RayWorkers`` to score the search's candidates on Ray actors (the
     same plan). device: auto, cpu or cuda, where the stages run the model (not keyed).
+    heal_steps, heal_lr, heal: the refit stage's healing (steps, learning rate, loss ``ce`` or
+    ``kl``), as in ``sieve-edge search``; kept only if validation does not get worse.
     """
     from .checkpoint import describe_folder
     from .search import SearchConfig, search_stages
