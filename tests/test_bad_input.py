@@ -219,14 +219,12 @@ def test_a_good_plan_file_prunes(cases, tmp_path):
 
 
 def test_robustness_benchmark_digest_ignores_timestamps_only(tmp_path):
-    import importlib.util
     import shutil
 
     import test_bundle
+    from benchscripts import load_benchmark
 
-    spec = importlib.util.spec_from_file_location("bench_robustness", REPO / "benchmarks" / "robustness.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("robustness")
     b = shutil.copytree(test_bundle.tiny_bundle("onnx"), tmp_path / "b")
     digest = bench.bundle_digest(b)
     ref = json.loads((b / "reference.json").read_text())

@@ -1,19 +1,14 @@
 """The search benchmark's bookkeeping: which rows run, and how result files merge (no model is loaded)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchscripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_search", ROOT / "benchmarks" / "search.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("search")
 
 
 def _row(task, strategy, tol, reduction, budget=6.0):
@@ -67,12 +62,9 @@ def test_combine_names_a_missing_file(bench, tmp_path):
 def runtime_bench():
     import sys
 
-    spec = importlib.util.spec_from_file_location("bench_runtime", ROOT / "benchmarks" / "runtime.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # its dataclass resolves annotations through sys.modules
-    spec.loader.exec_module(module)
+    module = load_benchmark("runtime")
     yield module
-    del sys.modules[spec.name]
+    del sys.modules[module.__name__]
 
 
 def test_runtime_goals_compare_the_named_rows(runtime_bench):
@@ -114,10 +106,7 @@ def test_runtime_bytes_read_skip_gather_only_tables(runtime_bench, tmp_path):
 
 @pytest.fixture(scope="module")
 def scale():
-    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "benchmarks" / "scale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("scale")
 
 
 def test_scale_synthetic_model_streams_and_the_extrapolation_reproduces_its_fit(scale, tmp_path):

@@ -330,13 +330,9 @@ def test_tiny_bundle_under_emulation_predicts_as_on_x86(tmp_path, fmt, runtime):
 
 
 def test_benchmark_table_and_arguments():
-    import importlib.util
-    from pathlib import Path
+    from benchscripts import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "emulation.py"
-    spec = importlib.util.spec_from_file_location("bench_emulation", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("emulation")
     assert bench.parse_args(["--cpus", "cortex-a72, max"]).cpus == ["cortex-a72", "max"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--cpus", ","])

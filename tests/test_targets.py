@@ -67,7 +67,11 @@ def test_good_profile_and_defaults(tmp_path):
     (lambda t: t.replace('name = "t"\n', ""), "name", "missing required"),
 ])
 def test_bad_profiles(tmp_path, edit, key, allowed):
-    path = _write(tmp_path, edit(GOOD))
+    _assert_refused(_write(tmp_path, edit(GOOD)), key, allowed)
+
+
+def _assert_refused(path, key, allowed):
+    """Loading the profile at `path` fails with a message naming the file, the key and what is allowed."""
     with pytest.raises(ProfileError) as e:
         load_profile(path)
     msg = str(e.value)
@@ -158,8 +162,4 @@ def test_workload_keys_and_defaults(tmp_path):
     (lambda t: t.replace("schema_version = 4", "schema_version = 3"), "workload", "needs schema_version = 4"),
 ])
 def test_bad_workload(tmp_path, edit, key, allowed):
-    path = _write(tmp_path, edit(WORKLOAD))
-    with pytest.raises(ProfileError) as e:
-        load_profile(path)
-    msg = str(e.value)
-    assert str(path) in msg and key in msg and allowed in msg, msg
+    _assert_refused(_write(tmp_path, edit(WORKLOAD)), key, allowed)

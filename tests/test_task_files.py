@@ -513,11 +513,10 @@ def test_sample_tasks_load_and_their_data_is_what_they_say():
 def test_banking77_builder_slices_the_csv_files_by_intent(tmp_path):
     # BANKING77 is not shipped: the benchmark builds its task from the dataset's CSV files
     import csv
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("tasks_benchmark", REPO / "benchmarks" / "tasks.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from benchscripts import load_benchmark
+
+    bench = load_benchmark("tasks")
     intents = ["card_arrival", "top_up_failed", "reverted_card_payment?"]
     folder = tmp_path / "banking_data"
     folder.mkdir()
