@@ -171,7 +171,7 @@ def default_objective(profile, log=None) -> str:
     if profile.arch in ("any", host_arch()) and profile.device == "cpu":
         return "time"
     if log:
-        log(f"objective: params (target {profile.name} is a {profile.arch} {profile.device} box: this "
+        log(f"objective: params (target {profile.name} is {profile.arch} {profile.device}: this "
             f"{host_arch()} host cannot time its kernels)")
     return "params"
 
