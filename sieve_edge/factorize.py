@@ -173,6 +173,9 @@ class SearchLinear(nn.Module):
         bias = module_bias(self.dense)
         if self.rank is None:
             if not self.int8:
+                if not self.cache_int8 and torch.is_grad_enabled() and x.requires_grad and \
+                        not any(p.requires_grad for p in self.dense.parameters()):
+                    return _ReadBackLinear.apply(x, self)  # offloaded: the graph keeps no weight
                 return self.dense(x)
             y = x @ self._quantized("dense", x.dtype).T
             return y if bias is None else y + bias
@@ -190,6 +193,23 @@ class SearchLinear(nn.Module):
         else:
             y = (x @ self.A[:r].T) @ self.Bt[:r]
         return y if bias is None else y + bias
+
+
+class _ReadBackLinear(torch.autograd.Function):
+    """y = dense(x) for an offloaded SearchLinear whose weights are frozen: the backward reads
+    the weight back from disk (``materialized``) instead of autograd keeping every module's
+    weight alive until then (the sensitivity's backward would hold the whole model)."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return module.dense(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        with materialized(ctx.module):
+            w = dense_weight(ctx.module.dense)
+            return grad @ w.to(grad.dtype), None
 
 
 def materialized(module: nn.Module):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from sieve_edge import factorize
 from sieve_edge.calibrate import DecompositionFiles, decompose_all, save_decompositions
 from sieve_edge.cli import main
 from sieve_edge.errors import InputError
@@ -101,7 +102,7 @@ def test_offloaded_scoring_equals_in_memory(weights, tmp_path):
     detach_search_(model)
 
 
-def test_offloaded_skeleton_and_sensitivity_match(tmp_path):
+def test_offloaded_skeleton_and_sensitivity_match(tmp_path, monkeypatch):
     """A model read from its safetensors folder without its matrices scores and measures the
     label-Fisher sensitivity as the in-memory model does, with the decompositions read lazily."""
     task, model, tok, decs, scorer = _setup(tmp_path)
@@ -120,7 +121,12 @@ def test_offloaded_skeleton_and_sensitivity_match(tmp_path):
     attach_search_(model, decs)
     ranks = {n: [None, 4, 8] for n in decs}
     want = task_costs(model, scorer, ranks, 8)
+    read_back = []
+    backward = factorize._ReadBackLinear.backward
+    monkeypatch.setattr(factorize._ReadBackLinear, "backward",
+                        staticmethod(lambda ctx, grad: read_back.append(1) or backward(ctx, grad)))
     got = task_costs(skeleton, scorer, ranks, 8)
+    assert read_back   # the backward read the offloaded weights back instead of autograd keeping them
     for name in decs:
         torch.testing.assert_close(torch.tensor(got[name]), torch.tensor(want[name]), rtol=1e-6, atol=1e-12)
     set_ranks_(model, _ranks("mixed", list(decs)))
