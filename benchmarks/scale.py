@@ -375,6 +375,20 @@ def write_bases(folder: Path, model_folder: Path, shape: dict, seed: int = 0) ->
     return folder
 
 
+def peak_rss() -> int:
+    """This process's peak RSS in bytes: VmHWM where /proc has it (the high-water mark of this
+    process's own memory since exec), else ru_maxrss, which Linux carries over exec from the
+    forked parent: a parent that has just written a large synthetic model inflates it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def score_one(model_folder: Path, bases: Path, mode: str, plans: int, rows: int) -> dict:
     """Run in a fresh child: score the dense model and ``plans`` random rank plans (seeded, the
     same in both modes) on ``rows`` sst2 validation prompts; ``mode`` = memory | DIR (offload)."""
@@ -391,7 +405,7 @@ def score_one(model_folder: Path, bases: Path, mode: str, plans: int, rows: int)
 
     tok = load_tokenizer("smollm2-135m")
     task = load_task("sst2")
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = peak_rss()
     t0 = time.perf_counter()
     offloaded = offload_bytes = None
     if mode == "memory":
@@ -408,7 +422,7 @@ def score_one(model_folder: Path, bases: Path, mode: str, plans: int, rows: int)
         offloaded.attach(model, DecompositionFiles(bases))
         offload_bytes = sum(f.stat().st_size for f in Path(mode).glob("*.dat"))
     setup = time.perf_counter() - t0
-    setup_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    setup_peak = peak_rss()
     resident = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]
                                                           if t.device.type != "meta"}.values())
     scorer = make_scorer(tok, task, "validation", limit=rows, batch_size=16, model=model)
@@ -424,11 +438,12 @@ def score_one(model_folder: Path, bases: Path, mode: str, plans: int, rows: int)
         seconds.append(time.perf_counter() - t1)
     if offloaded is not None:
         offloaded.detach(model)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     return {"mode": "memory" if mode == "memory" else "offload", "baseline_rss": base, "setup_peak_rss": setup_peak,
             "peak_rss": peak, "setup_seconds": setup, "seconds": seconds,
             "seconds_per_evaluation": sum(seconds[1:]) / max(len(seconds) - 1, 1), "dense_seconds": seconds[0],
             "resident_bytes": resident, "offload_bytes": offload_bytes, "rows": scorer.n,
+            "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "threads": torch.get_num_threads(), "logprobs": logprobs}
 
 
