@@ -221,3 +221,17 @@ def test_cli_refuses_offload_with_workers(tmp_path):
     with pytest.raises(InputError, match="do not go together"):
         search_plan(None, None, load_task(write_task(tmp_path / "task")), small_config(), offload=tmp_path / "x",
                     workers=object())
+
+
+def test_offload_is_not_part_of_any_stage_key(tmp_path):
+    from sieve_edge.search.stage import search_stages
+    from sieve_edge.stages import model_ref
+
+    task = load_task(write_task(tmp_path / "task"))
+    ref = model_ref("tiny", make_model("llama"), make_tokenizer())
+    plain = search_stages(ref, task, small_config(), budget_minutes=None, test_limit=None)
+    offloaded = search_stages(ref, task, small_config(), budget_minutes=None, test_limit=None,
+                              offload=tmp_path / "scratch")
+    assert [(s.slot, s.config, s.inputs, s.needs) for s in plain] == \
+           [(s.slot, s.config, s.inputs, s.needs) for s in offloaded]
+    assert [s.slot for s in offloaded if getattr(s, "offload", None)] == ["sensitivity", "search"]
