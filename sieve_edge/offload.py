@@ -77,16 +77,19 @@ class OffloadedSearch:
         (self.folder / MARKER).write_text(json.dumps({"created": self._created}) + "\n")
 
     def _remove_files(self) -> None:
-        # only what offload_weight and this module write: *.dat, the index, the mark
+        # a marked folder's leftovers: what offload_weight and this module write (*.dat, the
+        # index, the mark), never anything else
         for p in self.folder.iterdir():
             if p.is_file() and (p.suffix == ".dat" or p.name in (INDEX, MARKER)):
                 p.unlink()
 
     def close(self) -> None:
-        """Delete the offloaded files (and the folder, if this module made it and it is empty)."""
+        """Delete the files this object wrote (and the folder, if it made it and it is empty)."""
         if not self.folder.is_dir() or not (self.folder / MARKER).is_file():
             return
-        self._remove_files()
+        for name in [*(f"{key}.dat" for key in self.index), INDEX, MARKER]:
+            (self.folder / name).unlink(missing_ok=True)
+        self.index.clear()
         if self._created and not any(self.folder.iterdir()):
             self.folder.rmdir()
 
