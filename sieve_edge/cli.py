@@ -133,7 +133,8 @@ _OFFLOAD = click.option(
     help="Score search candidates with the matrices and their search bases on disk in DIR (scratch: created, "
          "then emptied after the search; a non-empty folder sieve-edge did not make is refused), read one at a "
          "time during the forward pass: for models larger than memory. Slower, the same plan. Not with "
-         "--workers/--ray.")
+         "--workers/--ray. On glibc, MALLOC_MMAP_THRESHOLD_=131072 in the environment keeps freed tensors from "
+         "staying in the heap (docs/SCALE.md).")
 
 
 def check_device(device: str | None) -> None:
