@@ -11,11 +11,20 @@ one layer per shard (the shapes of SmolLM2-135M, SmolLM2-360M, Llama-3.2-1B, and
 shape with 2 layers): peak RSS (each in a fresh child process) and seconds per layer, then
 extrapolated to Llama-3.1-8B and Llama-3-70B shapes by the formula printed with the table.
 
+Part 3 (``--part offload``, not in ``both``), candidate scoring with ``--offload``: a synthetic
+Llama-shaped model (``--offload-shape``, default 360m) and random search bases of the
+ladder's deepest rank are written to disk; fresh child processes then score the same N
+random rank plans (sst2 validation prompts, SmolLM2's tokenizer) with the model and bases in
+memory, and with them offloaded (``offload.OffloadedSearch``, the model read as a skeleton):
+peak RSS, seconds per evaluation, and the largest label log-prob difference between the two.
+The 24 GB limit is then computed from the measured per-module figures (formula printed).
+
 Prints Markdown tables and writes benchmarks/results/scale.json (``--out``).
 
     python benchmarks/scale.py                          # both parts (idle box: ~40 min + ~30 min)
     python benchmarks/scale.py --part calibration --shapes 135m,360m
     python benchmarks/scale.py --quick                  # a tiny smoke run of both parts (~3 min)
+    python benchmarks/scale.py --part offload --offload-shape 360m --plans 4
 
 Part 1 needs ray (pip install 'sieve-edge[ray]') and the smollm2-135m alias's wheel.
 """
@@ -54,11 +63,14 @@ EXTRAPOLATE = {
                 num_key_value_heads=8, vocab_size=128256),
 }
 GB = 1e9
+VOCAB_SMOLLM2 = 49152
+MMAP_THRESHOLD = 128 * 1024                     # glibc's default, fixed (MALLOC_MMAP_THRESHOLD_)
+OFFLOAD_FIXED = f"offload, MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("both", "search", "calibration"), default="both")
+    p.add_argument("--part", choices=("both", "search", "calibration", "offload"), default="both")
     # part 1
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--task", default="sst2")
@@ -78,13 +90,19 @@ def parse_args(argv=None):
     p.add_argument("--method", default="output", choices=("output", "input-pca", "svd"))
     p.add_argument("--work", type=Path, default=None, help="where the synthetic models are written (default: a temp dir)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
+    # part 3
+    p.add_argument("--offload-shape", default="360m")
+    p.add_argument("--plans", type=int, default=4, help="random rank plans scored per mode (after the dense model)")
+    p.add_argument("--offload-rows", type=int, default=32, help="sst2 validation prompts scored per evaluation")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run of both parts")
     p.add_argument("--calibrate-one", type=Path, default=None, help=argparse.SUPPRESS)  # the child process
+    p.add_argument("--score-one", nargs=3, default=None, help=argparse.SUPPRESS)  # child: model, bases, mode
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.population, args.generations = "tiny", 4, 1
         args.val_limit, args.race, args.calibration = 32, 8, 16
         args.shapes, args.examples, args.tokens = "tiny", 32, 16
+        args.offload_shape, args.plans, args.offload_rows = "tiny", 2, 8
         if args.out == ROOT / "benchmarks" / "results" / "scale.json":
             args.out = ROOT / "benchmarks" / "results" / "scale-quick.json"
     return args
@@ -317,6 +335,191 @@ def part_search(args) -> dict:
                                                        "tolerance", "seed")}}
 
 
+# ---------------------------------------------------------------- part 3: offloaded scoring
+
+def write_bases(folder: Path, model_folder: Path, shape: dict, seed: int = 0) -> Path:
+    """Random search bases of the default ladder's deepest rank for every matrix of a synthetic
+    model, as the calibrate stage writes them (``layer-NNN.safetensors``), one layer at a time.
+    Their values do not matter here: scoring costs the same for any bases of these shapes."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from sieve_edge.calibrate import save_decompositions
+    from sieve_edge.factorize import linear_shapes
+    from sieve_edge.lowrank import Decomposition
+    from sieve_edge.search import SearchConfig
+    from sieve_edge.search.drivers import ladder_max_ranks
+
+    if (folder / "decompositions.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(llama_config(shape))
+    shapes = linear_shapes(skeleton)
+    deepest = ladder_max_ranks(shapes, SearchConfig())
+    gen = torch.Generator().manual_seed(seed)
+
+    def layers():
+        for i in range(shape["num_hidden_layers"]):
+            decs = {}
+            for name, (m, n) in shapes.items():
+                if name.startswith(f"model.layers.{i}."):
+                    k = deepest[name]
+                    decs[name] = Decomposition(torch.randn(m, k, generator=gen) / m ** 0.5,
+                                               torch.randn(k, n, generator=gen) / n ** 0.5,
+                                               torch.linspace(1.0, 0.0, k, dtype=torch.float64), 1.0, "output")
+            yield i, decs, 0
+
+    save_decompositions(folder, layers())
+    return folder
+
+
+def peak_rss() -> int:
+    """This process's peak RSS in bytes: VmHWM where /proc has it (the high-water mark of this
+    process's own memory since exec), else ru_maxrss, which Linux carries over exec from the
+    forked parent: a parent that has just written a large synthetic model inflates it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def score_one(model_folder: Path, bases: Path, mode: str, plans: int, rows: int) -> dict:
+    """Run in a fresh child: score the dense model and ``plans`` random rank plans (seeded, the
+    same in both modes) on ``rows`` sst2 validation prompts; ``mode`` = memory | DIR (offload)."""
+    import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401 - counted in the baseline
+
+    from sieve_edge.calibrate import DecompositionFiles, load_decompositions
+    from sieve_edge.evaluate import make_scorer
+    from sieve_edge.factorize import attach_search_, linear_shapes, set_ranks_
+    from sieve_edge.models import load_model, load_tokenizer
+    from sieve_edge.search import SearchConfig
+    from sieve_edge.search.stage import param_ladder_ranks
+    from sieve_edge.tasks import load_task
+
+    tok = load_tokenizer("smollm2-135m")
+    task = load_task("sst2")
+    base = peak_rss()
+    t0 = time.perf_counter()
+    offloaded = offload_bytes = None
+    if mode == "memory":
+        model = load_model(str(model_folder))
+        decs, _, _ = load_decompositions(bases)
+        attach_search_(model, decs)
+        del decs
+    else:
+        from sieve_edge.offload import OffloadedSearch, skeleton_with_resident_weights
+
+        lazy = skeleton_with_resident_weights(model_folder)
+        model = lazy.model
+        offloaded = OffloadedSearch(Path(mode), weights=lazy)
+        offloaded.attach(model, DecompositionFiles(bases))
+        offload_bytes = sum(f.stat().st_size for f in Path(mode).glob("*.dat"))
+    setup = time.perf_counter() - t0
+    setup_peak = peak_rss()
+    resident = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]
+                                                          if t.device.type != "meta"}.values())
+    scorer = make_scorer(tok, task, "validation", limit=rows, batch_size=16, model=model)
+    ladder = param_ladder_ranks(linear_shapes(model), SearchConfig())
+    gen = torch.Generator().manual_seed(0)
+    candidates = [{}] + [{name: rs[int(torch.randint(len(rs), (1,), generator=gen))] for name, rs in ladder.items()}
+                         for _ in range(plans)]
+    seconds, logprobs = [], []
+    for ranks in candidates:
+        set_ranks_(model, ranks)
+        t1 = time.perf_counter()
+        logprobs.append(scorer.label_logprobs(model).float().tolist())
+        seconds.append(time.perf_counter() - t1)
+    if offloaded is not None:
+        offloaded.detach(model)
+    peak = peak_rss()
+    return {"mode": "memory" if mode == "memory" else "offload", "baseline_rss": base, "setup_peak_rss": setup_peak,
+            "peak_rss": peak, "setup_seconds": setup, "seconds": seconds,
+            "seconds_per_evaluation": sum(seconds[1:]) / max(len(seconds) - 1, 1), "dense_seconds": seconds[0],
+            "resident_bytes": resident, "offload_bytes": offload_bytes, "rows": scorer.n,
+            "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "threads": torch.get_num_threads(), "logprobs": logprobs}
+
+
+def module_bytes(shape: dict) -> dict[str, float]:
+    """Float32 bytes of the largest SearchLinear (its dense matrix plus bases A, Bt at the default
+    ladder's deepest rank: keep 0.9), of all of them (what is offloaded), and of the resident
+    embedding (E, tied; twice for an untied head)."""
+    from sieve_edge.lowrank import rank_for_keep
+
+    d, i = shape["hidden_size"], shape["intermediate_size"]
+    kv = d // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    mats = [(d, d), (kv, d), (kv, d), (d, d), (i, d), (i, d), (d, i)]
+    one = [4 * (m * n + (rank_for_keep(m, n, 0.9, 8) or 0) * (m + n)) for m, n in mats]
+    heads = 1 if shape.get("tie_word_embeddings", False) else 2
+    return {"largest_module": max(one), "offloaded": sum(one) * shape["num_hidden_layers"],
+            "resident": 4 * heads * shape["vocab_size"] * d}
+
+
+def part_offload(args) -> dict:
+    """Write the synthetic model and bases; score in memory and offloaded, each in a fresh child."""
+    work = args.work or Path(tempfile.mkdtemp(prefix="sieve-scale-"))
+    name = args.offload_shape
+    shape = SHAPES[name]
+    if shape["vocab_size"] < VOCAB_SMOLLM2:  # the prompts are SmolLM2's token ids
+        shape, name = {**shape, "vocab_size": VOCAB_SMOLLM2}, f"{name}-v{VOCAB_SMOLLM2}"
+    folder = write_synthetic(shape, work / name)
+    bases = write_bases(work / f"{name}-bases", folder, shape)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    runs = {}
+    # glibc's default mmap threshold grows with the blocks freed (up to 32 MB): the tensors each
+    # module frees after its forward then stay in the heap. A fixed threshold returns them.
+    fixed = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+    for label, mode, extra in (("memory", "memory", {}), ("offload", str(work / f"{name}-offload"), {}),
+                               (OFFLOAD_FIXED, str(work / f"{name}-offload"), fixed)):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--score-one", str(folder), str(bases), mode,
+               "--plans", str(args.plans), "--offload-rows", str(args.offload_rows)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**env, **extra})
+        if done.returncode != 0:
+            raise SystemExit(f"scoring {name} ({label}) failed:\n{done.stderr[-3000:]}")
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        runs[label] = {**r, "mode": label, "environment": extra}
+        print(f"  {label}: peak RSS {r['peak_rss'] / GB:.2f} GB, {r['seconds_per_evaluation']:.1f} s/evaluation",
+              flush=True)
+    mem, off = runs["memory"], runs[OFFLOAD_FIXED]
+    diff = max(abs(a - b) for run in runs.values() for pa, pb in zip(mem["logprobs"], run["logprobs"])
+               for ra, rb in zip(pa, pb) for a, b in zip(ra, rb))
+    for r in runs.values():
+        r.pop("logprobs")
+    return {"shape": name, "runs": runs, "max_logprob_difference": diff,
+            "slowdown": {label: r["seconds_per_evaluation"] / mem["seconds_per_evaluation"] for label, r in runs.items()},
+            "limit": offload_limit(off, shape),
+            "settings": {"plans": args.plans, "rows": args.offload_rows, "bases_rank": "default ladder, keep 0.9"}}
+
+
+def offload_limit(measured: dict, shape: dict) -> dict:
+    """Offloaded scoring's peak ≈ base + R + M + A: R the resident embedding/head/norms, M the
+    largest module with its bases (float32), A the activations and allocator slack, fitted on the
+    measurement with a fixed mmap threshold (A = peak - base - R - M) and scaled by the
+    intermediate size (the widest activation). Predicted for the extrapolation shapes
+    (Llama-3.1-8B, Llama-3-70B, Llama-3.1-405B: untied heads)."""
+    got = module_bytes(shape)
+    base = measured["baseline_rss"]
+    act = max(measured["peak_rss"] - base - measured["resident_bytes"] - got["largest_module"], 0)
+    out = {"formula": "peak = base + R + M + A*(i/i_measured); R = 4*vocab*d (x2 untied head), "
+                      "M = 4*(m*n + k*(m+n)) of the largest matrix at keep 0.9",
+           "base_bytes": base, "activations_bytes": act, "rows": []}
+    for label, s in {"measured": shape, **EXTRAPOLATE, "405b": dict(
+            hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128,
+            num_key_value_heads=8, vocab_size=128256)}.items():
+        b = module_bytes(s)
+        peak = base + b["resident"] + b["largest_module"] + act * s["intermediate_size"] / shape["intermediate_size"]
+        out["rows"].append({"shape": label, "resident": b["resident"], "largest_module": b["largest_module"],
+                            "offloaded_disk": b["offloaded"], "predicted_peak_rss": peak})
+    return out
+
+
 # ---------------------------------------------------------------- tables
 
 def tables(result: dict) -> str:
@@ -345,6 +548,26 @@ def tables(result: dict) -> str:
                 measured = "" if r["measured_peak_rss"] is None else f" (measured {r['measured_peak_rss'] / GB:.2f})"
                 out.append(f"| {r['shape']} | {r['layers']} | {r['predicted_peak_rss'] / GB:.2f} GB{measured} | "
                            f"{r['predicted_seconds_per_layer']:.1f} | {r['predicted_hours']:.2f} |")
+    o = result.get("offload")
+    if o:
+        out += [f"offloaded scoring, {o['shape']} shape ({o['settings']['rows']} sst2 prompts per evaluation, "
+                f"{o['settings']['plans']} random plans):", "",
+                "| scoring | peak RSS | s/evaluation | dense s | setup s | in memory (model tensors) | on disk |",
+                "|---|---|---|---|---|---|---|"]
+        for label, r in o["runs"].items():
+            disk = "-" if r["offload_bytes"] is None else f"{r['offload_bytes'] / GB:.2f} GB"
+            out.append(f"| {label} | {r['peak_rss'] / GB:.2f} GB | {r['seconds_per_evaluation']:.1f} | "
+                       f"{r['dense_seconds']:.1f} | {r['setup_seconds']:.0f} | {r['resident_bytes'] / GB:.2f} GB | {disk} |")
+        lim = o["limit"]
+        slow = ", ".join(f"{label} {x:.2f}x" for label, x in o["slowdown"].items() if label != "memory")
+        out += ["", f"time per evaluation over memory: {slow}; largest label log-prob difference from memory "
+                    f"{o['max_logprob_difference']:.2g}",
+                "", f"predicted ({lim['formula']}; base {lim['base_bytes'] / GB:.2f} GB, "
+                    f"A {lim['activations_bytes'] / GB:.2f} GB):", "",
+                "| shape | R | M | offloaded to disk | peak RSS |", "|---|---|---|---|---|"]
+        for r in lim["rows"]:
+            out.append(f"| {r['shape']} | {r['resident'] / GB:.2f} GB | {r['largest_module'] / GB:.2f} GB | "
+                       f"{r['offloaded_disk'] / GB:.0f} GB | {r['predicted_peak_rss'] / GB:.2f} GB |")
     return "\n".join(out)
 
 
@@ -352,6 +575,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.calibrate_one is not None:
         print(json.dumps(calibrate_one(args.calibrate_one, args.examples, args.tokens, args.method)))
+        return {}
+    if args.score_one is not None:
+        model_folder, bases, mode = args.score_one
+        print(json.dumps(score_one(Path(model_folder), Path(bases), mode, args.plans, args.offload_rows)))
         return {}
     t0 = time.time()
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -368,6 +595,9 @@ def main(argv=None) -> dict:
             args.out.write_text(json.dumps({**result, "calibration": partial, "partial": True}, indent=1))
 
         result["calibration"] = part_calibration(args, save)
+    if args.part == "offload":
+        print("part 3: offloaded scoring", flush=True)
+        result["offload"] = part_offload(args)
     result["machine"]["load_average_at_end"] = os.getloadavg()
     result["minutes"] = (time.time() - t0) / 60
     args.out.parent.mkdir(parents=True, exist_ok=True)

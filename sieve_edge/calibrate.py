@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -361,21 +361,58 @@ def load_decompositions(folder: Path) -> tuple[dict[str, Decomposition], int, di
     for name, m in manifest["matrices"].items():
         by_file.setdefault(m["file"], []).append(name)
     for file, names in sorted(by_file.items()):
-        path = folder / file
-        if not path.is_file():
-            raise ArtifactError(f"{folder}: {file} is missing (an incomplete calibrate output)")
+        path = _layer_file(folder, file)
         tensors = load_file(str(path))
         for name in names:
-            m = manifest["matrices"][name]
-            try:
-                left, right, energy = (tensors[f"{name}.{part}"] for part in ("left", "right", "energy"))
-            except KeyError:
-                raise ArtifactError(f"{path}: tensors of '{name}' are missing") from None
-            if tuple(left.shape) != (m["shape"][0], m["max_rank"]) or tuple(right.shape) != (m["max_rank"], m["shape"][1]):
-                raise ArtifactError(f"{path}: '{name}' bases have shapes {tuple(left.shape)} x {tuple(right.shape)}, "
-                                    f"the manifest says {m['shape']} at rank {m['max_rank']}")
-            decs[name] = Decomposition(left, right, energy, float(m["total"]), manifest["method"])
+            decs[name] = _decomposition(path, name, manifest, tensors.get)
     return decs, int(manifest["tokens"]), manifest
+
+
+def _layer_file(folder: Path, file: str) -> Path:
+    path = folder / file
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: {file} is missing (an incomplete calibrate output)")
+    return path
+
+
+def _decomposition(path: Path, name: str, manifest: dict, get) -> Decomposition:
+    """One matrix's Decomposition from ``get(tensor name)`` (None when absent), checked against the manifest."""
+    m = manifest["matrices"][name]
+    left, right, energy = (get(f"{name}.{part}") for part in ("left", "right", "energy"))
+    if left is None or right is None or energy is None:
+        raise ArtifactError(f"{path}: tensors of '{name}' are missing")
+    if tuple(left.shape) != (m["shape"][0], m["max_rank"]) or tuple(right.shape) != (m["max_rank"], m["shape"][1]):
+        raise ArtifactError(f"{path}: '{name}' bases have shapes {tuple(left.shape)} x {tuple(right.shape)}, "
+                            f"the manifest says {m['shape']} at rank {m['max_rank']}")
+    return Decomposition(left, right, energy, float(m["total"]), manifest["method"])
+
+
+class DecompositionFiles(Mapping):
+    """name -> Decomposition of a folder written by ``save_decompositions``, each read from
+    its layer file when asked (only that matrix's tensors): one matrix's bases in memory at a
+    time, not the model's (the offloaded search wraps the matrices one by one)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.manifest = read_decompositions_manifest(self.folder)
+        self.method: str = self.manifest["method"]
+        self.tokens = int(self.manifest["tokens"])
+
+    def __getitem__(self, name: str) -> Decomposition:
+        from safetensors import safe_open
+
+        path = _layer_file(self.folder, self.manifest["matrices"][name]["file"])
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            # clone: nothing keeps the file's mapping alive once the Decomposition is dropped
+            return _decomposition(path, name, self.manifest,
+                                  lambda key: f.get_tensor(key).clone() if key in keys else None)
+
+    def __iter__(self):
+        return iter(self.manifest["matrices"])
+
+    def __len__(self) -> int:
+        return len(self.manifest["matrices"])
 
 
 def _to_cpu(d: Decomposition) -> Decomposition:

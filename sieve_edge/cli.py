@@ -128,12 +128,29 @@ _RAY = click.option(
     help="Score search candidates on a running Ray cluster ('auto', or the head's HOST:PORT); one actor per node "
          "unless --workers says how many. Nodes need sieve-edge and the model and stage files at the same paths.")
 
+_OFFLOAD = click.option(
+    "--offload", default=None, type=click.Path(file_okay=False), metavar="DIR",
+    help="Score search candidates with the matrices and their search bases on disk in DIR (scratch: created, "
+         "then emptied after the search; a non-empty folder sieve-edge did not make is refused), read one at a "
+         "time during the forward pass: for models larger than memory. Slower, the same plan. Not with "
+         "--workers/--ray. On glibc, MALLOC_MMAP_THRESHOLD_=131072 in the environment keeps freed tensors from "
+         "staying in the heap (docs/SCALE.md).")
+
 
 def check_device(device: str | None) -> None:
     """--device fails now, before minutes of loading, when it names a device that is not here."""
     from .models import pick_device
 
     pick_device(device)
+
+
+def check_offload(offload: str | None, workers: int | None, ray_address: str | None) -> None:
+    """--offload fails now, before anything loads: with --workers/--ray, or on a folder it may not use."""
+    if offload is None:
+        return
+    from .search.stage import check_offload as check
+
+    check(offload, workers if workers is not None else ray_address)
 
 
 def ray_workers(ray_address: str | None, workers: int | None):
@@ -321,12 +338,13 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
 @_DEVICE
 @_WORKERS
 @_RAY
+@_OFFLOAD
 @_TRUST_REMOTE_CODE
 @handle_errors
 def search_command(model_spec, task_spec, tolerance, relative, method, strategy, objective, target, budget_minutes,
                    seed, population, generations, ladder, n_calibration, val_limit, race_size, race_z, surrogate,
                    test_limit, heal_steps, heal_lr, heal, weights, out, force, as_json, device, workers, ray_address,
-                   trust_remote_code):
+                   offload, trust_remote_code):
     """Search a keep level per matrix within an accuracy tolerance; write the refit checkpoint.
 
     Stages: calibrate → sensitivity → search → reference → refit, kept in OUT/.stages.
@@ -338,6 +356,7 @@ def search_command(model_spec, task_spec, tolerance, relative, method, strategy,
     from .search import DEFAULT_LADDER, SearchConfig, run_search
 
     check_device(device)
+    check_offload(offload, workers, ray_address)
     pool = ray_workers(ray_address, workers)
     if objective != "params" and target is None:
         click.echo(f"note: --objective {objective} without --target times torch matmuls on this CPU", err=True)
@@ -352,7 +371,7 @@ def search_command(model_spec, task_spec, tolerance, relative, method, strategy,
                           heal_lr=heal_lr, heal=heal, weights=weights)
     summary = run_search(model_spec, task_spec, out, config, budget_minutes=budget_minutes, force=force,
                          test_limit=test_limit, log=log, trust_remote_code=trust_remote_code, workers=pool,
-                         device=device)
+                         device=device, offload=offload)
     if as_json:
         print_json(summary)
     else:
@@ -532,11 +551,12 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @_DEVICE
 @_WORKERS
 @_RAY
+@_OFFLOAD
 @_TRUST_REMOTE_CODE
 @handle_errors
 def run(model, task, target, out, tune_steps, tolerance, strategy, objective, method, budget_minutes, n_calibration,
         val_limit, test_limit, heal_steps, heal_lr, heal, task_head, seed, force, work, device, workers,
-        ray_address, trust_remote_code):
+        ray_address, offload, trust_remote_code):
     """tune? → calibrate → sensitivity → search → refit → export → reference → bundle → validate.
 
     Every stage has a key made of its settings, the content of what it reads (model, task
@@ -549,6 +569,7 @@ def run(model, task, target, out, tune_steps, tolerance, strategy, objective, me
     from .progress import log
 
     check_device(device)
+    check_offload(offload, workers, ray_address)
     pool = ray_workers(ray_address, workers)
     summary = run_pipeline(model, task, target, out, tune_steps=tune_steps, tolerance=tolerance,
                            strategy=strategy, objective=objective, method=method, budget_minutes=budget_minutes,
@@ -556,7 +577,7 @@ def run(model, task, target, out, tune_steps, tolerance, strategy, objective, me
                            n_calibration=n_calibration, val_limit=val_limit, test_limit=test_limit,
                            heal_steps=heal_steps, heal_lr=heal_lr, heal=heal, task_head=task_head, force=force,
                            work=work, log=log,
-                           trust_remote_code=trust_remote_code, workers=pool, device=device)
+                           trust_remote_code=trust_remote_code, workers=pool, device=device, offload=offload)
     click.echo(summary.table())
     report = summary.report or {}
     md = (report.get("paths") or {}).get("markdown")

@@ -137,33 +137,45 @@ class SearchLinear(nn.Module):
     refit; used by the genetic search to score hundreds of candidate plans.
     """
 
-    def __init__(self, dense: nn.Module, decomposition: Decomposition):
+    def __init__(self, dense: nn.Module, decomposition: Decomposition, offloadable: bool = False):
         super().__init__()
         self.dense = dense
         w = dense_weight(dense)
-        # (k, n) and (k, m): row slices stay contiguous, so x @ A[:r].T @ Bt[:r] needs no copy
-        self.register_buffer("A", decomposition.right.to(device=w.device, dtype=w.dtype).contiguous(), persistent=False)
-        self.register_buffer("Bt", decomposition.left.T.to(device=w.device, dtype=w.dtype).contiguous(), persistent=False)
+        # (k, n) and (k, m): row slices stay contiguous, so x @ A[:r].T @ Bt[:r] needs no copy.
+        # Offloadable: persistent buffers (accelerate's offload hooks move only those) and no
+        # int8 cache (the codes would keep a quarter of every matrix in memory between calls)
+        self.register_buffer("A", decomposition.right.to(device=w.device, dtype=w.dtype).contiguous(),
+                             persistent=offloadable)
+        self.register_buffer("Bt", decomposition.left.T.to(device=w.device, dtype=w.dtype).contiguous(),
+                             persistent=offloadable)
         self.rank: int | None = None
         self.int8 = False          # score as the export's int8 weights will compute (simulate_int8_)
+        self.cache_int8 = not offloadable
         self._qcache: dict = {}
 
     @property
     def max_rank(self) -> int:
         return self.A.shape[0]
 
-    def _quantized(self, what: str, dtype: torch.dtype) -> torch.Tensor:
+    def _quantized(self, what: str, dtype: torch.dtype, rows: int | None = None) -> torch.Tensor:
         # per-output-channel weights that do not depend on the rank: quantized once, kept as
-        # int8 codes (a quarter of the float32 memory), dequantized per call
+        # int8 codes (a quarter of the float32 memory), dequantized per call; without the cache
+        # only the rows asked for are quantized, per call (per row: the same values)
+        if not self.cache_int8:
+            src = dense_weight(self.dense) if what == "dense" else self.A
+            return dequantize_int8(*quantize_int8(src[:rows].detach())).to(dtype)
         if what not in self._qcache:
             src = dense_weight(self.dense) if what == "dense" else self.A
             self._qcache[what] = quantize_int8(src.detach())
-        return dequantize_int8(*self._qcache[what]).to(dtype)
+        return dequantize_int8(*self._qcache[what]).to(dtype)[:rows]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = module_bias(self.dense)
         if self.rank is None:
             if not self.int8:
+                if not self.cache_int8 and torch.is_grad_enabled() and x.requires_grad and \
+                        not any(p.requires_grad for p in self.dense.parameters()):
+                    return _ReadBackLinear.apply(x, self)  # offloaded: the graph keeps no weight
                 return self.dense(x)
             y = x @ self._quantized("dense", x.dtype).T
             return y if bias is None else y + bias
@@ -171,13 +183,42 @@ class SearchLinear(nn.Module):
         if self.int8:
             # first (r, in): per output row, as quantized once; second (out, r): its rows span
             # only the first r directions, so their ranges (and scales) depend on r
-            if self._qcache.get("second_rank") != r:  # a candidate scores many batches at one rank
-                self._qcache["second_rank"], self._qcache["second"] = r, quantize_int8(self.Bt[:r].T)
-            second = dequantize_int8(*self._qcache["second"]).to(x.dtype)
-            y = (x @ self._quantized("A", x.dtype)[:r].T) @ second.T
+            if not self.cache_int8:
+                second = dequantize_int8(*quantize_int8(self.Bt[:r].T)).to(x.dtype)
+            else:
+                if self._qcache.get("second_rank") != r:  # a candidate scores many batches at one rank
+                    self._qcache["second_rank"], self._qcache["second"] = r, quantize_int8(self.Bt[:r].T)
+                second = dequantize_int8(*self._qcache["second"]).to(x.dtype)
+            y = (x @ self._quantized("A", x.dtype, r).T) @ second.T
         else:
             y = (x @ self.A[:r].T) @ self.Bt[:r]
         return y if bias is None else y + bias
+
+
+class _ReadBackLinear(torch.autograd.Function):
+    """y = dense(x) for an offloaded SearchLinear whose weights are frozen: the backward reads
+    the weight back from disk (``materialized``) instead of autograd keeping every module's
+    weight alive until then (the sensitivity's backward would hold the whole model)."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return module.dense(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        with materialized(ctx.module):
+            w = dense_weight(ctx.module.dense)
+            return grad @ w.to(grad.dtype), None
+
+
+def materialized(module: nn.Module):
+    """A context in which a module's tensors are in memory outside its forward pass: under
+    disk offload (``offload.OffloadedSearch``) accelerate's ``align_module_device`` reads
+    them for the duration and drops them after; for any other module it does nothing."""
+    from accelerate.utils import align_module_device
+
+    return align_module_device(module)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -127,6 +127,10 @@ class LazyCheckpoint:
     def drop_outer(self) -> None:
         self._drop(self.outer)
 
+    def load_tensors(self, names: list[str]) -> None:
+        """These tensors (the model's own names) from the files onto the device."""
+        self._load(list(names))
+
     def load_layer(self, i: int) -> None:
         self._load(self.layer_names(i))
 

@@ -182,7 +182,8 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
         n_calibration: int = 512, val_limit: int | None = 300, test_limit: int | None = None,
         heal_steps: int = 0, heal_lr: float = 1e-4, heal: str = "ce", task_head: bool | None = None,
         force: bool = False, work=None, log: Callable[[str], None] | None = None,
-        trust_remote_code: bool = False, workers=None, device: str | None = None) -> RunSummary:
+        trust_remote_code: bool = False, workers=None, device: str | None = None,
+        offload: str | Path | None = None) -> RunSummary:
     """Run every stage for one model, task and target; return the summary (report included).
 
     tolerance: allowed metric drop on the validation split (default: half the target's
@@ -198,12 +199,14 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
     model folder names (off unless the user turns it on). workers: a
     ``search.distributed.RayWorkers`` to score the search's candidates on Ray actors (the
     same plan). device: auto, cpu or cuda, where the stages run the model (not keyed).
+    offload: a scratch folder where the sensitivity and search stages keep the matrices and
+    their search bases while scoring (read one at a time; not keyed, the same plan).
     heal_steps, heal_lr, heal: the refit stage's healing (steps, learning rate, loss ``ce`` or
     ``kl``), as in ``sieve-edge search``; kept only if validation does not get worse.
     """
     from .checkpoint import describe_folder
     from .search import SearchConfig, search_stages
-    from .search.stage import ReferenceStage, check_search_task
+    from .search.stage import ReferenceStage, check_offload, check_search_task
     from .targets import load_profile
     from .tasks import load_task
 
@@ -221,6 +224,7 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
     if budget_minutes is not None and budget_minutes <= 0:
         raise BudgetError(f"--budget-minutes must be > 0, got {budget_minutes}")
     check_search_task(spec)
+    check_offload(offload, workers)
     objective = default_objective(profile, say) if objective is None else objective
     if objective != "params":
         from .search.objectives import check_time_target
@@ -248,7 +252,7 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
     # an unfinished search of other inputs is started over: its stage key changed. The refit
     # is not scored on test with torch: validate scores the bundle on the target's runtime.
     stages += search_stages(source, spec, config, budget_minutes=budget_minutes, test_limit=test_limit,
-                            on_state_mismatch="restart", score_test=False, workers=workers)
+                            on_state_mismatch="restart", score_test=False, workers=workers, offload=offload)
     fmt = {"onnxruntime": "onnx", "openvino": "openvino"}[profile.runtime]
     export = ExportStage(fmt, profile.weights, spec, task_head)
     stages += [export, ReferenceStage(source, spec, test_limit), BundleStage(out, export.slot, spec, profile),

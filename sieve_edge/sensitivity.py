@@ -39,7 +39,7 @@ def label_fisher_kl(model, scorer, ranks: dict[str, Sequence[int | None]], subse
     of its split to average over. Returns name -> [estimate per listed rank].
     """
     from .evaluate import _hidden_states, head_logits, model_device
-    from .factorize import SearchLinear, dense_weight
+    from .factorize import SearchLinear, dense_weight, materialized
     from .tasks import right_pad
 
     if not getattr(scorer, "fast", False):
@@ -68,16 +68,18 @@ def label_fisher_kl(model, scorer, ranks: dict[str, Sequence[int | None]], subse
         return hook
 
     def _accumulate(name, module, x, delta):
-        w = dense_weight(module.dense)
-        d = delta.to(w.dtype)
-        c = (d * (x @ w.T)).sum(dim=tuple(range(1, d.dim())))                  # (B,)  Σ_t δᵀ W x
         rs = want[name]
         k = max((r for r in rs if r is not None), default=0)
         out = torch.zeros(x.shape[0], len(rs), dtype=torch.float64, device=x.device)
+        with materialized(module):  # a backward hook runs outside forward: offloaded tensors are read back
+            w = dense_weight(module.dense)
+            d = delta.to(w.dtype)
+            c = (d * (x @ w.T)).sum(dim=tuple(range(1, d.dim())))                  # (B,)  Σ_t δᵀ W x
+            if k:
+                p = d @ module.Bt[:k].T                                              # (B, T, k)
+                q = x @ module.A[:k].T                                               # (B, T, k)
+                cum = (p * q).sum(dim=tuple(range(1, p.dim() - 1))).double().cumsum(-1)  # (B, k)
         if k:
-            p = d @ module.Bt[:k].T                                              # (B, T, k)
-            q = x @ module.A[:k].T                                               # (B, T, k)
-            cum = (p * q).sum(dim=tuple(range(1, p.dim() - 1))).double().cumsum(-1)  # (B, k)
             for i, r in enumerate(rs):
                 if r is not None:
                     out[:, i] = cum[:, r - 1] - c.double()
@@ -88,8 +90,9 @@ def label_fisher_kl(model, scorer, ranks: dict[str, Sequence[int | None]], subse
         hooks.append(module.register_forward_hook(on_forward(name)))
     embed = model.get_input_embeddings()
     hooks.append(embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
+    # by name: an offloaded module's parameters are new objects after every forward
+    frozen = [n for n, p in model.named_parameters() if p.requires_grad]
+    for p in model.parameters():
         p.requires_grad_(False)
     was_training = model.training
     model.eval()
@@ -117,8 +120,9 @@ def label_fisher_kl(model, scorer, ranks: dict[str, Sequence[int | None]], subse
     finally:
         for h in hooks:
             h.remove()
-        for p in frozen:
-            p.requires_grad_(True)
+        params = dict(model.named_parameters())
+        for n in frozen:
+            params[n].requires_grad_(True)
         model.train(was_training)
     n = max(len(rows), 1)
     return {name: [0.5 * float(v) / n for v in totals[name]] for name in want}

@@ -33,6 +33,12 @@ from .ladder import Ladder, bisect_largest
 from .objectives import ParamObjective, make_time_objective, plan_times
 
 
+OFFLOAD_WITH_WORKERS = (
+    "--offload and --workers/--ray do not go together: each Ray actor loads the whole model and the search "
+    "bases into its own memory, which is what --offload avoids; use one process with --offload, or workers "
+    "on machines where the model fits")
+
+
 class _BudgetSpent(Exception):
     """No time is left to score the next candidate: the step in progress is dropped."""
 
@@ -394,7 +400,7 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
                 decompositions: tuple[dict, int] | None = None,
                 seed_costs: dict[str, list[float]] | None = None,
                 state_identity: dict | None = None, on_state_mismatch: str = "error",
-                workers=None) -> SearchResult:
+                workers=None, offload=None) -> SearchResult:
     """Find a keep level per matrix: the largest objective gain within the tolerance.
 
     The model is modified during the search and restored (dense) before returning. With
@@ -409,17 +415,22 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
     calibrate stage's folder). ``seed_costs`` = name -> label-Fisher KL per ladder level
     (the sensitivity stage's output); without it the GA measures it when it applies.
     ``workers`` (a ``distributed.RayWorkers``): score candidates on Ray actors instead of
-    this process; the plan is the same.
+    this process; the plan is the same. ``offload`` (a folder, or an ``offload.OffloadedSearch``):
+    keep the matrices and their search bases in files there, read one module at a time during
+    the forward pass; the plan is the same (``decompositions`` may then be a
+    ``calibrate.DecompositionFiles``, read one matrix at a time).
     """
     from .. import architectures as arch
-    from ..calibrate import decompose_all
-    from ..evaluate import make_scorer
-    from ..factorize import attach_search_, detach_search_, linear_shapes, simulate_int8_
+    from ..calibrate import DecompositionFiles, decompose_all
+    from ..evaluate import make_scorer, model_device
+    from ..factorize import attach_search_, detach_search_, linear_shapes, materialized, simulate_int8_
     from ..plan import RankPlan
     from ..tasks import calibration_batches
 
     say = log or (lambda msg: None)
     validate_task(task)
+    if offload is not None and workers is not None:
+        raise InputError(OFFLOAD_WITH_WORKERS)
     if budget_minutes is not None and budget_minutes <= 0:
         raise BudgetError(f"budget must be > 0 minutes, got {budget_minutes}")
     shapes = linear_shapes(model)
@@ -437,9 +448,12 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
     search_method = config.search_method
     if decompositions is not None:
         decs, tokens = decompositions
-        if set(decs) != set(shapes) or any(d.method != search_method for d in decs.values()):
+        lazy = isinstance(decs, DecompositionFiles)  # read when asked: never all in memory
+        if set(decs) != set(shapes) or (decs.method != search_method if lazy else
+                                        any(d.method != search_method for d in decs.values())):
             raise InputError(f"given decompositions must cover every matrix with method '{search_method}'")
-        decs = dict(decs)  # the caller keeps its own; ours is dropped once attached
+        if not lazy:
+            decs = dict(decs)  # the caller keeps its own; ours is dropped once attached
     else:
         say(f"search: calibrating on {config.n_calibration} {task.name} examples and decomposing "
             f"{len(shapes)} matrices ({search_method})")
@@ -456,7 +470,18 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
                          model=model)
     # Ray actors get the dense model and the decompositions before this process wraps its own
     shared = workers.share(model, decs, say) if workers is not None else None
-    attach_search_(model, decs)
+    if offload is not None:
+        from ..offload import OffloadedSearch
+
+        if not isinstance(offload, OffloadedSearch):
+            offload = OffloadedSearch(offload, model_device(model))
+        say(f"search: offloading the {len(shapes)} matrices and their search bases to {offload.folder} "
+            "(read one matrix at a time during the forward pass)")
+        offload.attach(model, decs)
+        say(f"search: {offload.resident_bytes(model) / 2**30:.2f} GiB of the model stays in memory, "
+            f"{sum(f.stat().st_size for f in offload.folder.glob('*.dat')) / 2**30:.2f} GiB offloaded")
+    else:
+        attach_search_(model, decs)
     del decs  # the SearchLinear modules hold their own copies of the bases, in the model's dtype
     undo_int8 = None
     pool = None
@@ -520,7 +545,8 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
         for name, r in outcome.ranks.items():
             if r is not None:
                 module = arch.get_module(model, name)
-                factors[name] = (module.Bt[:r].T.clone(), module.A[:r].clone())
+                with materialized(module):  # read back from disk when offloaded
+                    factors[name] = (module.Bt[:r].T.clone(), module.A[:r].clone())
     finally:
         if pool is not None:
             pool.close()
@@ -528,7 +554,10 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
             shared.close()
         if undo_int8 is not None:
             undo_int8()
-        detach_search_(model)
+        if offload is not None:
+            offload.detach(model)  # the dense weights back where they were; the files deleted
+        else:
+            detach_search_(model)
     ev = outcome.evaluation
     plan = RankPlan(dict(shapes), outcome.ranks, config.method, config.multiple, outcome.levels)
     plan.meta = {

@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from ..errors import ArtifactError, BudgetError, TaskSpecError
+from ..errors import ArtifactError, BudgetError, InputError, TaskSpecError
 from ..stages import ModelRef, Stage, StageContext, Workflow, model_ref, task_inputs
 from .config import SearchConfig, SearchState
 
@@ -103,35 +103,62 @@ class CalibrateStage(Stage):
                 "streamed": lazy is not None}
 
     def _stream_folder(self) -> Path | None:
-        """The model's folder when it can be read layer by layer (dense safetensors on disk)."""
-        if self.model.preloaded is not None:
-            return None
-        from ..lazy import streamable
-        from ..models import resolve_source
+        return stream_folder(self.model)
 
-        source = resolve_source(self.model.spec)
-        folder = source.path if source.kind in ("folder", "checkpoint") else None
-        if source.kind == "hub":
-            try:  # a hub model already in the local cache is a folder like any other
-                from huggingface_hub import snapshot_download
 
-                folder = Path(snapshot_download(source.hub_id, local_files_only=True))
-            except Exception:  # noqa: BLE001 - not cached: loaded (and downloaded) whole, as before
-                folder = None
-        if folder is not None and streamable(folder):
-            return Path(folder)
+def stream_folder(model: ModelRef) -> Path | None:
+    """The model's folder when it can be read layer by layer (dense safetensors on disk)."""
+    if model.preloaded is not None:
         return None
+    from ..lazy import streamable
+    from ..models import resolve_source
+
+    source = resolve_source(model.spec)
+    folder = source.path if source.kind in ("folder", "checkpoint") else None
+    if source.kind == "hub":
+        try:  # a hub model already in the local cache is a folder like any other
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source.hub_id, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached: loaded (and downloaded) whole, as before
+            folder = None
+    if folder is not None and streamable(folder):
+        return Path(folder)
+    return None
+
+
+def offloaded_scoring_model(ctx: StageContext, model: ModelRef, folder: Path):
+    """(model, tokenizer, ``offload.OffloadedSearch``) for scoring with ``--offload folder``.
+
+    A dense safetensors folder is read as the model's skeleton with its embedding, norms and
+    head only: each matrix is read from its file when it is offloaded, so the whole model is
+    never in memory. Any other model (GGUF, alias, one handed in memory) is the context's
+    in-memory one; its matrices are offloaded while candidates are scored and put back after.
+    """
+    from ..evaluate import model_device
+    from ..models import load_tokenizer
+    from ..offload import OffloadedSearch, skeleton_with_resident_weights
+
+    source = stream_folder(model)
+    if source is not None:
+        ctx.log(f"loading {model.spec} without its matrices (each read from its file when it is offloaded)")
+        lazy = skeleton_with_resident_weights(source, device=ctx.device, trust_remote_code=ctx.trust_remote_code)
+        tok = load_tokenizer(model.spec, trust_remote_code=ctx.trust_remote_code)
+        return lazy.model, tok, OffloadedSearch(folder, lazy.device, weights=lazy)
+    loaded, tok = ctx.model(model.spec)
+    return loaded, tok, OffloadedSearch(folder, model_device(loaded))
 
 
 class SensitivityStage(Stage):
     name = "sensitivity"
 
-    def __init__(self, model: ModelRef, task, config: SearchConfig):
+    def __init__(self, model: ModelRef, task, config: SearchConfig, offload: str | Path | None = None):
         super().__init__(
             config={"examples": config.sensitivity_examples, "ladder": list(config.ladder),
                     "multiple": config.multiple, "val_limit": config.val_limit},
             inputs=task_inputs(task, ("validation",)), needs=("calibrate",))
         self.model, self.task, self.settings = model, task, config
+        self.offload = offload  # where the matrices live while scored (not keyed: the same numbers)
 
     def applies(self, ctx: StageContext) -> str | None:
         if self.settings.strategy != "ga":
@@ -143,13 +170,17 @@ class SensitivityStage(Stage):
         return None
 
     def build(self, ctx: StageContext, out: Path) -> dict:
-        from ..calibrate import load_decompositions
+        from ..calibrate import DecompositionFiles, load_decompositions
         from ..evaluate import make_scorer
         from ..factorize import attach_search_, detach_search_, linear_shapes
         from ..sensitivity import task_costs
 
         cfg = self.settings
-        model, tok = ctx.model(self.model.spec)
+        offload = None
+        if self.offload is not None:
+            model, tok, offload = offloaded_scoring_model(ctx, self.model, Path(self.offload))
+        else:
+            model, tok = ctx.model(self.model.spec)
         scorer = make_scorer(tok, self.task, "validation", limit=cfg.val_limit, batch_size=cfg.batch_size,
                              model=model)
         if not scorer.fast:
@@ -157,13 +188,16 @@ class SensitivityStage(Stage):
             _write_json(out / "sensitivity.json", {"applies": False, "why": why})
             return {"detail": f"not measured: {why}", "applies": False}
         ranks = param_ladder_ranks(linear_shapes(model), cfg)
-        decs, _, _ = load_decompositions(ctx.output("calibrate"))
-        attach_search_(model, decs)
-        del decs
+        if offload is not None:
+            offload.attach(model, DecompositionFiles(ctx.output("calibrate")))
+        else:
+            decs, _, _ = load_decompositions(ctx.output("calibrate"))
+            attach_search_(model, decs)
+            del decs
         try:
             kl = task_costs(model, scorer, ranks, cfg.sensitivity_examples, ctx.log)
         finally:
-            detach_search_(model)
+            offload.detach(model) if offload is not None else detach_search_(model)
         _write_json(out / "sensitivity.json", {
             "applies": True, "measure": "label-Fisher KL(dense || cut) per ladder level",
             "examples": min(cfg.sensitivity_examples, scorer.n), "ladder": list(cfg.ladder),
@@ -195,7 +229,8 @@ class SearchStage(Stage):
     name = "search"
 
     def __init__(self, model: ModelRef, task, config: SearchConfig, budget_minutes: float | None, *,
-                 on_state_mismatch: str = "restart", progress: bool = False, workers=None):
+                 on_state_mismatch: str = "restart", progress: bool = False, workers=None,
+                 offload: str | Path | None = None):
         inputs = task_inputs(task, ("validation",))
         settings = {"settings": config.fingerprint(), "budget_minutes": budget_minutes}
         if config.objective != "params" and config.target is not None:
@@ -214,8 +249,9 @@ class SearchStage(Stage):
                          inputs=inputs, needs=("calibrate",) + (("sensitivity",) if config.strategy == "ga" else ()))
         self.model, self.task, self.settings, self.budget = model, task, config, budget_minutes
         self.on_state_mismatch, self.progress = on_state_mismatch, progress
-        # where candidates are scored (a distributed.RayWorkers): not keyed, the plan is the same
-        self.workers = workers
+        # where candidates are scored (a distributed.RayWorkers) and where the matrices live while
+        # scored (--offload): not keyed, the plan is the same
+        self.workers, self.offload = workers, offload
 
     def _state(self, ctx: StageContext) -> SearchState:
         # the calibrate key covers the model weights and the calibration data; the validation
@@ -235,7 +271,7 @@ class SearchStage(Stage):
             store.load()  # raises the ArtifactError that says what differs
 
     def build(self, ctx: StageContext, out: Path) -> dict:
-        from ..calibrate import load_decompositions
+        from ..calibrate import DecompositionFiles, load_decompositions
         from .drivers import search_plan
         from .report import search_report, write_plots
 
@@ -247,8 +283,15 @@ class SearchStage(Stage):
         if not (scratch / STATE).is_file() and previous.is_file() and self.slot not in ctx.forced:
             # a finished search rerun with another budget continues from where it stopped
             shutil.copy2(previous, scratch / STATE)
-        model, tok = ctx.model(self.model.spec)
-        decs, tokens, _ = load_decompositions(ctx.output("calibrate"))
+        offload = None
+        if self.offload is not None:
+            # the matrices and bases on disk; the decompositions read one matrix at a time
+            model, tok, offload = offloaded_scoring_model(ctx, self.model, Path(self.offload))
+            decs = DecompositionFiles(ctx.output("calibrate"))
+            tokens = decs.tokens
+        else:
+            model, tok = ctx.model(self.model.spec)
+            decs, tokens, _ = load_decompositions(ctx.output("calibrate"))
         sens = ctx.summary("sensitivity")
         seed_costs = None
         if "sensitivity" in self.needs and sens.get("applies"):
@@ -269,7 +312,7 @@ class SearchStage(Stage):
                              state_path=scratch / STATE, log=ctx.log, progress=self.progress,
                              decompositions=(decs, tokens), seed_costs=seed_costs,
                              state_identity=store.identity, on_state_mismatch=self.on_state_mismatch,
-                             workers=workers)
+                             workers=workers, offload=offload)
         del decs
         summary = search_summary(result, self.task, self.settings, self.model.spec, self.budget)
         data = {**result.to_dict(), "summary": summary}
@@ -460,12 +503,13 @@ class RefitStage(Stage):
 
 def search_stages(model: ModelRef, task, config: SearchConfig, *, budget_minutes: float | None,
                   test_limit: int | None, on_state_mismatch: str = "restart", progress: bool = False,
-                  score_test: bool = True, workers=None) -> list[Stage]:
+                  score_test: bool = True, workers=None, offload: str | Path | None = None) -> list[Stage]:
     """calibrate → sensitivity → search → [reference →] refit, for a model and a task
-    (the reference stage, the dense test metric, only when the refit is scored on test)."""
-    stages = [CalibrateStage(model, task, config, progress), SensitivityStage(model, task, config),
+    (the reference stage, the dense test metric, only when the refit is scored on test).
+    ``offload``: the folder the sensitivity and search stages keep the matrices in."""
+    stages = [CalibrateStage(model, task, config, progress), SensitivityStage(model, task, config, offload),
               SearchStage(model, task, config, budget_minutes, on_state_mismatch=on_state_mismatch, progress=progress,
-                          workers=workers)]
+                          workers=workers, offload=offload)]
     if score_test:
         stages.append(ReferenceStage(model, task, test_limit))
     return stages + [RefitStage(model, task, config, test_limit, progress, score_test)]
@@ -481,6 +525,18 @@ def check_search_task(task) -> None:
     if "test" not in task.data:
         raise TaskSpecError(f"{task.path}: task '{task.name}' has no 'test' split in [data]: the search scores "
                             "its final plan on test, which it never saw; add data.test")
+
+
+def check_offload(offload: str | Path | None, workers) -> None:
+    """--offload's folder is usable scratch, and not combined with Ray workers."""
+    if offload is None:
+        return
+    from ..offload import check_offload_dir
+    from .drivers import OFFLOAD_WITH_WORKERS
+
+    if workers is not None:
+        raise InputError(OFFLOAD_WITH_WORKERS)
+    check_offload_dir(offload)
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -523,7 +579,8 @@ def publish(src: Path, out: Path) -> None:
 def run_search(model_spec, task_spec, out, config: SearchConfig = SearchConfig(), *,
                budget_minutes: float | None = None, force: bool = False, test_limit: int | None = None,
                log: Callable[[str], None] | None = None, progress: bool = False, model=None, tokenizer=None,
-               work=None, trust_remote_code: bool = False, workers=None, device: str | None = None) -> dict:
+               work=None, trust_remote_code: bool = False, workers=None, device: str | None = None,
+               offload: str | Path | None = None) -> dict:
     """The ``search`` command: search a plan, refit it with ``config.method``, heal, score test, write ``out``.
 
     ``out`` ends as a factorized checkpoint folder plus ``plan.json``, ``history.json``,
@@ -534,13 +591,15 @@ def run_search(model_spec, task_spec, out, config: SearchConfig = SearchConfig()
     (``force`` starts the search over; it also redoes a finished one, reusing the
     calibration when it matches). Returns the summary also stored in ``search.json``.
     ``workers`` (a ``distributed.RayWorkers``) scores candidates on Ray actors; ``device``
-    (auto, cpu, cuda) is where the stages run the model.
+    (auto, cpu, cuda) is where the stages run the model; ``offload`` (a scratch folder) keeps
+    the scored matrices and their search bases on disk (``offload.OffloadedSearch``).
     """
     from ..tasks import TaskSpec, load_task
 
     say = log or (lambda msg: None)
     task = task_spec if isinstance(task_spec, TaskSpec) else load_task(task_spec)
     check_search_task(task)  # before loading a model: fail in a second, not in a minute
+    check_offload(offload, workers)
     if config.objective != "params" and config.target is not None:
         from ..targets import load_profile
         from .objectives import check_time_target
@@ -554,7 +613,8 @@ def run_search(model_spec, task_spec, out, config: SearchConfig = SearchConfig()
     work = out / ".stages" if work is None else Path(work)
     ref = model_ref(model_spec, model, tokenizer, trust_remote_code)
     stages = search_stages(ref, task, config, budget_minutes=budget_minutes, test_limit=test_limit,
-                           on_state_mismatch="restart" if force else "error", progress=progress, workers=workers)
+                           on_state_mismatch="restart" if force else "error", progress=progress, workers=workers,
+                           offload=offload)
     preloaded = {ref.spec: ref.preloaded} if ref.preloaded else None
     flow = Workflow(work, stages, force={"search", "refit"} if force else False, log=say, preloaded=preloaded,
                     meta={"command": "search", "out": str(out)}, trust_remote_code=trust_remote_code, device=device)
