@@ -170,7 +170,7 @@ def calibrate_one(folder: Path, examples: int, tokens: int, method: str) -> dict
 
     from sieve_edge.calibrate import stream_decompositions
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = peak_rss()
     config = json.loads((folder / "config.json").read_text())
     gen = torch.Generator().manual_seed(0)
     batches = []
@@ -188,11 +188,12 @@ def calibrate_one(folder: Path, examples: int, tokens: int, method: str) -> dict
         if first is None:
             first = time.perf_counter() - t0  # includes recording layer 0's inputs
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     return {"layers": layers, "seconds": seconds, "first_layer_seconds": first,
             "seconds_per_layer": (seconds - first) / max(layers - 1, 1) if layers > 1 else seconds,
             "peak_rss": peak, "baseline_rss": base, "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
-            "padded_tokens": examples * tokens, "threads": torch.get_num_threads()}
+            "padded_tokens": examples * tokens, "threads": torch.get_num_threads(),
+            "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def part_calibration(args, save=lambda partial: None) -> dict:
