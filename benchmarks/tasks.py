@@ -24,6 +24,7 @@ holding those two CSV files and the script builds the task in --work (see build_
 
     python benchmarks/tasks.py --banking77 DIR              # SmolLM2-135M, both parts (~1 h on 2 idle cores)
     python benchmarks/tasks.py --banking77 DIR --no-run     # part 1 only (~15 min)
+    python benchmarks/tasks.py --scorings ""                 # part 2 only (no BANKING77 needed)
     python benchmarks/tasks.py --model DIR --task T.toml --run-task R.toml --target P.toml \\
         --examples 4 --run-args "--tune-steps 0 --calibration 8 --val-limit 8 --strategy uniform"  # smoke
 """
@@ -63,12 +64,17 @@ def parse_args(argv=None):
     p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "tasks")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tasks.json")
     args = p.parse_args(argv)
-    if (args.task is None) == (args.banking77 is None):
-        p.error("give --banking77 DIR (BANKING77's CSV files) or --task T (a task with multi-token labels)")
     args.scorings = [s.strip() for s in args.scorings.split(",") if s.strip()]
     bad = [s for s in args.scorings if s not in SCORINGS]
     if bad:
         p.error(f"--scorings: unknown {bad}; allowed: {', '.join(SCORINGS)}")
+    if args.task is not None and args.banking77 is not None:
+        p.error("give --banking77 DIR or --task T for part 1, not both")
+    if args.scorings and args.task is None and args.banking77 is None:
+        p.error("part 1 needs --banking77 DIR (BANKING77's CSV files) or --task T (a task with multi-token "
+                "labels); --scorings '' skips part 1")
+    if not args.scorings and not args.run:
+        p.error("--scorings '' with --no-run leaves nothing to measure")
     return args
 
 

@@ -538,6 +538,19 @@ def test_banking77_builder_slices_the_csv_files_by_intent(tmp_path):
     assert {ex.label for ex in load_examples(task, "test", 3)} == set(intents)
 
 
+def test_tasks_benchmark_asks_for_part_one_data_only_when_part_one_runs(capsys):
+    from benchscripts import load_benchmark
+
+    bench = load_benchmark("tasks")
+    assert bench.parse_args(["--scorings", ""]).scorings == []     # part 2 alone: no BANKING77 needed
+    for argv, message in ((["--no-run"], "part 1 needs --banking77"),
+                          (["--scorings", "", "--no-run"], "nothing to measure"),
+                          (["--task", "t.toml", "--banking77", "d"], "not both")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
 def test_tasks_benchmark_runs_with_tiny_settings(tmp_path):
     from test_bundle import write_profile
 
