@@ -11,7 +11,7 @@ activations), whatever the model's size, and reads every matrix from disk (the p
 when it fits) once per forward pass: slower, the same numbers. The int8 simulation quantizes
 per call instead of caching codes (per output row: the first r rows of the quantized A are
 the quantized first r rows of A). Code that reads a SearchLinear's tensors outside its
-forward (the sensitivity's backward hooks, the chosen plan's factors) wraps it in
+forward (the sensitivity's backward hooks) wraps it in
 ``factorize.materialized(module)``.
 
 DIR is scratch: created if missing, marked as sieve-edge's, and emptied of what this module

@@ -152,9 +152,8 @@ def test_search_plan_with_offload_gives_the_same_plan(tuned, tmp_path):  # noqa:
     a, b = results
     assert a.plan.ranks == b.plan.ranks and a.metric == b.metric and a.evaluations == b.evaluations
     assert a.frontier == b.frontier
-    assert set(a.factors) == set(b.factors)
-    assert all(torch.equal(a.factors[n][0], b.factors[n][0]) and torch.equal(a.factors[n][1], b.factors[n][1])
-               for n in a.factors)
+    # the plan's factors are gathered in memory only when not offloaded (they are the plan's size)
+    assert set(a.factors) == {n for n, r in a.plan.ranks.items() if r is not None} and b.factors == {}
     assert not (tmp_path / "off").exists()
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -120,8 +120,9 @@ class SearchResult:
 
     def to_dict(self) -> dict:
         """Everything but the plan and the factors (those are files of their own)."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("plan", "factors")}
-        return d
+        # emptied first: asdict() deep-copies every value, the factor tensors included
+        d = asdict(replace(self, plan=None, factors={}))
+        return {k: v for k, v in d.items() if k not in ("plan", "factors")}
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -423,7 +423,7 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
     from .. import architectures as arch
     from ..calibrate import DecompositionFiles, decompose_all
     from ..evaluate import make_scorer, model_device
-    from ..factorize import attach_search_, detach_search_, linear_shapes, materialized, simulate_int8_
+    from ..factorize import attach_search_, detach_search_, linear_shapes, simulate_int8_
     from ..plan import RankPlan
     from ..tasks import calibration_batches
 
@@ -540,13 +540,14 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
             say(f"search: one full evaluation takes {evaluator.dense_seconds:.0f} s here; the seeds need about 10 "
                 f"and a generation up to {config.population}: --budget-minutes {max(need, 0.1):.1f} or more lets "
                 "the GA breed")
-        # the exact factors the search scored the chosen plan with (B (m, r), A (r, n), model dtype)
+        # the exact factors the search scored the chosen plan with (B (m, r), A (r, n), model dtype);
+        # not gathered when offloaded: they are the plan's size, which is what --offload keeps out
+        # of memory (the refit reads its factors from the calibrate stage's files)
         factors = {}
         for name, r in outcome.ranks.items():
-            if r is not None:
+            if r is not None and offload is None:
                 module = arch.get_module(model, name)
-                with materialized(module):  # read back from disk when offloaded
-                    factors[name] = (module.Bt[:r].T.clone(), module.A[:r].clone())
+                factors[name] = (module.Bt[:r].T.clone(), module.A[:r].clone())
     finally:
         if pool is not None:
             pool.close()
