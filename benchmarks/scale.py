@@ -89,6 +89,12 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=64, help="tokens per calibration sequence (sst2 prompts: ~50)")
     p.add_argument("--method", default="output", choices=("output", "input-pca", "svd"))
     p.add_argument("--work", type=Path, default=None, help="where the synthetic models are written (default: a temp dir)")
+    p.add_argument("--combine", default=None, metavar="FILES",
+                   help="part 2 without measuring: merge the rows of these result files (comma list; a later file's "
+                        "shape replaces an earlier one's) and extrapolate again")
+    p.add_argument("--base-bytes", type=float, default=None,
+                   help="with --combine: the child's own baseline RSS for rows measured with ru_maxrss (before "
+                        "VmHWM), whose baseline is the parent's peak; e.g. a `--shapes tiny` run's baseline_rss")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
     # part 3
     p.add_argument("--offload-shape", default="360m")
@@ -221,6 +227,26 @@ def part_calibration(args, save=lambda partial: None) -> dict:
         save({"rows": rows, "extrapolation": extrapolate(rows, args)})
     return {"rows": rows, "extrapolation": extrapolate(rows, args), "settings": {
         "examples": args.examples, "tokens": args.tokens, "method": args.method}}
+
+
+def combine_calibration(files: list[Path], args) -> dict:
+    """The measured rows of earlier part-2 result files, extrapolated again. A row measured
+    with ru_maxrss (no "ru_maxrss" key beside its peak: before VmHWM) has the parent's peak as
+    its baseline, so ``args.base_bytes`` replaces it; its peak is max(the parent's, its own)."""
+    rows: dict[str, dict] = {}
+    for f in files:
+        doc = json.loads(Path(f).read_text())
+        for r in (doc.get("calibration") or {}).get("rows", []):
+            r = dict(r, source=str(f))
+            if "ru_maxrss" not in r:
+                if args.base_bytes is None:
+                    raise SystemExit(f"{f}: row {r['shape']} was measured before VmHWM (its baseline is the parent's "
+                                     "peak); give --base-bytes (the child's own baseline RSS)")
+                r["baseline_rss_as_measured"], r["baseline_rss"] = r["baseline_rss"], args.base_bytes
+            rows[r["shape"]] = r
+    ordered = [rows[n] for n in SHAPES if n in rows]
+    return {"rows": ordered, "extrapolation": extrapolate(ordered, args), "combined_from": [str(f) for f in files],
+            "base_bytes_override": args.base_bytes}
 
 
 def layer_bytes(shape: dict) -> float:
@@ -585,6 +611,13 @@ def main(argv=None) -> dict:
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                           "load_average_at_start": os.getloadavg()},
               "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if args.combine:
+        files = [Path(f.strip()) for f in args.combine.split(",") if f.strip()]
+        result["calibration"] = combine_calibration(files, args)
+        args.out.write_text(json.dumps(result, indent=1))
+        print(tables(result))
+        print(f"\nwrote {args.out}")
+        return result
     if args.part in ("both", "search"):
         print("part 1: search throughput", flush=True)
         result["search"] = part_search(args)

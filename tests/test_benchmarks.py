@@ -126,3 +126,24 @@ def test_scale_synthetic_model_streams_and_the_extrapolation_reproduces_its_fit(
     assert big["70b"]["predicted_peak_rss"] > big["8b"]["predicted_peak_rss"] > 0
     assert "8b" in scale.tables({"calibration": {"rows": [{"shape": "tiny", **scale.SHAPES["tiny"], **m,
                                                              "fp32_model_bytes": 1}], "extrapolation": e}})
+
+
+def test_scale_combine_rebases_rows_measured_before_vmhwm(scale, tmp_path):
+    # a row without "ru_maxrss" was read with ru_maxrss, whose baseline is the parent's peak:
+    # --combine refuses it without --base-bytes and fits k on the given baseline with it
+    row = {"shape": "1b-2layer", "peak_rss": 5.6e9, "baseline_rss": 3.2e9, "seconds_per_layer": 200.0}
+    newer = {"shape": "tiny", "peak_rss": 0.5e9, "baseline_rss": 0.4e9, "seconds_per_layer": 0.1, "ru_maxrss": 0.5e9}
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps({"calibration": {"rows": [row]}}))
+    new.write_text(json.dumps({"calibration": {"rows": [newer]}}))
+    with pytest.raises(SystemExit, match="--base-bytes"):
+        scale.combine_calibration([old, new], scale.parse_args(["--combine", "x"]))
+    args = scale.parse_args(["--combine", "x", "--base-bytes", "4e8"])
+    c = scale.combine_calibration([old, new], args)
+    rows = {r["shape"]: r for r in c["rows"]}
+    assert rows["1b-2layer"]["baseline_rss"] == 4e8 and rows["1b-2layer"]["baseline_rss_as_measured"] == 3.2e9
+    assert rows["tiny"]["baseline_rss"] == 0.4e9     # measured with VmHWM: kept
+    e = c["extrapolation"]
+    assert e["fitted_on"] == "1b-2layer" and e["base_bytes"] == 4e8
+    hidden = 4 * args.examples * args.tokens * scale.SHAPES["1b-2layer"]["hidden_size"]
+    assert e["k"] == pytest.approx((5.6e9 - 4e8 - hidden) / scale.layer_bytes(scale.SHAPES["1b-2layer"]))
