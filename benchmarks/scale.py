@@ -202,6 +202,17 @@ def calibrate_one(folder: Path, examples: int, tokens: int, method: str) -> dict
             "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def run_child(argv: list[str], what: str, env: dict | None = None) -> dict:
+    """This script in a fresh process (its own peak RSS), sieve-edge from this checkout; the
+    JSON its last line prints."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(env or {})}
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], capture_output=True, text=True,
+                          env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def part_calibration(args, save=lambda partial: None) -> dict:
     """``save(partial result)`` after each shape: a long run killed midway keeps what it measured."""
     work = args.work or Path(tempfile.mkdtemp(prefix="sieve-scale-"))
@@ -210,13 +221,8 @@ def part_calibration(args, save=lambda partial: None) -> dict:
         shape = SHAPES[name]
         folder = write_synthetic(shape, work / name)
         disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--calibrate-one", str(folder),
-               "--examples", str(args.examples), "--tokens", str(args.tokens), "--method", args.method]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            raise SystemExit(f"calibration of {name} failed:\n{done.stderr[-3000:]}")
-        m = json.loads(done.stdout.strip().splitlines()[-1])
+        m = run_child(["--calibrate-one", str(folder), "--examples", str(args.examples), "--tokens",
+                       str(args.tokens), "--method", args.method], f"calibration of {name}")
         params = layer_params(shape) * shape["num_hidden_layers"]
         rows.append({"shape": name, **{k: shape[k] for k in ("hidden_size", "intermediate_size",
                                                               "num_hidden_layers", "vocab_size")},
@@ -403,17 +409,12 @@ def write_bases(folder: Path, model_folder: Path, shape: dict, seed: int = 0) ->
 
 
 def peak_rss() -> int:
-    """This process's peak RSS in bytes: VmHWM where /proc has it (the high-water mark of this
-    process's own memory since exec), else ru_maxrss, which Linux carries over exec from the
-    forked parent: a parent that has just written a large synthetic model inflates it."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak RSS in bytes, from the package's VmHWM reader (``ru_maxrss``, which
+    Linux carries over exec from the forked parent, only where /proc is missing): a parent
+    that has just written a large synthetic model would otherwise inflate a child's figure."""
+    from sieve_edge.runtime import peak_rss_mb
+
+    return round(peak_rss_mb() * 2**20)
 
 
 def score_one(model_folder: Path, bases: Path, mode: str, plans: int, rows: int) -> dict:
@@ -498,19 +499,14 @@ def part_offload(args) -> dict:
         shape, name = {**shape, "vocab_size": VOCAB_SMOLLM2}, f"{name}-v{VOCAB_SMOLLM2}"
     folder = write_synthetic(shape, work / name)
     bases = write_bases(work / f"{name}-bases", folder, shape)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     runs = {}
     # glibc's default mmap threshold grows with the blocks freed (up to 32 MB): the tensors each
     # module frees after its forward then stay in the heap. A fixed threshold returns them.
     fixed = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
     for label, mode, extra in (("memory", "memory", {}), ("offload", str(work / f"{name}-offload"), {}),
                                (OFFLOAD_FIXED, str(work / f"{name}-offload"), fixed)):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--score-one", str(folder), str(bases), mode,
-               "--plans", str(args.plans), "--offload-rows", str(args.offload_rows)]
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**env, **extra})
-        if done.returncode != 0:
-            raise SystemExit(f"scoring {name} ({label}) failed:\n{done.stderr[-3000:]}")
-        r = json.loads(done.stdout.strip().splitlines()[-1])
+        r = run_child(["--score-one", str(folder), str(bases), mode, "--plans", str(args.plans),
+                       "--offload-rows", str(args.offload_rows)], f"scoring {name} ({label})", extra)
         runs[label] = {**r, "mode": label, "environment": extra}
         print(f"  {label}: peak RSS {r['peak_rss'] / GB:.2f} GB, {r['seconds_per_evaluation']:.1f} s/evaluation",
               flush=True)
