@@ -11,6 +11,9 @@ sentences, ~70 prompt tokens) built at run time under --work from the uci_* sets
 and record the linear-parameter reduction, validation and test metric (test never seen by
 the search), search time, evaluations, generations reached and candidates per minute. For
 sst2 the pruned models are also scored on the uci_yelp / uci_amazon / uci_imdb test sets.
+`--heal-steps N` also refits each row's plan once more with N steps of healing (`--heal kl`
+by default: the dense model's label distribution distilled into the factors), the search
+reused, and records validation and test before and after: what healing buys at each tolerance.
 
 Prints a Markdown table and writes benchmarks/results/search.json. Heavy: ~7 min of tuning
 per task plus the 15-minute budget and the stages per search on 2 cores (hours in all).
@@ -18,6 +21,7 @@ per task plus the 15-minute budget and the stages per search on 2 cores (hours i
 
     python benchmarks/search.py                 # the full benchmark
     python benchmarks/search.py --quick         # a ~10 min check, GA vs uniform on sst2
+    python benchmarks/search.py --tasks reviews_long --only ga-sieve@0.01 --heal-steps 300
 """
 from __future__ import annotations
 
@@ -70,6 +74,11 @@ def parse_args(argv=None):
     p.add_argument("--combine", nargs="+", type=Path, metavar="FILE",
                    help="run nothing: merge the rows of these result files into --out (a later file's row "
                         "replaces an earlier one of the same task, strategy and tolerance) and print the table")
+    p.add_argument("--heal-steps", type=int, default=0,
+                   help="also heal each row's plan for this many steps (a second refit of the same plan, the "
+                        "search reused) and record validation and test before and after")
+    p.add_argument("--heal", default="kl", choices=("ce", "kl"), help="the healing loss (with --heal-steps)")
+    p.add_argument("--heal-lr", type=float, default=1e-4)
     p.add_argument("--no-cross", dest="cross", action="store_false",
                    help="skip the uci_* cross-dataset scores of the sst2 plans")
     p.add_argument("--quick", action="store_true",
@@ -248,6 +257,8 @@ def main(argv=None) -> int:
                                     "pruned": evaluate(pruned, tok, cross_task(args.work, n, args.datasets),
                                                        "test").value}
                                 for n in CROSS}
+            if args.heal_steps:
+                row["heal"] = healed(args, spec, task_file, out, cfg, dense, tok, stages, summary, log)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
             _write(args, _merged(kept, rows), started)
@@ -256,6 +267,34 @@ def main(argv=None) -> int:
     _write(args, rows, started)
     print(table(rows))
     return 0
+
+
+def healed(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, unhealed: dict, log) -> dict | None:
+    """The row's plan refit again and healed (--heal-steps): what healing buys at this tolerance.
+
+    The search stage of the row just run is reused (healing is not in its key); only the refit
+    runs again, into OUT-heal. None when the plan cut nothing (nothing to heal)."""
+    import dataclasses
+    import shutil
+
+    from sieve_edge.search import run_search
+
+    if not unhealed["linear_param_reduction"]:
+        return None
+    folder = out.with_name(out.name + "-heal")
+    shutil.rmtree(folder, ignore_errors=True)   # the benchmark's own scratch: a fresh refit every time
+    cfg = dataclasses.replace(cfg, heal_steps=args.heal_steps, heal=args.heal, heal_lr=args.heal_lr)
+    t0 = time.perf_counter()
+    summary = run_search(spec, task_file, folder, cfg, budget_minutes=args.budget_minutes, force=False,
+                         test_limit=args.test_limit, log=log, model=copy.deepcopy(dense), tokenizer=tok,
+                         work=stages)
+    if summary["linear_param_reduction"] != unhealed["linear_param_reduction"]:
+        raise RuntimeError(f"{folder}: the healed refit did not reuse the row's plan")
+    h = summary["heal"] or {}
+    return {"steps": args.heal_steps, "loss": args.heal, "lr": args.heal_lr, "kept": h.get("kept"),
+            "val_before": h.get("metric_before"), "val_after": h.get("metric_after"),
+            "heal_seconds": h.get("seconds"), "test_pruned": summary["test"]["pruned"],
+            "test_drop": summary["test"]["drop"], "minutes": (time.perf_counter() - t0) / 60, "out": str(folder)}
 
 
 def combine(files: list[Path], out: Path) -> list[dict]:
@@ -347,6 +386,15 @@ def table(rows) -> str:
                      f"({100 * r['test_drop']:+.1f} pt) | {r['evaluations']} | {r.get('generations', '-')} | "
                      f"{r.get('candidates_per_minute', float('nan')):.1f} | {r['search_minutes']:.1f} "
                      f"({_budget(r)}) | {r['total_minutes']:.1f} |")
+    heals = [r for r in rows if r.get("heal")]
+    if heals:
+        lines += ["", "| healed plan | steps (loss) | val before → after (kept) | test drop unhealed → healed |",
+                  "|---|---|---|---|"]
+        for r in heals:
+            h = r["heal"]
+            lines.append(f"| {r['task']} {r['strategy']} {r['tolerance']:g} | {h['steps']} ({h['loss']}) | "
+                         f"{h['val_before']:.3f} → {h['val_after']:.3f} ({'kept' if h['kept'] else 'discarded'}) | "
+                         f"{100 * r['test_drop']:+.1f} → {100 * h['test_drop']:+.1f} pt |")
     cross = [r for r in rows if r.get("cross")]
     if cross:
         lines += ["", "| sst2 plan | " + " | ".join(CROSS) + " |", "|---|" + "---|" * len(CROSS)]

@@ -147,3 +147,38 @@ def test_scale_combine_rebases_rows_measured_before_vmhwm(scale, tmp_path):
     assert e["fitted_on"] == "1b-2layer" and e["base_bytes"] == 4e8
     hidden = 4 * args.examples * args.tokens * scale.SHAPES["1b-2layer"]["hidden_size"]
     assert e["k"] == pytest.approx((5.6e9 - 4e8 - hidden) / scale.layer_bytes(scale.SHAPES["1b-2layer"]))
+
+
+def test_healed_row_reuses_the_rows_search_and_refits_with_healing(bench, tmp_path):
+    """--heal-steps: the row's plan is refit again and healed; the search stage is not redone."""
+    import argparse
+    import copy
+
+    from test_search import small_config, write_task
+
+    from sieve_edge.search import run_search
+    from tiny import make_model, make_tokenizer
+
+    task = write_task(tmp_path / "task")
+    model, tok = make_model("llama"), make_tokenizer()
+    cfg = small_config(tolerance=0.3, generations=1)   # a loose tolerance: the plan cuts something
+    stages, out = tmp_path / "stages", tmp_path / "search-x"
+    unhealed = run_search("tiny", task, out, cfg, force=True, model=copy.deepcopy(model), tokenizer=tok,
+                          work=stages)   # the refit takes the model it is given, as in the benchmark
+    assert unhealed["linear_param_reduction"] > 0
+    args = argparse.Namespace(heal_steps=3, heal="kl", heal_lr=1e-3, budget_minutes=None, test_limit=None)
+    row = bench.healed(args, "tiny", task, out, cfg, model, tok, stages, unhealed, log=None)
+    run = json.loads((stages / "run.json").read_text())
+    status = {s["name"]: s["status"] for s in run["stages"]}
+    assert status["search"] == "skipped" and status["refit"] == "ran"
+    assert row["steps"] == 3 and row["loss"] == "kl" and row["kept"] in (True, False)
+    healed = json.loads((tmp_path / "search-x-heal" / "search.json").read_text())
+    assert healed["heal"]["steps"] == 3 and healed["linear_param_reduction"] == unhealed["linear_param_reduction"]
+    assert row["test_pruned"] == healed["test"]["pruned"]
+    # the unhealed row's folder is untouched
+    assert json.loads((out / "search.json").read_text())["heal"] is None
+    table = bench.table([{**_row("sst2", "ga-sieve", 0.01, 0.4), "heal": row}])
+    assert "| sst2 ga-sieve 0.01 | 3 (kl) |" in table
+    # a plan that cut nothing has nothing to heal
+    assert bench.healed(args, "tiny", task, out, cfg, model, tok, stages,
+                        {"linear_param_reduction": 0.0}, log=None) is None
