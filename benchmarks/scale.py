@@ -610,19 +610,17 @@ def main(argv=None) -> dict:
     if args.combine:
         files = [Path(f.strip()) for f in args.combine.split(",") if f.strip()]
         result["calibration"] = combine_calibration(files, args)
-        args.out.write_text(json.dumps(result, indent=1))
-        print(tables(result))
-        print(f"\nwrote {args.out}")
-        return result
+        return publish(result, args.out)
     if args.part in ("both", "search"):
         print("part 1: search throughput", flush=True)
         result["search"] = part_search(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.part in ("both", "calibration"):
         print("part 2: streamed calibration", flush=True)
 
         def save(partial):
-            args.out.write_text(json.dumps({**result, "calibration": partial, "partial": True}, indent=1))
+            from sieve_edge.stages import write_json_atomic
+
+            write_json_atomic(args.out, {**result, "calibration": partial, "partial": True})
 
         result["calibration"] = part_calibration(args, save)
     if args.part == "offload":
@@ -630,10 +628,16 @@ def main(argv=None) -> dict:
         result["offload"] = part_offload(args)
     result["machine"]["load_average_at_end"] = os.getloadavg()
     result["minutes"] = (time.time() - t0) / 60
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    return publish(result, args.out)
+
+
+def publish(result: dict, out: Path) -> dict:
+    """Write the result file (atomically: a killed run never leaves half of one) and print its tables."""
+    from sieve_edge.stages import write_json_atomic
+
+    write_json_atomic(out, result)
     print(tables(result))
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {out}")
     return result
 
 
