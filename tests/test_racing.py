@@ -83,3 +83,40 @@ def test_racing_saves_rows_on_clear_candidates_and_decides_them_right():
             right += verdict == want
         assert right >= 97
         assert sum(used) / len(used) < 0.6 * N   # clear candidates stop early
+
+
+def test_a_raced_accuracy_estimate_stays_within_0_and_1(monkeypatch):
+    """On a subset the candidate can beat the dense model; the estimate (the full split's dense
+    accuracy less the subset's paired drop) must still read as an accuracy."""
+    import torch
+
+    import sieve_edge.factorize
+    from sieve_edge.search.evaluator import CandidateEvaluator
+
+    monkeypatch.setattr(sieve_edge.factorize, "set_ranks_", lambda model, ranks: model)
+    n = 240
+    labels = torch.zeros(n, dtype=torch.long)
+    dense = torch.tensor([[0.0, -5.0]]).repeat(n, 1)      # right on every row ...
+    first = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:4]   # the evaluator's order, seed 0
+    dense[first] = torch.tensor([-5.0, 0.0])              # ... but 4 rows the race scores first: 236/240
+    state = {"lp": dense}
+
+    class Scorer:                                         # the label scorer's interface, canned answers
+        def __init__(self):
+            self.n, self.labels = n, labels
+
+        def label_logprobs(self, model, subset):
+            return state["lp"][subset]
+
+    class Objective:
+        def gain(self, ranks):
+            return 0.5
+
+    ev = CandidateEvaluator(torch.nn.Linear(1, 1), Scorer(), Objective(), 0.01, race_size=30, race_z=2.0, seed=0)
+    state["lp"] = torch.tensor([[0.0, -5.0]]).repeat(n, 1)   # the candidate is right everywhere
+    got = ev({"m": 1})
+    assert got.feasible and not got.full and got.rows < n      # racing accepted it on a subset
+    assert got.drop <= -4 / got.rows                           # it beat the dense model there
+    assert 0.0 <= got.metric <= 1.0
+    full = ev.confirm({"m": 1})
+    assert full.full and full.metric == 1.0 and abs(full.drop + 4 / n) < 1e-12

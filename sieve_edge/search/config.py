@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from ..errors import ArtifactError, BudgetError, InputError
+from ..stages import write_json_atomic
 
 STATE_FORMAT = "sieve-edge/search-state"
 STATE_VERSION = 3                # 3: racing accepts on subsets; the surrogate is in the state
@@ -123,16 +123,6 @@ class SearchResult:
         # emptied first: asdict() deep-copies every value, the factor tensors included
         d = asdict(replace(self, plan=None, factors={}))
         return {k: v for k, v in d.items() if k not in ("plan", "factors")}
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Temp file, fsync, rename: a reader never sees half a state file."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class SearchState:

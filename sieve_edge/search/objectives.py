@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .config import SearchConfig, write_json_atomic
+from ..stages import write_json_atomic
+from .config import SearchConfig
 
 
 class ParamObjective:
