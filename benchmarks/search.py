@@ -11,8 +11,8 @@ sentences, ~70 prompt tokens) built at run time under --work from the uci_* sets
 and record the linear-parameter reduction, validation and test metric (test never seen by
 the search), search time, evaluations, generations reached and candidates per minute. For
 sst2 the pruned models are also scored on the uci_yelp / uci_amazon / uci_imdb test sets.
-`--heal-steps N` also refits each row's plan once more with N steps of healing (`--heal kl`
-by default: the dense model's label distribution distilled into the factors), the search
+`--heal-steps N` also heals each row's fitted plan with N steps of healing (`--heal kl`
+by default: the dense model's label distribution distilled into the factors), its search and fit
 reused, and records validation and test before and after: what healing buys at each tolerance.
 
 Prints a Markdown table and writes benchmarks/results/search.json. Heavy: ~7 min of tuning
@@ -75,8 +75,8 @@ def parse_args(argv=None):
                    help="run nothing: merge the rows of these result files into --out (a later file's row "
                         "replaces an earlier one of the same task, strategy and tolerance) and print the table")
     p.add_argument("--heal-steps", type=int, default=0,
-                   help="also heal each row's plan for this many steps (a second refit of the same plan, the "
-                        "search reused) and record validation and test before and after")
+                   help="also heal each row's plan for this many steps (its search and fit reused, the healed "
+                        "checkpoint scored again) and record validation and test before and after")
     p.add_argument("--heal", default="kl", choices=("ce", "kl"), help="the healing loss (with --heal-steps)")
     p.add_argument("--heal-lr", type=float, default=1e-4)
     p.add_argument("--no-cross", dest="cross", action="store_false",
@@ -272,8 +272,9 @@ def main(argv=None) -> int:
 def healed(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, unhealed: dict, log) -> dict | None:
     """The row's plan refit again and healed (--heal-steps): what healing buys at this tolerance.
 
-    The search stage of the row just run is reused (healing is not in its key); only the refit
-    runs again, into OUT-heal. None when the plan cut nothing (nothing to heal)."""
+    The search and fit stages of the row just run are reused (healing is in the refit stage's
+    key alone); only the healing and the test score run again, into OUT-heal. None when the
+    plan cut nothing (nothing to heal)."""
     import dataclasses
     import shutil
 
@@ -282,7 +283,7 @@ def healed(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, unhe
     if not unhealed["linear_param_reduction"]:
         return None
     folder = out.with_name(out.name + "-heal")
-    shutil.rmtree(folder, ignore_errors=True)   # the benchmark's own scratch: a fresh refit every time
+    shutil.rmtree(folder, ignore_errors=True)   # the benchmark's own scratch: a fresh heal every time
     cfg = dataclasses.replace(cfg, heal_steps=args.heal_steps, heal=args.heal, heal_lr=args.heal_lr)
     t0 = time.perf_counter()
     summary = run_search(spec, task_file, folder, cfg, budget_minutes=args.budget_minutes, force=False,

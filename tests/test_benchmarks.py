@@ -170,7 +170,7 @@ def test_healed_row_reuses_the_rows_search_and_refits_with_healing(bench, tmp_pa
     row = bench.healed(args, "tiny", task, out, cfg, model, tok, stages, unhealed, log=None)
     run = json.loads((stages / "run.json").read_text())
     status = {s["name"]: s["status"] for s in run["stages"]}
-    assert status["search"] == "skipped" and status["refit"] == "ran"
+    assert status["search"] == status["fit"] == "skipped" and status["refit"] == "ran"
     assert row["steps"] == 3 and row["loss"] == "kl" and row["kept"] in (True, False)
     healed = json.loads((tmp_path / "search-x-heal" / "search.json").read_text())
     assert healed["heal"]["steps"] == 3 and healed["linear_param_reduction"] == unhealed["linear_param_reduction"]

@@ -45,7 +45,7 @@ def _run(setup, out, **kw):
                val_limit=None, **kw)
 
 
-SLOTS = ["calibrate", "sensitivity", "search", "refit", "export-onnx-fp32", "reference", "bundle", "validate"]
+SLOTS = ["calibrate", "sensitivity", "search", "fit", "refit", "export-onnx-fp32", "reference", "bundle", "validate"]
 
 
 def status(summary) -> dict:
@@ -63,7 +63,7 @@ def test_run_then_rerun_skips_done_stages_and_redoes_broken_ones(setup):
     assert (out / "bundle.json").is_file() and (out / "runner.py").is_file()
 
     second = _run(setup, out)
-    assert [s.status for s in second.stages[:-1]] == ["skipped"] * 7
+    assert [s.status for s in second.stages[:-1]] == ["skipped"] * 8
     assert second.stages[0].why == "done (key matches, output verified)"
     assert second.stages[-1].status == "ran" and "always" in second.stages[-1].why
 
@@ -74,7 +74,7 @@ def test_run_then_rerun_skips_done_stages_and_redoes_broken_ones(setup):
     third = _run(setup, out)
     assert status(third)["refit"] == "skipped" and status(third)["export-onnx-fp32"] == "ran"
     assert "output incomplete" in {s.slot: s.why for s in third.stages}["export-onnx-fp32"]
-    assert status(third)["bundle"] == "ran" and "upstream export-onnx-fp32 ran" in third.stages[6].why
+    assert status(third)["bundle"] == "ran" and "upstream export-onnx-fp32 ran" in third.stages[7].why
 
     # changed inputs (another tolerance) rerun the search, not the calibration
     fourth = _run(setup, out, tolerance=0.2)
@@ -131,7 +131,7 @@ def test_two_targets_share_one_work_folder(setup, tmp_path):
     assert (tmp_path / "ort-bundle" / "bundle.json").is_file()   # the first target's bundle is untouched
     # each format keeps its export: going back to the first target redoes nothing but validation
     again = _run(setup, tmp_path / "ort-bundle", work=work, objective="params")
-    assert [s.status for s in again.stages[:-1]] == ["skipped"] * 7
+    assert [s.status for s in again.stages[:-1]] == ["skipped"] * 8
     # the time objective (run's default) prices plans on each target's runtime: searched per target
     timed = _run(setup, tmp_path / "ort-time", work=work)
     assert status(timed)["calibrate"] == "skipped" and status(timed)["search"] == "ran"
@@ -218,7 +218,7 @@ def test_a_change_reruns_exactly_the_stages_downstream_of_it(setup, tmp_path):
         stages = json.loads(log_file.read_text())["stages"]        # the stage log is what users read
         return [s["slot"] for s in stages if s["status"] == "ran"], {s["slot"]: s["why"] for s in stages}
 
-    everything = ["tune", "calibrate", "search", "refit", "export-onnx-fp32", "reference", "bundle", "validate"]
+    everything = ["tune", "calibrate", "search", "fit", "refit", "export-onnx-fp32", "reference", "bundle", "validate"]
     assert go()[0] == everything                              # sensitivity does not apply (uniform)
     assert go()[0] == ["validate"]
 
@@ -228,7 +228,7 @@ def test_a_change_reruns_exactly_the_stages_downstream_of_it(setup, tmp_path):
 
     _edit_line(task.parent / "validation.jsonl")
     ran, why = go(steps=3)
-    assert ran == ["search", "refit", "export-onnx-fp32", "bundle", "validate"]
+    assert ran == ["search", "fit", "refit", "export-onnx-fp32", "bundle", "validate"]
     assert why["search"] == f"key changed: input task data validation {task.parent / 'validation.jsonl'} changed"
 
     _edit_line(task.parent / "test.jsonl", 5)
@@ -273,7 +273,7 @@ for line in sys.stdin:
 
 # One kill per stage: when its output is written but not yet committed (the worst moment), inside
 # the search (after its generation 1 was saved), and as validation starts.
-KILLS = ["tune:commit", "calibrate:commit", "sensitivity:commit", "search:generation-1", "refit:commit",
+KILLS = ["tune:commit", "calibrate:commit", "sensitivity:commit", "search:generation-1", "fit:commit", "refit:commit",
          "export-onnx-fp32:commit", "reference:commit", "bundle:commit", "validate:start"]
 
 

@@ -1,6 +1,7 @@
 """The search stage on a tiny tuned model and a tiny task: tolerance, determinism, resume, outputs, errors."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -435,6 +436,25 @@ def test_run_search_writes_the_output_folder(tuned, tmp_path):
     with pytest.raises(ArtifactError, match="finished search"):
         run_search("tiny", task_path, out, small_config(), model=model, tokenizer=tok)
     assert not list(tmp_path.glob("out.*"))  # no staging folders left behind
+
+
+def test_healing_another_way_reuses_the_fit_and_the_search(tuned, tmp_path):
+    """Healing is the refit stage's alone: a rerun with other --heal settings neither searches
+    nor refits the plan again, and heals the very factors the unhealed run scored."""
+    root, task_path = tuned
+    model, tok = load_tuned(root)
+    work = tmp_path / "work"
+    # each run gets its own copy: the fit refits the model it is handed in place
+    plain = run_search("tiny", task_path, tmp_path / "plain", small_config(), model=copy.deepcopy(model),
+                       tokenizer=tok, work=work)
+    healed = run_search("tiny", task_path, tmp_path / "healed", small_config(heal_steps=3, heal="kl"),
+                        model=copy.deepcopy(model), tokenizer=tok, work=work)
+    stages = {s["slot"]: s["status"] for s in json.loads((work / "run.json").read_text())["stages"]}
+    assert stages["search"] == stages["fit"] == "skipped" and stages["refit"] == "ran"
+    assert healed["linear_param_reduction"] == plain["linear_param_reduction"]
+    assert healed["validation"]["refit"] == plain["validation"]["refit"]   # the same fit, before healing
+    assert healed["heal"]["steps"] == 3 and healed["heal"]["metric_before"] == plain["validation"]["final"]
+    assert plain["heal"] is None
 
 
 def test_cli_search_uniform(tuned, tmp_path):

@@ -1,6 +1,6 @@
 """The search as stages, and ``run_search`` (the ``sieve-edge search`` command) on them.
 
-    calibrate → sensitivity → search → reference → refit
+    calibrate → sensitivity → search → [teacher] → reference → fit → refit
 
 - calibrate: calibration and decomposition of every matrix (``decompositions.json`` +
   ``layer-NNN.safetensors``); keyed on the model, the task's calibration data and the
@@ -8,9 +8,12 @@
 - sensitivity: the label-Fisher cost of every matrix at every ladder level (the GA's seeds).
 - search: the plan within the tolerance (plan, history, result, state, report, plots); a
   killed search resumes from ``WORK/search.resume/search_state.json``.
+- teacher (``--heal kl`` only): the dense model's label distribution on train prompts.
 - reference: the dense model's test metric (what the accuracy gate compares with).
-- refit: the plan's ranks refit with ``--method``, healed if asked, scored on test:
-  the factorized checkpoint plus everything the search wrote.
+- fit: the plan's ranks refit with ``--method`` (the searched factors kept when that refit
+  misses the tolerance): a factorized checkpoint.
+- refit: the fit healed if asked (a rerun with other healing settings reuses the fit),
+  scored on test: the final checkpoint plus everything the search wrote.
 
 ``run_search`` keeps these stages in ``OUT/.stages/`` and, when they are done, makes OUT's
 visible files those of the refit stage (hard links, the checkpoint manifest last).
@@ -357,66 +360,84 @@ class ReferenceStage(Stage):
                 "value": ref["value"], "n": ref["n"]}
 
 
-class RefitStage(Stage):
-    """The plan's ranks refit with --method, healed if asked: the factorized checkpoint.
+class TeacherStage(Stage):
+    """The dense model's label log-probabilities on the train prompts: what ``--heal kl``
+    distills into the factors. It runs before the fit takes the model for its refit."""
 
-    ``score_test``: score it on the test split with torch against the reference stage's
-    dense score (``sieve-edge search``); the pipeline leaves that to ``validate``, which
-    scores the exported bundle on the target's runtime.
-    """
+    name = "teacher"
 
-    name = "refit"
+    def __init__(self, model: ModelRef, task, config: SearchConfig):
+        super().__init__(config={"model": model.config, "rows": HEAL_KL_ROWS, "batch_size": config.batch_size},
+                         inputs={**model.inputs, **task_inputs(task, ("train",))}, needs=model.needs)
+        self.model, self.task, self.batch_size = model, task, config.batch_size
 
-    def __init__(self, model: ModelRef, task, config: SearchConfig, test_limit: int | None, progress: bool = False,
-                 score_test: bool = True):
-        splits = ("validation", "test") if score_test else ("validation",)
-        if config.method != config.search_method:
-            splits += ("calibration",)
-        if config.heal_steps:
-            splits += ("train",)
+    def build(self, ctx: StageContext, out: Path) -> dict:
+        from safetensors.torch import save_file
+
+        from ..evaluate import make_scorer
+
+        model, tok = ctx.model(self.model.spec)
+        scorer = make_scorer(tok, self.task, "train", limit=HEAL_KL_ROWS, batch_size=self.batch_size, model=model)
+        if not scorer.fast:  # labels of several tokens: healing says so (--heal ce is the way)
+            _write_json(out / "teacher.json", {"applies": False, "rows": scorer.n})
+            return {"detail": "labels are not single tokens: no label distribution to distill"}
+        lp = scorer.label_logprobs(model).float().cpu().contiguous()
+        save_file({"logprobs": lp}, str(out / "teacher.safetensors"))
+        _write_json(out / "teacher.json", {"applies": True, "rows": scorer.n, "labels": int(lp.shape[1])})
+        return {"detail": f"dense label distribution on {scorer.n} train prompts"}
+
+
+def read_teacher(folder: Path, rows: int):
+    """The teacher stage's (rows, labels) log-probabilities, or None when its labels are not
+    single tokens (``heal_`` then refuses ``--heal kl`` with its own message)."""
+    from safetensors.torch import load_file
+
+    meta = _read_json(folder / "teacher.json")
+    if not meta["applies"]:
+        return None
+    if meta["rows"] != rows:
+        raise ArtifactError(f"{folder}: the teacher covers {meta['rows']} train prompts, the healing draws {rows}; "
+                            "rerun to rebuild this stage")
+    return load_file(str(folder / "teacher.safetensors"))["logprobs"]
+
+
+class FitStage(Stage):
+    """The plan's ranks refit with --method (the searched factors back in when that refit
+    misses the tolerance): a factorized checkpoint plus ``fit.json``. Healing and the test
+    score are the refit stage's, so another --heal-steps reuses this fit."""
+
+    name = "fit"
+
+    def __init__(self, model: ModelRef, task, config: SearchConfig, progress: bool = False):
+        splits = ("validation",) + (("calibration",) if config.method != config.search_method else ())
         super().__init__(
-            config={"method": config.method, "heal_steps": config.heal_steps, "heal_lr": config.heal_lr,
-                    **({"heal": config.heal} if config.heal != "ce" else {}),
-                    "n_calibration": config.n_calibration, "calibration_batch": config.calibration_batch,
-                    "multiple": config.multiple, "val_limit": config.val_limit, "batch_size": config.batch_size,
-                    "test_limit": test_limit, "seed": config.seed},
+            config={"method": config.method, "n_calibration": config.n_calibration,
+                    "calibration_batch": config.calibration_batch, "multiple": config.multiple,
+                    "val_limit": config.val_limit, "batch_size": config.batch_size, "seed": config.seed},
             inputs=task_inputs(task, splits),
-            needs=("calibrate", "search") + (("reference",) if score_test else ()) + model.needs)
-        self.model, self.task, self.settings, self.test_limit, self.progress = model, task, config, test_limit, progress
-        self.score_test = score_test
-        if not score_test:
-            self.config.pop("test_limit")
+            needs=("calibrate", "search") + model.needs)
+        self.model, self.task, self.settings, self.progress = model, task, config, progress
 
     def build(self, ctx: StageContext, out: Path) -> dict:
         import time
-        from dataclasses import asdict
 
         from ..checkpoint import build_manifest, save_checkpoint
         from ..evaluate import make_scorer
         from ..factorize import factorize_
         from ..plan import RankPlan
-        from .report import search_report
 
         t0 = time.perf_counter()
         cfg, task = self.settings, self.task
         searched = ctx.output("search")
         plan = RankPlan.from_json(searched / "plan.json")
         data = _read_json(searched / "result.json")
-        summary = dict(data["summary"])
-        higher = task.metric != "perplexity"
-        sign = 1.0 if higher else -1.0
+        sign = 1.0 if task.metric != "perplexity" else -1.0
         model, tok = ctx.model(self.model.spec, take=True)  # refit in place
         ctx.log(f"refit: plan {100 * plan.linear_param_reduction:.1f}% of linear parameters removed, validation "
                 f"{task.metric} {data['metric']:.4f} (dense {data['dense_metric']:.4f}); refitting with '{cfg.method}'")
         val_scorer = make_scorer(tok, task, "validation", limit=cfg.val_limit, batch_size=cfg.batch_size,
                                  model=model)
         search_method = plan.meta["search_method"]
-        teacher = train_scorer = None
-        if cfg.heal_steps and cfg.heal == "kl" and plan.factorized:
-            # the dense model's label distribution on the train prompts, before the cut
-            train_scorer = make_scorer(tok, task, "train", limit=HEAL_KL_ROWS, batch_size=cfg.batch_size, model=model)
-            if train_scorer.fast:
-                teacher = train_scorer.label_logprobs(model).float()
 
         def searched_factors():
             # the bases the search scored, as it scored them (float32 slices of the calibrate stage's)
@@ -444,8 +465,72 @@ class RefitStage(Stage):
             refit = factorize_(refit, searched_factors())
             method_used = search_method
             val_refit = float(val_scorer.metric(refit))
-        plan.method = method_used
+        save_checkpoint(refit, tok, out, build_manifest(refit, base_model=self.model.spec, method=method_used,
+                                                        task=task.name))
+        _write_json(out / "fit.json", {"method": method_used, "validation": val_refit, "notes": notes,
+                                       "validation_rows": val_scorer.record(), "seconds": time.perf_counter() - t0})
+        return {"detail": f"{method_used}: linear params -{plan.linear_param_reduction:.1%}, validation "
+                          f"{task.metric} {val_refit:.4f}", "method": method_used, "validation": val_refit}
 
+
+class RefitStage(Stage):
+    """The fit stage's checkpoint, healed if asked, scored on test: the final factorized
+    checkpoint plus everything the search wrote.
+
+    ``score_test``: score it on the test split with torch against the reference stage's
+    dense score (``sieve-edge search``); the pipeline leaves that to ``validate``, which
+    scores the exported bundle on the target's runtime.
+    """
+
+    name = "refit"
+    version = 2               # 2: the refit itself is the fit stage's; this one heals and scores
+
+    def __init__(self, model: ModelRef, task, config: SearchConfig, test_limit: int | None, progress: bool = False,
+                 score_test: bool = True):
+        splits = ("validation", "test") if score_test else ("validation",)
+        if config.heal_steps:
+            splits += ("train",)
+        super().__init__(
+            config={"heal_steps": config.heal_steps, "heal_lr": config.heal_lr,
+                    **({"heal": config.heal} if config.heal != "ce" else {}),
+                    "val_limit": config.val_limit, "batch_size": config.batch_size,
+                    "test_limit": test_limit, "seed": config.seed},
+            inputs=task_inputs(task, splits),
+            needs=("fit", "search") + (("reference",) if score_test else ())
+            + (("teacher",) if config.heal_steps and config.heal == "kl" else ()) + model.needs)
+        self.model, self.task, self.settings, self.test_limit, self.progress = model, task, config, test_limit, progress
+        self.score_test = score_test
+        if not score_test:
+            self.config.pop("test_limit")
+
+    def build(self, ctx: StageContext, out: Path) -> dict:
+        import time
+        from dataclasses import asdict
+
+        from ..checkpoint import build_manifest, load_checkpoint, save_checkpoint
+        from ..evaluate import make_scorer
+        from ..models import load_tokenizer, pick_device
+        from ..plan import RankPlan
+        from .report import search_report
+
+        t0 = time.perf_counter()
+        cfg, task = self.settings, self.task
+        searched, fitted = ctx.output("search"), ctx.output("fit")
+        plan = RankPlan.from_json(searched / "plan.json")
+        data = _read_json(searched / "result.json")
+        fit = _read_json(fitted / "fit.json")
+        summary = dict(data["summary"])
+        higher = task.metric != "perplexity"
+        tok = load_tokenizer(str(fitted), trust_remote_code=ctx.trust_remote_code)
+        refit = load_checkpoint(fitted, device=pick_device(ctx.device), trust_remote_code=ctx.trust_remote_code)
+        teacher = train_scorer = None
+        if cfg.heal_steps and cfg.heal == "kl" and plan.factorized:
+            train_scorer = make_scorer(tok, task, "train", limit=HEAL_KL_ROWS, batch_size=cfg.batch_size, model=refit)
+            teacher = read_teacher(ctx.output("teacher"), train_scorer.n)
+        method_used, val_refit, notes = fit["method"], float(fit["validation"]), list(fit["notes"])
+        plan.method = method_used
+        val_scorer = make_scorer(tok, task, "validation", limit=cfg.val_limit, batch_size=cfg.batch_size,
+                                 model=refit)
         heal = None
         if cfg.heal_steps and plan.factorized:
             from ..heal import heal_
@@ -462,6 +547,7 @@ class RefitStage(Stage):
         if self.score_test:
             from ..evaluate import score_extra_tests
 
+            sign = 1.0 if higher else -1.0
             test_scorer = make_scorer(tok, task, "test", limit=self.test_limit, batch_size=cfg.batch_size,
                                       model=refit)
             test_metric = float(test_scorer.metric(refit))
@@ -476,11 +562,11 @@ class RefitStage(Stage):
                                               "dense": (dense_extra.get(name) or {}).get("value")}
                                        for name, r in extra.items()}
             plan.meta.update({"test_metric": test_metric, "dense_test_metric": dense_test})
-        total = sum(ctx.seconds.get(s, 0.0) for s in ("calibrate", "sensitivity", "search", "reference"))
+        total = sum(ctx.seconds.get(s, 0.0) for s in ("calibrate", "sensitivity", "search", "reference", "fit"))
         summary.update({
             "method": method_used,
             "validation": {**summary["validation"], "refit": val_refit, "final": val_final,
-                           "rows": val_scorer.record()},
+                           "rows": fit["validation_rows"]},
             "test": test, "heal": None if heal is None else asdict(heal), "notes": notes,
             "total_seconds": total + time.perf_counter() - t0,
         })
@@ -504,14 +590,19 @@ class RefitStage(Stage):
 def search_stages(model: ModelRef, task, config: SearchConfig, *, budget_minutes: float | None,
                   test_limit: int | None, on_state_mismatch: str = "restart", progress: bool = False,
                   score_test: bool = True, workers=None, offload: str | Path | None = None) -> list[Stage]:
-    """calibrate → sensitivity → search → [reference →] refit, for a model and a task
-    (the reference stage, the dense test metric, only when the refit is scored on test).
+    """calibrate → sensitivity → search → [teacher →] [reference →] fit → refit, for a model
+    and a task (the teacher, the dense label distribution, only for ``--heal kl``; the
+    reference, the dense test metric, only when the refit is scored on test).
     ``offload``: the folder the sensitivity and search stages keep the matrices in."""
     stages = [CalibrateStage(model, task, config, progress), SensitivityStage(model, task, config, offload),
               SearchStage(model, task, config, budget_minutes, on_state_mismatch=on_state_mismatch, progress=progress,
                           workers=workers, offload=offload)]
+    # the stages reading the dense model run before the fit, which takes it for its refit
+    if config.heal_steps and config.heal == "kl":
+        stages.append(TeacherStage(model, task, config))
     if score_test:
         stages.append(ReferenceStage(model, task, test_limit))
+    stages.append(FitStage(model, task, config, progress))
     return stages + [RefitStage(model, task, config, test_limit, progress, score_test)]
 
 
@@ -616,7 +707,7 @@ def run_search(model_spec, task_spec, out, config: SearchConfig = SearchConfig()
                            on_state_mismatch="restart" if force else "error", progress=progress, workers=workers,
                            offload=offload)
     preloaded = {ref.spec: ref.preloaded} if ref.preloaded else None
-    flow = Workflow(work, stages, force={"search", "refit"} if force else False, log=say, preloaded=preloaded,
+    flow = Workflow(work, stages, force={"search", "fit", "refit"} if force else False, log=say, preloaded=preloaded,
                     meta={"command": "search", "out": str(out)}, trust_remote_code=trust_remote_code, device=device)
     flow.run()
     refit = flow.ctx.output("refit")
