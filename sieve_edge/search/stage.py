@@ -507,7 +507,7 @@ class RefitStage(Stage):
         import time
         from dataclasses import asdict
 
-        from ..checkpoint import build_manifest, load_checkpoint, save_checkpoint
+        from ..checkpoint import MANIFEST, load_checkpoint, read_manifest, save_checkpoint
         from ..evaluate import make_scorer
         from ..models import load_tokenizer, pick_device
         from ..plan import RankPlan
@@ -521,20 +521,23 @@ class RefitStage(Stage):
         fit = _read_json(fitted / "fit.json")
         summary = dict(data["summary"])
         higher = task.metric != "perplexity"
-        tok = load_tokenizer(str(fitted), trust_remote_code=ctx.trust_remote_code)
-        refit = load_checkpoint(fitted, device=pick_device(ctx.device), trust_remote_code=ctx.trust_remote_code)
-        teacher = train_scorer = None
-        if cfg.heal_steps and cfg.heal == "kl" and plan.factorized:
-            train_scorer = make_scorer(tok, task, "train", limit=HEAL_KL_ROWS, batch_size=cfg.batch_size, model=refit)
-            teacher = read_teacher(ctx.output("teacher"), train_scorer.n)
+        healing = bool(cfg.heal_steps and plan.factorized)
+        if healing or self.score_test:  # else the fit's checkpoint passes through unread
+            tok = load_tokenizer(str(fitted), trust_remote_code=ctx.trust_remote_code)
+            refit = load_checkpoint(fitted, device=pick_device(ctx.device), trust_remote_code=ctx.trust_remote_code)
         method_used, val_refit, notes = fit["method"], float(fit["validation"]), list(fit["notes"])
         plan.method = method_used
-        val_scorer = make_scorer(tok, task, "validation", limit=cfg.val_limit, batch_size=cfg.batch_size,
-                                 model=refit)
         heal = None
-        if cfg.heal_steps and plan.factorized:
+        if healing:
             from ..heal import heal_
 
+            teacher = train_scorer = None
+            if cfg.heal == "kl":
+                train_scorer = make_scorer(tok, task, "train", limit=HEAL_KL_ROWS, batch_size=cfg.batch_size,
+                                           model=refit)
+                teacher = read_teacher(ctx.output("teacher"), train_scorer.n)
+            val_scorer = make_scorer(tok, task, "validation", limit=cfg.val_limit, batch_size=cfg.batch_size,
+                                     model=refit)
             heal = heal_(refit, tok, task, cfg.heal_steps, lr=cfg.heal_lr, batch_size=16, seed=cfg.seed,
                          val_scorer=val_scorer, higher_is_better=higher, log=ctx.log, loss=cfg.heal,
                          teacher=teacher, train_scorer=train_scorer)
@@ -571,10 +574,16 @@ class RefitStage(Stage):
             "total_seconds": total + time.perf_counter() - t0,
         })
         plan.meta.update({"refit_method": method_used})
-        manifest = build_manifest(refit, base_model=self.model.spec, method=method_used, task=task.name,
-                                  search={k: summary[k] for k in ("strategy", "objective", "tolerance", "relative",
-                                                                  "validation", "test", "seed")})
-        save_checkpoint(refit, tok, out, manifest)
+        # the fit's manifest (healing keeps the ranks) with the search's scores
+        manifest = {**read_manifest(fitted), "search": {k: summary[k] for k in (
+            "strategy", "objective", "tolerance", "relative", "validation", "test", "seed")}}
+        if heal is not None and heal.kept:
+            save_checkpoint(refit, tok, out, manifest)
+        else:  # the fit's weights unchanged: linked, not written again
+            for f in fitted.iterdir():
+                if f.is_file() and f.name not in (MANIFEST, "fit.json"):
+                    _link(f, out / f.name)
+            (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
         plan.to_json(out / "plan.json")
         _write_json(out / "search.json", summary)
         for name in ("history.json", "frontier.png", "heatmap.png", STATE):
@@ -661,10 +670,15 @@ def publish(src: Path, out: Path) -> None:
     files = sorted((f for f in src.iterdir() if f.is_file() and f.name != MANIFEST),
                    key=lambda f: (f.name != STATE, f.name))
     for f in [*files, src / MANIFEST]:
-        try:
-            os.link(f, out / f.name)
-        except OSError:
-            shutil.copy2(f, out / f.name)
+        _link(f, out / f.name)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """A hard link where the file system allows one, else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def run_search(model_spec, task_spec, out, config: SearchConfig = SearchConfig(), *,
