@@ -351,6 +351,22 @@ def test_uniform_bisection(tuned):
         search_plan(model, tok, task, cfg, decompositions=({}, 0))
 
 
+def test_uniform_bisection_stays_within_the_decomposed_ranks(tuned):
+    """The bisection's grid (0.025 steps) stops at the ladder's first level below 1.0: the
+    calibration decomposed no deeper, and a keep above it is not a rank anything can score."""
+    from sieve_edge.search.drivers import ladder_max_ranks
+
+    root, task_path = tuned
+    model, tok = load_tuned(root)
+    cfg = small_config(strategy="uniform", ladder=(1.0, 0.5, 0.2), tolerance=1e-6)
+    res = search_plan(model, tok, load_task(task_path), cfg)
+    assert set(res.levels.values()) - {1.0} <= {k / 40 for k in range(1, 21)}   # 0.5 at most
+    deepest = ladder_max_ranks({n: tuple(s) for n, s in res.plan.shapes.items()}, cfg)
+    assert all(r is None or r <= deepest[n] for n, r in res.plan.ranks.items())
+    scored = [h["keep"] for h in res.history]
+    assert scored and max(scored) <= 0.5
+
+
 _CHILD = r'''
 import sys, time
 sys.path.insert(0, {tests!r})

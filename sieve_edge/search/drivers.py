@@ -281,8 +281,6 @@ def run_uniform(ctx: SearchContext, saved: dict | None) -> Outcome:
     from ..lowrank import rank_for_keep
 
     config, shapes = ctx.config, ctx.objective.shapes
-    n = int(round(1.0 / UNIFORM_STEP))
-    keeps = [round(1.0 - i * UNIFORM_STEP, 6) for i in range(n)]      # 1.0, 0.975, ..., 0.025
     memo: dict[str, dict] = dict(saved.get("uniform", {})) if saved else {}
     history: list[dict] = list(saved.get("history", [])) if saved else []
     resumed_from = len(history) if saved else None
@@ -294,6 +292,13 @@ def run_uniform(ctx: SearchContext, saved: dict | None) -> Outcome:
             r = rank_for_keep(m, n_, keep, config.multiple)
             out[name] = r if ctx.objective.usable(name, r) else None
         return out
+
+    # 1.0, then every UNIFORM_STEP level whose ranks the decompositions hold: those go as deep
+    # as the ladder's first level below 1.0 needs (0.9 by default), so the bisection starts there
+    deepest = ladder_max_ranks(shapes, config)
+    fine = (round(1.0 - i * UNIFORM_STEP, 6) for i in range(1, int(round(1.0 / UNIFORM_STEP))))
+    keeps = [1.0] + [k for k in fine if all(r is None or r <= deepest[name] for name, r in ranks_of(k).items())]
+    n = len(keeps)
 
     def feasible(i: int) -> bool:
         k = f"{keeps[i]:.6f}"
@@ -475,8 +480,12 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
 
         if not isinstance(offload, OffloadedSearch):
             offload = OffloadedSearch(offload, model_device(model))
-        say(f"search: offloading the {len(shapes)} matrices and their search bases to {offload.folder} "
-            "(read one matrix at a time during the forward pass)")
+        if offload.attached:
+            say(f"search: the {len(shapes)} matrices and their search bases are offloaded in {offload.folder} "
+                "already (the sensitivity stage's files, read one matrix at a time during the forward pass)")
+        else:
+            say(f"search: offloading the {len(shapes)} matrices and their search bases to {offload.folder} "
+                "(read one matrix at a time during the forward pass)")
         offload.attach(model, decs)
         say(f"search: {offload.resident_bytes(model) / 2**30:.2f} GiB of the model stays in memory, "
             f"{sum(f.stat().st_size for f in offload.folder.glob('*.dat')) / 2**30:.2f} GiB offloaded")
