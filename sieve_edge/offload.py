@@ -63,6 +63,7 @@ class OffloadedSearch:
         self.index: dict[str, dict] = {}
         self.names: list[str] = []
         self._created = False
+        self._attached: tuple[int, str] | None = None  # (id of the model, the decompositions' folder)
 
     # -- the folder
 
@@ -95,15 +96,30 @@ class OffloadedSearch:
 
     # -- the model
 
+    @property
+    def attached(self) -> bool:
+        return bool(self.names)
+
     def attach(self, model: nn.Module, decompositions: Mapping) -> nn.Module:
         """Wrap every matrix named in ``decompositions`` in an offloaded SearchLinear (all
-        start dense), one matrix in memory at a time."""
+        start dense), one matrix in memory at a time.
+
+        Attached already to this model from the same decompositions' folder (the sensitivity
+        stage hands its offloaded model to the search stage), the files are reused as they are:
+        the modules must be dense again, which is how both stages leave them."""
         from accelerate.hooks import AlignDevicesHook, add_hook_to_module
         from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, offload_weight, save_offload_index
         from accelerate.utils.modeling import named_module_tensors
 
         from .factorize import SearchLinear
 
+        source = getattr(decompositions, "folder", None)
+        if self.attached:
+            if self._attached != (id(model), str(source)) or source is None:
+                raise ValueError(f"{self.folder}: already holds another model's or another calibration's matrices")
+            if any(arch.get_module(model, name).rank is not None for name in self.names):
+                raise ValueError(f"{self.folder}: the offloaded matrices are not all dense")
+            return model
         self._open()
         loader = OffloadedWeightsLoader(save_folder=str(self.folder), index=self.index)  # shares self.index
         try:
@@ -127,6 +143,7 @@ class OffloadedSearch:
             self.detach(model)
             raise
         save_offload_index(self.index, str(self.folder))
+        self._attached = (id(model), str(source))
         return model
 
     def detach(self, model: nn.Module) -> nn.Module:
@@ -140,7 +157,7 @@ class OffloadedSearch:
                 if self.weights is None:
                     remove_hook_from_module(searched)  # reads its tensors back where they were
                 arch.set_module(model, name, searched.dense)
-            self.names = []
+            self.names, self._attached = [], None
         finally:
             self.close()
         return model

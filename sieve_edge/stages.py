@@ -293,6 +293,7 @@ class StageContext:
         self.inputs: dict[str, dict[str, str]] = {}   # per slot: input label -> sha256
         self.forced: set[str] = set()
         self._models: dict[str, tuple] = dict(preloaded or {})
+        self._held: dict[str, tuple[object, Callable[[], None], str | None]] = {}
 
     def output(self, slot: str) -> Path:
         return self.outputs[slot]
@@ -314,6 +315,29 @@ class StageContext:
             self._models[spec] = (load_model(spec, device=self.device, trust_remote_code=self.trust_remote_code),
                                   load_tokenizer(spec, trust_remote_code=self.trust_remote_code))
         return self._models.pop(spec) if take else self._models[spec]
+
+    def hold(self, key: str, value, release: Callable[[], None], *, until: str | None = None) -> None:
+        """Keep ``value`` (costly to rebuild: an offloaded model whose files are written) for a
+        later stage of this run to ``claim``. Unclaimed, ``release()`` frees it once the stage
+        in slot ``until`` has been dealt with (ran, skipped or failed), or at the end of the run."""
+        self.release_held(key=key)
+        self._held[key] = (value, release, until)
+
+    def claim(self, key: str):
+        """The value held under ``key`` (now the caller's to free), or None."""
+        held = self._held.pop(key, None)
+        return None if held is None else held[0]
+
+    def release_held(self, slot: str | None = None, *, key: str | None = None) -> None:
+        """Free what is held until ``slot`` (everything when both are None; one ``key``).
+        A failing release is logged, not raised: it must not hide the error a run stops on."""
+        for k in [k for k, (_, _, until) in self._held.items()
+                  if (key is None or k == key) and (slot is None or until == slot)]:
+            _, release, _ = self._held.pop(k)
+            try:
+                release()
+            except Exception as e:  # noqa: BLE001
+                self.log(f"could not release {k}: {e}")
 
 
 class Workflow:
@@ -422,46 +446,55 @@ class Workflow:
         for stage in self.stages:
             stage.preflight(self.ctx)
         ran: set[str] = set()
-        for stage, record in zip(self.stages, self.records):
-            output = stage.output(self.work)
-            not_applicable = stage.applies(self.ctx)
-            if not_applicable:
-                record.status, record.why = "skipped", f"does not apply: {not_applicable}"
-                self.say(f"[{stage.slot}] skipped: {record.why}")
-                self._write_log()
-                continue
-            why = self._why_not_done(stage, ran)
-            if why is None:
-                rec = self._read_record(stage) or {}
-                record.status, record.why = "skipped", "done (key matches, output verified)"
-                record.summary = rec.get("summary") or {}
-                record.detail = str(record.summary.get("detail", ""))
-                self.ctx.summaries[stage.slot] = record.summary
-                self.ctx.seconds[stage.slot] = float(rec.get("seconds") or 0.0)
-                self.say(f"[{stage.slot}] skipped: done ({output})")
-                self._write_log()
-                continue
-            record.status, record.why = "running", why
-            self._write_log()
-            self.say(f"[{stage.slot}] running ({why}) ...")
-            t0 = time.perf_counter()
-            try:
-                summary = self._build(stage, output, t0)
-            except BaseException as e:
-                record.status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-                record.seconds = time.perf_counter() - t0
-                self._write_log()
-                raise
-            record.status, record.seconds = "ran", time.perf_counter() - t0
-            record.summary = summary
-            record.detail = str(summary.get("detail", ""))
-            self.ctx.summaries[stage.slot] = summary
-            self.ctx.seconds[stage.slot] = record.seconds
-            if not stage.always:
-                ran.add(stage.slot)
-            self.say(f"[{stage.slot}] done in {record.seconds:.0f} s {record.detail}".rstrip())
-            self._write_log()
+        try:
+            for stage, record in zip(self.stages, self.records):
+                try:
+                    self._run_stage(stage, record, ran)
+                finally:
+                    self.ctx.release_held(stage.slot)  # held for this stage, which did not claim it
+        finally:
+            self.ctx.release_held()  # held for a stage that never came
         return self.records
+
+    def _run_stage(self, stage: Stage, record: StageRecord, ran: set[str]) -> None:
+        output = stage.output(self.work)
+        not_applicable = stage.applies(self.ctx)
+        if not_applicable:
+            record.status, record.why = "skipped", f"does not apply: {not_applicable}"
+            self.say(f"[{stage.slot}] skipped: {record.why}")
+            self._write_log()
+            return
+        why = self._why_not_done(stage, ran)
+        if why is None:
+            rec = self._read_record(stage) or {}
+            record.status, record.why = "skipped", "done (key matches, output verified)"
+            record.summary = rec.get("summary") or {}
+            record.detail = str(record.summary.get("detail", ""))
+            self.ctx.summaries[stage.slot] = record.summary
+            self.ctx.seconds[stage.slot] = float(rec.get("seconds") or 0.0)
+            self.say(f"[{stage.slot}] skipped: done ({output})")
+            self._write_log()
+            return
+        record.status, record.why = "running", why
+        self._write_log()
+        self.say(f"[{stage.slot}] running ({why}) ...")
+        t0 = time.perf_counter()
+        try:
+            summary = self._build(stage, output, t0)
+        except BaseException as e:
+            record.status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            record.seconds = time.perf_counter() - t0
+            self._write_log()
+            raise
+        record.status, record.seconds = "ran", time.perf_counter() - t0
+        record.summary = summary
+        record.detail = str(summary.get("detail", ""))
+        self.ctx.summaries[stage.slot] = summary
+        self.ctx.seconds[stage.slot] = record.seconds
+        if not stage.always:
+            ran.add(stage.slot)
+        self.say(f"[{stage.slot}] done in {record.seconds:.0f} s {record.detail}".rstrip())
+        self._write_log()
 
     def _build(self, stage: Stage, output: Path, t0: float) -> dict:
         kill_point(stage.slot, "start")

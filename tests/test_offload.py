@@ -157,9 +157,15 @@ def test_search_plan_with_offload_gives_the_same_plan(tuned, tmp_path):  # noqa:
     assert not (tmp_path / "off").exists()
 
 
-def test_cli_search_with_offload_gives_the_same_plan(tuned, tmp_path):  # noqa: F811
+def test_cli_search_with_offload_gives_the_same_plan(tuned, tmp_path, monkeypatch):  # noqa: F811
+    import accelerate.utils
+
     root, task_path = tuned
     plans = []
+    written = []  # every tensor offload_weight writes: the sensitivity and search stages share one offload
+    original = accelerate.utils.offload_weight
+    monkeypatch.setattr(accelerate.utils, "offload_weight",
+                        lambda weight, name, *a, **kw: (written.append(name), original(weight, name, *a, **kw))[1])
     for name, extra in (("mem", []), ("off", ["--offload", str(tmp_path / "scratch")])):
         out = tmp_path / name
         res = CliRunner().invoke(main, ["search", "--model", str(root / "model"), "--task", str(task_path),
@@ -169,7 +175,8 @@ def test_cli_search_with_offload_gives_the_same_plan(tuned, tmp_path):  # noqa: 
         assert res.exit_code == 0, (res.output[-3000:], repr(res.exception))
         plans.append(json.loads((out / "plan.json").read_text()))
         if extra:
-            assert "offloading the" in res.output
+            assert "[sensitivity] running" in res.output and "offloaded in" in res.output
+            assert written and len(written) == len(set(written))  # each tensor written once, not once per stage
     assert plans[0]["ranks"] == plans[1]["ranks"]
     assert plans[0]["meta"]["validation_metric"] == plans[1]["meta"]["validation_metric"]
     assert not (tmp_path / "scratch").exists()

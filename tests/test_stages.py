@@ -101,6 +101,56 @@ def test_stage_needing_a_stage_that_does_not_run_before_it_is_a_bug(tmp_path):
         flow(tmp_path, [Copy("b", src, needs=("a",)), Copy("a", src)]).run()
 
 
+class Holder(Copy):
+    """Copy that holds a resource for the stage in slot ``until`` (released into ``freed``)."""
+
+    def __init__(self, slot, source, until, freed, **kw):
+        super().__init__(slot, source, **kw)
+        self.until, self.freed = until, freed
+
+    def build(self, ctx, out):
+        summary = super().build(ctx, out)
+        ctx.hold("res", f"from {self.slot}", lambda: self.freed.append(self.slot), until=self.until)
+        return summary
+
+
+class Taker(Copy):
+    """Copy that claims the held resource (None when nothing is held) and records what it saw."""
+
+    def __init__(self, slot, source, seen, **kw):
+        super().__init__(slot, source, **kw)
+        self.seen = seen
+
+    def build(self, ctx, out):
+        self.seen.append(ctx.claim("res"))
+        return super().build(ctx, out)
+
+
+def test_a_held_resource_goes_to_the_stage_that_claims_it_or_is_freed_after_that_stage(tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("a")
+    freed, seen = [], []
+    # claimed: the taker owns it, nothing is released for it
+    flow(tmp_path, [Holder("a", src, "b", freed), Taker("b", src, seen)]).run()
+    assert seen == ["from a"] and freed == []
+    # the stage it was held for is skipped (done): freed right after it, before the next stage runs
+    out = tmp_path / "again"
+    stages = [Holder("a", src, "b", freed), Copy("b", src), Taker("c", src, seen)]
+    S.Workflow(out, stages[1:2]).run()                     # b done already
+    S.Workflow(out, stages).run()
+    assert freed == ["a"] and seen == ["from a", None]
+    # a stage that fails after a hold: freed on the way out, the error is the stage's own
+    freed.clear()
+    with pytest.raises(RuntimeError, match="boom"):
+        flow(tmp_path / "x", [Holder("a", src, "c", freed), Copy("b", src, fail=True), Taker("c", src, seen)]).run()
+    assert freed == ["a"]
+    # holding again under the same key frees the earlier value first
+    ctx = S.StageContext(tmp_path, lambda m: None)
+    ctx.hold("k", 1, lambda: freed.append("first"))
+    ctx.hold("k", 2, lambda: freed.append("second"))
+    assert freed == ["a", "first"] and ctx.claim("k") == 2 and ctx.claim("k") is None
+
+
 def test_hash_cache_reads_a_file_once_per_change(tmp_path, monkeypatch):
     f = tmp_path / "weights.bin"
     f.write_bytes(b"x" * 1000)

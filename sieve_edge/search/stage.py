@@ -152,6 +152,11 @@ def offloaded_scoring_model(ctx: StageContext, model: ModelRef, folder: Path):
     return loaded, tok, OffloadedSearch(folder, model_device(loaded))
 
 
+def offload_key(model: ModelRef, folder: str | Path) -> str:
+    """What an offloaded scoring model is held under between the sensitivity and search stages."""
+    return f"offloaded {model.spec} in {Path(folder).resolve()}"
+
+
 class SensitivityStage(Stage):
     name = "sensitivity"
 
@@ -199,8 +204,16 @@ class SensitivityStage(Stage):
             del decs
         try:
             kl = task_costs(model, scorer, ranks, cfg.sensitivity_examples, ctx.log)
-        finally:
+        except BaseException:
             offload.detach(model) if offload is not None else detach_search_(model)
+            raise
+        if offload is not None:
+            # the search stage scores on the same offloaded matrices: held for it rather than
+            # deleted and written to disk again (freed after the search stage if it does not take them)
+            ctx.hold(offload_key(self.model, self.offload), (model, tok, offload), lambda: offload.detach(model),
+                     until="search")
+        else:
+            detach_search_(model)
         _write_json(out / "sensitivity.json", {
             "applies": True, "measure": "label-Fisher KL(dense || cut) per ladder level",
             "examples": min(cfg.sensitivity_examples, scorer.n), "ladder": list(cfg.ladder),
@@ -289,7 +302,8 @@ class SearchStage(Stage):
         offload = None
         if self.offload is not None:
             # the matrices and bases on disk; the decompositions read one matrix at a time
-            model, tok, offload = offloaded_scoring_model(ctx, self.model, Path(self.offload))
+            held = ctx.claim(offload_key(self.model, self.offload))
+            model, tok, offload = held or offloaded_scoring_model(ctx, self.model, Path(self.offload))
             decs = DecompositionFiles(ctx.output("calibrate"))
             tokens = decs.tokens
         else:
