@@ -273,6 +273,26 @@ def test_budget_running_out_mid_search_stops_without_made_up_results(tuned, monk
     assert res.seconds == clock["t"] <= 120.0             # the budget counts the search, and only it
 
 
+def test_the_budget_is_searched_to_its_end_not_stopped_a_generation_early(tuned, monkeypatch):
+    # 10 s per candidate, 6 per generation: a rule that waits for a whole generation to fit
+    # leaves up to a minute of the budget unused. A partial generation is scored instead
+    # (best-predicted candidates first), until one more candidate and the reserve to confirm
+    # the plan would not fit.
+    from sieve_edge.search import CandidateEvaluator
+
+    clock = fake_clock(monkeypatch, 10.0)
+    confirmations = []
+    original = CandidateEvaluator.confirm
+    monkeypatch.setattr(CandidateEvaluator, "confirm", lambda self, ranks: (confirmations.append(1),
+                                                                             original(self, ranks))[1])
+    root, task_path = tuned
+    model, tok = load_tuned(root)
+    res = search_plan(model, tok, load_task(task_path), small_config(generations=50), budget_minutes=5.0)
+    assert res.stopped == "budget" and 1 <= len(res.history) < 50
+    searching = 10.0 * (clock["calls"] - len(confirmations))   # seeds and generations, not the confirmations
+    assert 300.0 - searching <= 2 * 10.0, (searching, len(confirmations))
+
+
 def test_budget_ending_before_the_first_generation_still_writes_a_plan(tuned, tmp_path, monkeypatch):
     # A slow box: every candidate costs 60 s, the 3-minute budget ends while the GA is still
     # seeding. The command must finish (best measured plan, state file for a resume) and exit 0.

@@ -26,6 +26,7 @@ from typing import Callable
 from ..errors import BudgetError, InputError, TaskSpecError
 from ..ga import Evaluation, GAConfig, GeneticSearch, Genome, key, unkey
 from ..stages import kill_point
+from . import budget as budget_clock
 from .budget import Budget
 from .config import BEFORE_FIRST_GENERATION, UNIFORM_STEP, SearchConfig, SearchResult, SearchState
 from .evaluator import REFERENCE, CandidateEvaluator
@@ -150,13 +151,14 @@ def run_genetic(ctx: SearchContext, saved: dict | None, costs: tuple[dict[str, l
             _seed(ga, ctx, measured, costs)
         while not ga.done():
             if ga.generation >= 0 and _next_generation_too_long(ga, ctx):
-                ctx.log(f"search: stopping after generation {ga.generation}: the next one would exceed the budget")
+                ctx.log(f"search: stopping after generation {ga.generation}: not a quarter of the next one fits "
+                        "the budget left")
                 stopped = "budget"
                 break
             todo = ga.unscored(ga.ask())
-            t0 = time.perf_counter()
+            t0 = budget_clock.now()  # the budget's clock: a generation's cost is in its units
             got = ctx.score(todo)
-            record = ga.tell(todo[:len(got)], got, seconds=time.perf_counter() - t0)
+            record = ga.tell(todo[:len(got)], got, seconds=budget_clock.now() - t0)
             if record is None:
                 raise _BudgetSpent
             if surrogate is not None:
@@ -236,10 +238,19 @@ def _at_half(costs: tuple[dict[str, list[float]], str] | None, ladder: Ladder) -
 
 
 def _next_generation_too_long(ga: GeneticSearch, ctx: SearchContext) -> bool:
-    # a generation costs about what the recent ones did (and at least one full evaluation),
-    # and one full evaluation stays in reserve to confirm the chosen plan
-    recent = [r.seconds for r in ga.history[-3:]] + [ctx.evaluator.dense_seconds]
-    return not ctx.budget.allows(max(recent) + ctx.evaluator.dense_seconds)
+    """Whether not even a quarter of the next generation fits the budget left.
+
+    A partial generation is worth starting: its candidates come best first (the surrogate's
+    screen orders them by predicted fitness), every one scored counts toward the best plan,
+    and scoring stops by itself when the next candidate would not fit (keeping one full
+    evaluation in reserve to confirm the chosen plan). A candidate costs what the recent
+    generations' did on average (racing settles most on a subset), at least a full evaluation
+    when none is known."""
+    recent = ga.history[-3:]
+    n = sum(r.evaluations for r in recent)
+    per_candidate = sum(r.seconds for r in recent) / n if n else ctx.evaluator.dense_seconds
+    quarter = max(1, ga.config.population // 4)
+    return not ctx.budget.allows(quarter * per_candidate + ctx.evaluator.dense_seconds)
 
 
 def _seed(ga: GeneticSearch, ctx: SearchContext, measured: Callable[[Genome], Evaluation],
