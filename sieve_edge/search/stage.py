@@ -499,8 +499,7 @@ class RefitStage(Stage):
     name = "refit"
     version = 2               # 2: the refit itself is the fit stage's; this one heals and scores
 
-    def __init__(self, model: ModelRef, task, config: SearchConfig, test_limit: int | None, progress: bool = False,
-                 score_test: bool = True):
+    def __init__(self, model: ModelRef, task, config: SearchConfig, test_limit: int | None, score_test: bool = True):
         splits = ("validation", "test") if score_test else ("validation",)
         if config.heal_steps:
             splits += ("train",)
@@ -512,7 +511,7 @@ class RefitStage(Stage):
             inputs=task_inputs(task, splits),
             needs=("fit", "search") + (("reference",) if score_test else ())
             + (("teacher",) if config.heal_steps and config.heal == "kl" else ()) + model.needs)
-        self.model, self.task, self.settings, self.test_limit, self.progress = model, task, config, test_limit, progress
+        self.model, self.task, self.settings, self.test_limit = model, task, config, test_limit
         self.score_test = score_test
         if not score_test:
             self.config.pop("test_limit")
@@ -626,7 +625,7 @@ def search_stages(model: ModelRef, task, config: SearchConfig, *, budget_minutes
     if score_test:
         stages.append(ReferenceStage(model, task, test_limit))
     stages.append(FitStage(model, task, config, progress))
-    return stages + [RefitStage(model, task, config, test_limit, progress, score_test)]
+    return stages + [RefitStage(model, task, config, test_limit, score_test)]
 
 
 # ---------------------------------------------------------------- sieve-edge search

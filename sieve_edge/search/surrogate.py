@@ -17,8 +17,13 @@ It is refit after every generation from every candidate scored so far. ``Surroga
 is the ``GeneticSearch.proposer``: per generation it runs a small GA on the surrogate alone
 (thousands of plans, no model run), then hands the real evaluator the most promising plans
 not yet measured (highest predicted objective within the predicted tolerance) plus a few of
-the plain GA's children for exploration. Everything it uses is in its ``state_dict`` (saved
-with the search state) or drawn from the GA's RNG, so a resumed search asks the same plans.
+the plain GA's children for exploration. The plans it proposes stay within a trust region
+of the best feasible plan measured so far (at most ``trust_radius`` more gain), which widens
+after a generation that found a better plan and narrows after one that did not: an inner GA
+run on an imperfect surrogate otherwise proposes, generation after generation, the plans
+whose cost it underestimates most, far beyond anything measured feasible. Everything it
+uses is in its ``state_dict`` (saved with the search state), the GA's history or the GA's
+RNG, so a resumed search asks the same plans.
 """
 from __future__ import annotations
 
@@ -30,6 +35,24 @@ from ..ga import Evaluation, GAConfig, GeneticSearch, Genome, fitness, key, unke
 RIDGE = 0.02           # pull of each matrix's scale toward 1, relative to the mean information per matrix
 INNER_POPULATION = 48  # the surrogate GA, per real generation
 INNER_GENERATIONS = 30
+TRUST_START = 0.1      # gain (fraction of the objective) the screen may propose beyond the best feasible plan
+TRUST_MIN = 0.01       # the narrowest trust region; TRUST_MAX the widest
+TRUST_MAX = 1.0
+
+
+def trust_radius(best_gains: Sequence[float | None]) -> float:
+    """The trust region's radius after generations whose best feasible gains so far were
+    ``best_gains`` (the GA's history, generation 0 first): it starts at ``TRUST_START``,
+    doubles after a generation that raised the best feasible gain, halves after one that
+    did not (a derived quantity, so a resumed search has the same radius)."""
+    radius, best = TRUST_START, None
+    for i, g in enumerate(best_gains):
+        if i > 0:
+            improved = g is not None and (best is None or g > best + 1e-12)
+            radius = min(2 * radius, TRUST_MAX) if improved else max(radius / 2, TRUST_MIN)
+        if g is not None:
+            best = g if best is None else max(best, g)
+    return radius
 
 
 def isotonic(xs: Sequence[float], ys: Sequence[float], ws: Sequence[float]) -> list[tuple[float, float, float]]:
@@ -134,7 +157,8 @@ class SurrogateScreen:
     ``INNER_GENERATIONS`` plans, genomes already measured carry their real evaluation);
     the real candidates are the outer elites, then the unmeasured plans of best predicted
     fitness, then ``explore`` of the plain children not chosen (what the surrogate may
-    misjudge gets measured too).
+    misjudge gets measured too). On the surrogate, a plan of more gain than the best
+    feasible one plus ``trust_radius`` counts as beyond the tolerance by its excess gain.
     """
 
     def __init__(self, surrogate: Surrogate, gain_of: Callable[[Genome], float], tolerance: float,
@@ -145,6 +169,8 @@ class SurrogateScreen:
         self.penalty = penalty
         self.explore = explore
         self.screened = 0            # plans scored on the surrogate, in total
+        self.limit = math.inf        # the trust region's upper gain this generation
+        self.radius = TRUST_START
         self._gains: dict[Genome, float] = {}
         self._level_gains = None
 
@@ -158,8 +184,10 @@ class SurrogateScreen:
     def estimate(self, genomes: list[Genome]) -> list[Evaluation]:
         out = []
         for g in genomes:
-            drop = self.surrogate.predict(g)
-            out.append(Evaluation(self._gain(g), math.nan, drop, drop <= self.tol, self.surrogate.score(g), False))
+            drop, gain = self.surrogate.predict(g), self._gain(g)
+            if gain > self.limit:  # outside the trust region: as if beyond the tolerance by the excess
+                drop = max(drop, self.tol + gain - self.limit)
+            out.append(Evaluation(gain, math.nan, drop, drop <= self.tol, self.surrogate.score(g), False))
         self.screened += len(genomes)
         return out
 
@@ -168,6 +196,9 @@ class SurrogateScreen:
 
         size = ga.config.population
         elites = children[:ga.config.elite]
+        self.radius = trust_radius([r.best_gain for r in ga.history])
+        best = ga.cache.get(key(ga.best_feasible)) if ga.best_feasible is not None else None
+        self.limit = (best.gain if best is not None else 0.0) + self.radius
         # the surrogate's own best trades of cost for gain (exact for its additive part) start
         # the inner search beside the real population and the plain children
         sur = self.surrogate
