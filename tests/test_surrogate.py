@@ -10,7 +10,7 @@ import pytest
 from sieve_edge.ga import Evaluation, GAConfig, GeneticSearch, key
 from sieve_edge.search import Budget, Ladder, ParamObjective, SearchConfig, SearchState
 from sieve_edge.search.drivers import SearchContext, run_genetic
-from sieve_edge.search.surrogate import Surrogate, SurrogateScreen, isotonic
+from sieve_edge.search.surrogate import TRUST_MIN, TRUST_START, Surrogate, SurrogateScreen, isotonic, trust_radius
 from tiny import make_model
 
 TOL = 0.01
@@ -190,3 +190,37 @@ def test_screen_returns_a_full_generation_of_distinct_unmeasured_plans():
     assert len(nxt) == 8 == len(set(nxt))
     assert screen.screened > 500                          # it looked at many more plans than it asks for
     assert sum(key(g) not in ga.cache for g in nxt) >= 8 - ga.config.elite
+
+
+def test_trust_radius_widens_after_a_better_plan_and_narrows_after_none():
+    assert trust_radius([]) == trust_radius([0.3]) == TRUST_START
+    assert trust_radius([0.3, 0.3]) == pytest.approx(TRUST_START / 2)
+    assert trust_radius([0.3, 0.3, 0.4]) == pytest.approx(TRUST_START)
+    assert trust_radius([None, 0.2]) == pytest.approx(2 * TRUST_START)   # the first feasible plan is progress
+    assert trust_radius([0.3] * 30) == TRUST_MIN
+
+
+def test_screen_proposes_within_the_trust_region_when_the_surrogate_sees_no_cost():
+    """A surrogate that predicts no drop for any plan (the worst underestimate) would have the
+    screen propose the deepest plans; within the trust region it proposes plans of at most the
+    best measured feasible gain plus the radius, save the elites and the exploration children."""
+    p = Problem()
+    zero = {n: [0.0] * len(p.ladder.keeps) for n in p.ladder.names}
+    gain_of = lambda g: p.objective.gain(p.ladder.to_ranks(g))  # noqa: E731
+    screen = SurrogateScreen(Surrogate(zero, p.ladder.names), gain_of, TOL, explore=2)
+    ga = GeneticSearch(len(p.ladder.names), len(p.ladder.keeps), None, TOL, GAConfig(population=10, seed=0))
+    ev = SyntheticEvaluator(p)
+    todo = ga.unscored(ga.ask())
+    ga.tell(todo, [ev(p.ladder.to_ranks(g)) for g in todo])
+    best = ga.cache[key(ga.best_feasible)].gain
+    ga.proposer = screen
+    children = ga._breed()
+    ga.rng.seed(1)
+    proposed = screen(ga, children)
+    assert screen.limit == pytest.approx(best + TRUST_START)
+    free = set(children[:ga.config.elite]) | set(children)   # elites and exploration come from the plain GA
+    screened = [g for g in proposed if g not in free]
+    assert len(screened) >= 10 - ga.config.elite - 2
+    assert max(gain_of(g) for g in screened) <= best + TRUST_START + 1e-9
+    deepest = gain_of(tuple([len(p.ladder.keeps) - 1] * len(p.ladder.names)))
+    assert deepest > best + 2 * TRUST_START     # the region excluded something the surrogate would pick
