@@ -158,7 +158,8 @@ class SurrogateScreen:
     the real candidates are the outer elites, then the unmeasured plans of best predicted
     fitness, then ``explore`` of the plain children not chosen (what the surrogate may
     misjudge gets measured too). On the surrogate, a plan of more gain than the best
-    feasible one plus ``trust_radius`` counts as beyond the tolerance by its excess gain.
+    feasible one plus ``trust_radius`` counts as beyond the tolerance by its excess gain, and
+    the picks are spread over that region's gains (a parallel line search toward the frontier).
     """
 
     def __init__(self, surrogate: Surrogate, gain_of: Callable[[Genome], float], tolerance: float,
@@ -218,6 +219,17 @@ class SurrogateScreen:
         scored.sort(key=lambda ge: (-fitness(ge[1], self.tol, self.penalty), ge[1].proxy, ge[0]))
         chosen = list(dict.fromkeys(elites))
         n_explore = min(self.explore, max(size - len(chosen) - 1, 0))
+        # spread over the trust region: the i-th of n picks is the best plan predicted within
+        # the tolerance whose gain is at most base + radius * i / n, so one generation brackets
+        # the frontier instead of measuring n plans at the region's edge
+        n_pick = size - n_explore - len(chosen)
+        base = self.limit - self.radius
+        within = [g for g, ev in scored if ev.feasible]
+        for i in range(n_pick, 0, -1):
+            cap = base + self.radius * i / n_pick + 1e-12
+            g = next((g for g in within if g not in chosen and self._gain(g) <= cap), None)
+            if g is not None:
+                chosen.append(g)
         for g, _ in scored:
             if len(chosen) >= size - n_explore:
                 break
