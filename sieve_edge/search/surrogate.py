@@ -170,10 +170,14 @@ class SurrogateScreen:
         self.penalty = penalty
         self.explore = explore
         self.screened = 0            # plans scored on the surrogate, in total
-        self.limit = math.inf        # the trust region's upper gain this generation
-        self.radius = TRUST_START
+        self.base, self.radius = 0.0, math.inf  # the trust region: best feasible gain, how far beyond it
         self._gains: dict[Genome, float] = {}
         self._level_gains = None
+
+    @property
+    def limit(self) -> float:
+        """The trust region's upper gain this generation."""
+        return self.base + self.radius
 
     def _gain(self, g: Genome) -> float:
         if len(self._gains) > 100_000:
@@ -198,8 +202,7 @@ class SurrogateScreen:
         size = ga.config.population
         elites = children[:ga.config.elite]
         self.radius = trust_radius([r.best_gain for r in ga.history])
-        best = ga.cache.get(key(ga.best_feasible)) if ga.best_feasible is not None else None
-        self.limit = (best.gain if best is not None else 0.0) + self.radius
+        self.base = 0.0 if ga.best_feasible is None else ga.evaluation(ga.best_feasible).gain
         # the surrogate's own best trades of cost for gain (exact for its additive part) start
         # the inner search beside the real population and the plain children
         sur = self.surrogate
@@ -223,10 +226,9 @@ class SurrogateScreen:
         # the tolerance whose gain is at most base + radius * i / n, so one generation brackets
         # the frontier instead of measuring n plans at the region's edge
         n_pick = size - n_explore - len(chosen)
-        base = self.limit - self.radius
         within = [g for g, ev in scored if ev.feasible]
         for i in range(n_pick, 0, -1):
-            cap = base + self.radius * i / n_pick + 1e-12
+            cap = self.base + self.radius * i / n_pick + 1e-12
             g = next((g for g in within if g not in chosen and self._gain(g) <= cap), None)
             if g is not None:
                 chosen.append(g)
