@@ -79,6 +79,9 @@ def parse_args(argv=None):
                         "checkpoint scored again) and record validation and test before and after")
     p.add_argument("--heal", default="kl", choices=("ce", "kl"), help="the healing loss (with --heal-steps)")
     p.add_argument("--heal-lr", type=float, default=1e-4)
+    p.add_argument("--holdout", type=int, default=0,
+                   help="also confirm each row's plan on this many validation rows beyond --val-limit (the "
+                        "finished search reused, its plan refit and scored again) and record what it keeps")
     p.add_argument("--no-cross", dest="cross", action="store_false",
                    help="skip the uci_* cross-dataset scores of the sst2 plans")
     p.add_argument("--quick", action="store_true",
@@ -257,6 +260,8 @@ def main(argv=None) -> int:
                                     "pruned": evaluate(pruned, tok, cross_task(args.work, n, args.datasets),
                                                        "test").value}
                                 for n in CROSS}
+            if args.holdout:
+                row["holdout"] = held_out(args, spec, task_file, out, cfg, dense, tok, stages, summary, log)
             if args.heal_steps:
                 row["heal"] = healed(args, spec, task_file, out, cfg, dense, tok, stages, summary, log)
             rows.append(row)
@@ -267,6 +272,32 @@ def main(argv=None) -> int:
     _write(args, rows, started)
     print(table(rows))
     return 0
+
+
+def held_out(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, unheld: dict, log) -> dict:
+    """The row's search confirmed on --holdout validation rows it never scored: the finished
+    search's state is reused (no candidate scored again), the plan the holdout keeps is refit
+    and scored on test, into OUT-holdout."""
+    import dataclasses
+    import shutil
+
+    from sieve_edge.search import run_search
+
+    folder = out.with_name(out.name + "-holdout")
+    shutil.rmtree(folder, ignore_errors=True)
+    cfg = dataclasses.replace(cfg, holdout=args.holdout)
+    t0 = time.perf_counter()
+    summary = run_search(spec, task_file, folder, cfg, budget_minutes=args.budget_minutes, force=False,
+                         test_limit=args.test_limit, log=log, model=copy.deepcopy(dense), tokenizer=tok,
+                         work=stages)
+    if summary["evaluations"] != unheld["evaluations"]:
+        raise RuntimeError(f"{folder}: the holdout rerun scored candidates again ({unheld['evaluations']} -> "
+                           f"{summary['evaluations']}): it did not resume the row's finished search")
+    h = summary["holdout"]
+    return {"rows": h["rows"], "dense": h["dense"], "tries": h["tries"], "passed": h["passed"],
+            "reduction": summary["linear_param_reduction"], "val_final": summary["validation"]["final"],
+            "test_pruned": summary["test"]["pruned"], "test_drop": summary["test"]["drop"],
+            "method": summary["method"], "minutes": (time.perf_counter() - t0) / 60, "out": str(folder)}
 
 
 def healed(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, unhealed: dict, log) -> dict | None:
@@ -395,6 +426,17 @@ def table(rows) -> str:
             h = r["heal"]
             lines.append(f"| {r['task']} {r['strategy']} {r['tolerance']:g} | {h['steps']} ({h['loss']}) | "
                          f"{h['val_before']:.3f} → {h['val_after']:.3f} ({'kept' if h['kept'] else 'discarded'}) | "
+                         f"{100 * r['test_drop']:+.1f} → {100 * h['test_drop']:+.1f} pt |")
+    held = [r for r in rows if r.get("holdout")]
+    if held:
+        lines += ["", "| row | holdout rows | plans tried: removed → holdout drop | removed | val final | "
+                      "test drop without → with holdout |", "|---|---|---|---|---|---|"]
+        for r in held:
+            h = r["holdout"]
+            tried = ", ".join(f"{100 * t['gain']:.1f}% → {100 * t['drop']:+.1f}{'' if t['passed'] else ' ✗'}"
+                              for t in h["tries"]) or "-"
+            lines.append(f"| {r['task']} {r['strategy']} {r['tolerance']:g} | {h['rows']} | {tried} | "
+                         f"{100 * r['reduction']:.1f}% → {100 * h['reduction']:.1f}% | {h['val_final']:.3f} | "
                          f"{100 * r['test_drop']:+.1f} → {100 * h['test_drop']:+.1f} pt |")
     cross = [r for r in rows if r.get("cross")]
     if cross:

@@ -106,6 +106,12 @@ _TRUST_REMOTE_CODE = click.option(
     help="DANGEROUS: let transformers run Python code that the model folder names (auto_map); "
          "without it such a folder is refused.")
 
+# rows held out of the search to confirm its plan: shared by search and run
+_HOLDOUT = click.option("--holdout", type=click.IntRange(min=0), default=0, show_default=True,
+                        help="Validation rows beyond --val-limit that the search never scores, held out to confirm "
+                             "its plan: the largest plan within the tolerance on them too is kept. A search that "
+                             "measures many plans near the tolerance keeps one that validation favoured by chance; "
+                             "these rows score it afresh (0 = no holdout).")
 # healing after the refit: shared by search and run
 _HEAL_STEPS = click.option("--heal-steps", type=click.IntRange(min=0), default=0, show_default=True,
                            help="Fine-tune the factors this many steps on the train split after the refit.")
@@ -325,6 +331,7 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
               help="GA: screen thousands of plans per generation on a surrogate of the metric drop (label-Fisher "
                    "costs refit on every measured plan) and score only the most promising on the model.")
 @click.option("--test-limit", type=click.IntRange(min=1), default=None, help="Score only the first N test rows.")
+@_HOLDOUT
 @_HEAL_STEPS
 @_HEAL_LR
 @_HEAL
@@ -343,8 +350,8 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
 @handle_errors
 def search_command(model_spec, task_spec, tolerance, relative, method, strategy, objective, target, budget_minutes,
                    seed, population, generations, ladder, n_calibration, val_limit, race_size, race_z, surrogate,
-                   test_limit, heal_steps, heal_lr, heal, weights, out, force, as_json, device, workers, ray_address,
-                   offload, trust_remote_code):
+                   test_limit, holdout, heal_steps, heal_lr, heal, weights, out, force, as_json, device, workers,
+                   ray_address, offload, trust_remote_code):
     """Search a keep level per matrix within an accuracy tolerance; write the refit checkpoint.
 
     Stages: calibrate → sensitivity → search → reference → refit, kept in OUT/.stages.
@@ -368,7 +375,7 @@ def search_command(model_spec, task_spec, tolerance, relative, method, strategy,
                           objective=objective, target=target, seed=seed, population=population,
                           generations=generations, ladder=levels, n_calibration=n_calibration, val_limit=val_limit,
                           race_size=race_size, race_z=race_z, surrogate=surrogate, heal_steps=heal_steps,
-                          heal_lr=heal_lr, heal=heal, weights=weights)
+                          heal_lr=heal_lr, heal=heal, weights=weights, holdout=holdout)
     summary = run_search(model_spec, task_spec, out, config, budget_minutes=budget_minutes, force=force,
                          test_limit=test_limit, log=log, trust_remote_code=trust_remote_code, workers=pool,
                          device=device, offload=offload)
@@ -537,6 +544,7 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @click.option("--val-limit", type=int, default=300, show_default=True,
               help="Validation examples the search scores per candidate.")
 @click.option("--test-limit", type=int, default=None, help="Test examples for the reference and validation.")
+@_HOLDOUT
 @_HEAL_STEPS
 @_HEAL_LR
 @_HEAL
@@ -555,7 +563,7 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @_TRUST_REMOTE_CODE
 @handle_errors
 def run(model, task, target, out, tune_steps, tolerance, strategy, objective, method, budget_minutes, n_calibration,
-        val_limit, test_limit, heal_steps, heal_lr, heal, task_head, seed, force, work, device, workers,
+        val_limit, test_limit, holdout, heal_steps, heal_lr, heal, task_head, seed, force, work, device, workers,
         ray_address, offload, trust_remote_code):
     """tune? → calibrate → sensitivity → search → refit → export → reference → bundle → validate.
 
@@ -575,7 +583,8 @@ def run(model, task, target, out, tune_steps, tolerance, strategy, objective, me
                            strategy=strategy, objective=objective, method=method, budget_minutes=budget_minutes,
                            seed=seed,
                            n_calibration=n_calibration, val_limit=val_limit, test_limit=test_limit,
-                           heal_steps=heal_steps, heal_lr=heal_lr, heal=heal, task_head=task_head, force=force,
+                           holdout=holdout, heal_steps=heal_steps, heal_lr=heal_lr, heal=heal, task_head=task_head,
+                           force=force,
                            work=work, log=log,
                            trust_remote_code=trust_remote_code, workers=pool, device=device, offload=offload)
     click.echo(summary.table())

@@ -180,7 +180,7 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
         strategy: str = "ga", objective: str | None = None, method: str = "sieve",
         budget_minutes: float | None = None, seed: int = 0,
         n_calibration: int = 512, val_limit: int | None = 300, test_limit: int | None = None,
-        heal_steps: int = 0, heal_lr: float = 1e-4, heal: str = "ce", task_head: bool | None = None,
+        holdout: int = 0, heal_steps: int = 0, heal_lr: float = 1e-4, heal: str = "ce", task_head: bool | None = None,
         force: bool = False, work=None, log: Callable[[str], None] | None = None,
         trust_remote_code: bool = False, workers=None, device: str | None = None,
         offload: str | Path | None = None) -> RunSummary:
@@ -201,6 +201,8 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
     same plan). device: auto, cpu or cuda, where the stages run the model (not keyed).
     offload: a scratch folder where the sensitivity and search stages keep the matrices and
     their search bases while scoring (read one at a time; not keyed, the same plan).
+    holdout: validation rows beyond ``val_limit`` the search never scores, held out to confirm
+    its plan (``sieve-edge search --holdout``).
     heal_steps, heal_lr, heal: the refit stage's healing (steps, learning rate, loss ``ce`` or
     ``kl``), as in ``sieve-edge search``; kept only if validation does not get worse.
     """
@@ -234,7 +236,8 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
     config = SearchConfig(tolerance=tolerance, method=method, strategy=strategy, seed=seed,
                           objective=objective, target=None if objective == "params" else str(profile.path or target),
                           n_calibration=n_calibration, val_limit=val_limit, heal_steps=heal_steps,
-                          heal_lr=heal_lr, heal=heal, weights="int8" if profile.weights == "int8" else "fp32")
+                          heal_lr=heal_lr, heal=heal, holdout=holdout,
+                          weights="int8" if profile.weights == "int8" else "fp32")
     out = Path(out)
     work = out.with_name(out.name + ".work") if work is None else Path(work)
     if work.resolve() == out.resolve() or out.resolve() in work.resolve().parents:

@@ -182,3 +182,31 @@ def test_healed_row_reuses_the_rows_search_and_refits_with_healing(bench, tmp_pa
     # a plan that cut nothing has nothing to heal
     assert bench.healed(args, "tiny", task, out, cfg, model, tok, stages,
                         {"linear_param_reduction": 0.0}, log=None) is None
+
+
+def test_held_out_row_resumes_the_rows_search_and_tables_the_plans_tried(bench, tmp_path):
+    """--holdout: the row's finished search is confirmed on held-out rows without scoring a
+    candidate again; the plan it keeps is refit and scored on test."""
+    import argparse
+    import copy
+
+    from test_search import small_config, write_task
+
+    from sieve_edge.search import run_search
+    from tiny import make_model, make_tokenizer
+
+    task = write_task(tmp_path / "task")
+    model, tok = make_model("llama"), make_tokenizer()
+    cfg = small_config(tolerance=0.3, generations=1, val_limit=16)
+    stages, out = tmp_path / "stages", tmp_path / "search-x"
+    plain = run_search("tiny", task, out, cfg, force=True, model=copy.deepcopy(model), tokenizer=tok, work=stages)
+    args = argparse.Namespace(holdout=16, budget_minutes=None, test_limit=None)
+    row = bench.held_out(args, "tiny", task, out, cfg, model, tok, stages, plain, log=None)
+    assert row["rows"] == 16 and row["tries"] and row["reduction"] <= plain["linear_param_reduction"] + 1e-12
+    held = json.loads((tmp_path / "search-x-holdout" / "search.json").read_text())
+    assert held["holdout"]["tries"] == row["tries"] and row["test_pruned"] == held["test"]["pruned"]
+    table = bench.table([{**_row("sst2", "ga-sieve", 0.01, plain["linear_param_reduction"]), "holdout": row}])
+    assert "| sst2 ga-sieve 0.01 | 16 |" in table
+    # a search that is not the row's (another count of evaluations) is refused, not tabled
+    with pytest.raises(RuntimeError, match="scored candidates again"):
+        bench.held_out(args, "tiny", task, out, cfg, model, tok, stages, {**plain, "evaluations": -1}, log=None)

@@ -667,3 +667,108 @@ def test_time_objective_for_a_target_of_another_cpu_fails_before_loading(tmp_pat
     with pytest.raises(InputError, match="--objective params"):
         run_search("no-such-model-is-loaded", write_task(tmp_path / "task"), tmp_path / "out",
                    small_config(objective="time", target=str(profile)))
+
+
+# ---------------------------------------------------------------- holdout
+
+def _holdout_outcome(gains):
+    from sieve_edge.ga import Evaluation
+    from sieve_edge.search.drivers import Outcome
+
+    feasible = [({"m": int(100 * g) or None}, {"m": 1.0 - g}, Evaluation(g, 0.9, 0.01, True, 0.0, True))
+                for g in sorted(gains, reverse=True)]
+    best = feasible[0]
+    return Outcome(best[0], best[2], [], [], best[1], feasible=feasible)
+
+
+def _holdout_fakes(monkeypatch, passes_up_to: float):
+    """A model whose holdout accuracy is 0.9 for plans removing <= passes_up_to, 0.8 beyond."""
+    import sieve_edge.factorize as factorize
+
+    class Model:
+        ranks = {}
+
+    class Scorer:
+        calls = 0
+
+        def metric(self, model, rows):
+            Scorer.calls += 1
+            r = model.ranks.get("m")
+            return 0.9 if r is None or r / 100 <= passes_up_to + 1e-9 else 0.8
+
+    monkeypatch.setattr(factorize, "set_ranks_", lambda model, ranks: setattr(model, "ranks", dict(ranks)))
+    return Model(), Scorer()
+
+
+@pytest.mark.parametrize("passes_up_to", [0.6, 0.35, 0.11, 0.05])
+def test_holdout_keeps_the_largest_plan_within_the_tolerance_on_the_held_out_rows(monkeypatch, passes_up_to):
+    from sieve_edge.ga import Evaluation
+    from sieve_edge.search.drivers import HOLDOUT_MAX_TRIES, holdout_choice
+
+    gains = [0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.0]
+    outcome = _holdout_outcome(gains)
+    model, scorer = _holdout_fakes(monkeypatch, passes_up_to)
+    dense_ev = Evaluation(0.0, 0.91, 0.0, True)
+    got, record = holdout_choice(outcome, model, scorer, list(range(50)), 0.9, 0.02, True, dense_ev, lambda m: None)
+    want = max((g for g in gains if 0 < g <= passes_up_to + 1e-9), default=0.0)
+    assert got.evaluation.gain == pytest.approx(want)
+    assert record["tries"][0]["gain"] == 0.6                      # the search's own plan first
+    assert len(record["tries"]) == scorer.calls <= HOLDOUT_MAX_TRIES
+    assert record["passed"] == (want > 0)
+    if want == 0:   # nothing held: the dense model, with the search's dense validation score
+        assert got.evaluation is dense_ev and set(got.ranks.values()) == {None} and got.levels == {"m": 1.0}
+    else:
+        assert got.ranks == {"m": int(100 * want)} and got.levels == {"m": pytest.approx(1.0 - want)}
+    assert model.ranks == {}                                      # left dense
+
+
+def test_search_with_a_holdout_confirms_its_plan_on_rows_it_never_scored(tuned):
+    from sieve_edge.evaluate import make_scorer
+    from sieve_edge.search.drivers import holdout_scorer
+
+    root, task_path = tuned
+    task = load_task(task_path)
+    model, tok = load_tuned(root)
+    cfg = small_config(generations=1, val_limit=16, holdout=16)
+    search_rows = make_scorer(tok, task, "validation", limit=16)
+    big, rows = holdout_scorer(tok, task, cfg, search_rows)
+    assert len(rows) == 16
+    assert not {big.examples[i].line for i in rows} & {ex.line for ex in search_rows.examples}
+    res = search_plan(model, tok, task, cfg)
+    h = res.holdout
+    assert h is not None and h["rows"] == 16 and h["tries"]
+    assert h["tries"][0]["gain"] == pytest.approx(h["search_gain"])
+    if h["passed"]:   # the plan kept is the last one that passed the holdout
+        assert res.gain == pytest.approx([t["gain"] for t in h["tries"] if t["passed"]][-1])
+        assert [t for t in h["tries"] if t["gain"] == pytest.approx(res.gain)][0]["drop"] <= res.tolerance_abs + 1e-12
+    else:
+        assert res.plan.linear_param_reduction == 0
+    assert all(type(m).__name__ != "SearchLinear" for m in model.modules())
+    # too few rows beyond --val-limit, or none held out at all: said before anything is scored
+    with pytest.raises(InputError, match="has 32 rows.*leaves 8 to hold out"):
+        search_plan(model, tok, task, small_config(val_limit=24, holdout=16))
+    with pytest.raises(InputError, match="needs --val-limit"):
+        search_plan(model, tok, task, small_config(holdout=8))
+    with pytest.raises(InputError, match="holdout must be >= 0"):
+        small_config(holdout=-1)
+    # the holdout is not part of the resumable state's fingerprint: a rerun with another reuses the GA
+    assert cfg.fingerprint() == small_config(generations=1, val_limit=16).fingerprint()
+
+
+def test_a_holdout_rerun_reuses_the_finished_search_and_reports_its_scores(tuned, tmp_path):
+    """--holdout keys the search stage (its plan may change) but not the GA's state: a rerun
+    with a holdout confirms the finished search's plans without searching again."""
+    root, task_path = tuned
+    model, tok = load_tuned(root)
+    work = tmp_path / "work"
+    plain = run_search("tiny", task_path, tmp_path / "plain", small_config(val_limit=16),
+                       model=copy.deepcopy(model), tokenizer=tok, work=work)
+    held = run_search("tiny", task_path, tmp_path / "held", small_config(val_limit=16, holdout=16),
+                      model=copy.deepcopy(model), tokenizer=tok, work=work)
+    stages = {s["slot"]: s["status"] for s in json.loads((work / "run.json").read_text())["stages"]}
+    assert stages["calibrate"] == "skipped" and stages["search"] == "ran"
+    assert held["evaluations"] == plain["evaluations"]           # resumed: no candidate scored again
+    assert plain["holdout"] is None and held["holdout"]["rows"] == 16
+    assert held["holdout"]["search_gain"] == pytest.approx(plain["objective_gain"])
+    assert held["objective_gain"] <= plain["objective_gain"] + 1e-12
+    assert "Holdout: 16 validation rows" in (tmp_path / "held" / "search_report.md").read_text()

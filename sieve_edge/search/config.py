@@ -48,6 +48,7 @@ class SearchConfig:
     heal_lr: float = 1e-4
     heal: str = "ce"                 # ce | kl (see HEALS)
     weights: str = "fp32"            # precision candidates are scored in: int8 simulates the export's int8
+    holdout: int = 0                 # validation rows beyond val_limit that confirm the chosen plan (0: none)
 
     def __post_init__(self):
         if not (isinstance(self.tolerance, (int, float)) and 0.0 < self.tolerance < 1.0):
@@ -77,6 +78,8 @@ class SearchConfig:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.generations < 0 or self.race_size < 0 or self.heal_steps < 0 or self.sensitivity_examples < 0:
             raise InputError("generations, race_size, heal_steps and sensitivity_examples must be >= 0")
+        if self.holdout < 0:
+            raise InputError(f"holdout must be >= 0 (validation rows held out of the search), got {self.holdout}")
         if self.val_limit is not None and self.val_limit < 1:
             raise InputError(f"val_limit must be >= 1 or None, got {self.val_limit}")
 
@@ -89,7 +92,9 @@ class SearchConfig:
     def fingerprint(self) -> dict:
         """The settings a resumed search must share with the one that wrote the state."""
         d = asdict(self)
-        for k in ("heal_steps", "heal_lr", "heal"):  # after the search: free to change on a rerun
+        # after the search proper: free to change on a rerun (the holdout check reruns on the
+        # finished GA state; the search stage keys it on its own)
+        for k in ("heal_steps", "heal_lr", "heal", "holdout"):
             d.pop(k)
         d["ladder"] = list(self.ladder)
         return d
@@ -117,6 +122,7 @@ class SearchResult:
     stopped: str = "done"             # done | stalled | budget | BEFORE_FIRST_GENERATION
     times: dict | None = None         # time objective: workload, table, dense and plan ms per example
     factors: dict = field(default_factory=dict, repr=False)  # name -> (B, A) the plan was scored with
+    holdout: dict | None = None       # the held-out rows' scores of the plans tried (config.holdout)
 
     def to_dict(self) -> dict:
         """Everything but the plan and the factors (those are files of their own)."""

@@ -86,6 +86,9 @@ class Outcome:
     resumed_from: int | None = None
     stopped: str = "done"
     task_sensitivity: dict[str, float] = field(default_factory=dict)
+    # every plan measured feasible on the whole validation split, (ranks, levels, evaluation),
+    # largest gain first: what a holdout check walks down when the chosen plan fails it
+    feasible: list[tuple[dict, dict, Evaluation]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- genetic algorithm
@@ -193,8 +196,14 @@ def run_genetic(ctx: SearchContext, saved: dict | None, costs: tuple[dict[str, l
     if screen is not None:
         ctx.log(f"search: the surrogate screened {screen.screened} plans this run "
                 f"({surrogate.n_fit} measured plans in its last fit)")
+    feasible = []
+    for genome, e in sorted(((unkey(k), e) for k, e in ga.cache.items() if e.feasible and e.full),
+                            key=lambda ge: (-ge[1].gain, ge[1].proxy, ge[0])):
+        r = ladder.to_ranks(genome)
+        feasible.append((r, {n: ladder.keeps[g] if r[n] is not None else 1.0 for n, g in zip(ladder.names, genome)},
+                         e))
     return Outcome(ranks, ev, [asdict(r) for r in ga.history], frontier, levels, resumed_from, stopped,
-                   task_sensitivity)
+                   task_sensitivity, feasible)
 
 
 MAX_CONFIRMATIONS = 8  # racing-accepted plans checked on the full split before falling back
@@ -222,6 +231,91 @@ def _confirmed_best(ga: GeneticSearch, ctx: SearchContext) -> Genome:
         full = [(unkey(k), e) for k, e in ga.cache.items() if e.feasible and e.full]
         best = max(full, key=lambda ge: (ge[1].gain, -ge[1].proxy, ge[0]))[0] if full else ctx.ladder.uniform(0)
     return best
+
+
+HOLDOUT_MAX_TRIES = 8  # holdout scores per search: the chosen plan, then a bisection of the rest
+
+
+def holdout_scorer(tokenizer, task, config: SearchConfig, scorer, model=None):
+    """(a scorer, the row indices of it the search never saw): ``config.holdout`` validation rows
+    beyond the search's ``val_limit`` rows, drawn as the task's ``[data] sample`` draws them."""
+    from ..evaluate import make_scorer
+
+    if config.val_limit is None:
+        raise InputError(f"--holdout {config.holdout} needs --val-limit: without it the search scores every "
+                         f"validation row of task '{task.name}' and none is left to hold out")
+    big = make_scorer(tokenizer, task, "validation", limit=config.val_limit + config.holdout,
+                      batch_size=config.batch_size, model=model)
+    seen = {(ex.file, ex.line) for ex in scorer.examples}
+    rows = [i for i, ex in enumerate(big.examples) if (ex.file, ex.line) not in seen][:config.holdout]
+    if len(rows) < config.holdout:
+        raise InputError(f"--holdout {config.holdout}: the validation split of task '{task.name}' "
+                         f"({task.split_path('validation')}) has {big.sample['of']} rows; the search scores "
+                         f"{scorer.n} (--val-limit), which leaves {len(rows)} to hold out; lower --holdout or "
+                         "--val-limit")
+    return big, rows
+
+
+def holdout_choice(outcome: Outcome, model, scorer, rows: list[int], dense: float, tol_abs: float,
+                   higher_is_better: bool, dense_ev: Evaluation, log) -> tuple[Outcome, dict]:
+    """The largest plan measured feasible by the search whose drop on the held-out rows is also
+    within the tolerance, and a record of every holdout score.
+
+    A search that measures many plans near the tolerance keeps the one validation favoured by
+    chance (its selection bias); rows it never saw give the chosen plan an unbiased score. The
+    chosen plan is tried first; if it fails, a bisection over the rest (largest gain first,
+    assuming a smaller plan drops less) finds the largest that passes in
+    ``HOLDOUT_MAX_TRIES`` scores at most; the dense model (no cut) when none passes. ``dense``:
+    the float32 dense model's metric on the rows, the reference the tolerance is held to."""
+    from ..factorize import set_ranks_
+
+    sign = 1.0 if higher_is_better else -1.0
+    tries: list[dict] = []
+    plans = [p for p in outcome.feasible if p[2].gain > 0]
+    chosen = next((i for i, p in enumerate(plans) if p[0] == outcome.ranks), None)
+    if chosen is None:  # the search's plan first, whatever the list holds
+        plans.insert(0, (outcome.ranks, outcome.levels, outcome.evaluation))
+        chosen = 0
+    plans = plans[chosen:]  # larger plans than the search's choice were not confirmed by it
+
+    def passes(i: int) -> bool:
+        ranks, _, ev = plans[i]
+        set_ranks_(model, ranks)
+        try:
+            got = float(scorer.metric(model, rows))
+        finally:
+            set_ranks_(model, {})
+        drop = sign * (dense - got)
+        ok = drop <= tol_abs + 1e-12
+        tries.append({"gain": ev.gain, "search_metric": ev.metric, "metric": got, "drop": drop, "passed": ok})
+        log(f"search: holdout ({len(rows)} rows) plan {100 * ev.gain:.1f}%: {got:.4f}, drop {drop:+.4f} "
+            f"({'within' if ok else 'BEYOND'} the tolerance)")
+        return ok
+
+    found = None
+    if plans and outcome.evaluation.gain > 0:
+        if passes(0):
+            found = 0
+        else:  # bisection for the first passing index of plans[1:], pass assumed monotone in the index
+            lo, hi = 1, len(plans) - 1
+            while lo <= hi and len(tries) < HOLDOUT_MAX_TRIES:
+                mid = (lo + hi) // 2
+                if passes(mid):
+                    found, hi = mid, mid - 1
+                else:
+                    lo = mid + 1
+    record = {"rows": len(rows), "dense": dense, "tries": tries, "passed": found is not None,
+              "search_gain": outcome.evaluation.gain}
+    if found == 0 or outcome.evaluation.gain <= 0:
+        return outcome, record
+    if found is None:
+        log("search: no plan the search measured held the tolerance on the holdout rows; keeping the dense model")
+        plan = ({n: None for n in outcome.ranks}, {n: 1.0 for n in outcome.ranks}, dense_ev)
+    else:
+        plan = plans[found]
+        log(f"search: the holdout keeps the plan removing {100 * plan[2].gain:.1f}% (the search chose "
+            f"{100 * outcome.evaluation.gain:.1f}%)")
+    return replace(outcome, ranks=plan[0], levels=plan[1], evaluation=plan[2]), record
 
 
 def _dense_zero(costs: list[float], ranks: list) -> list[float]:
@@ -358,7 +452,12 @@ def run_uniform(ctx: SearchContext, saved: dict | None) -> Outcome:
     frontier = [dict(gain=v["gain"], metric=v["metric"], feasible=v["feasible"], full=v["full"], keep=float(k),
                      proxy=v["proxy"]) for k, v in sorted(memo.items())]
     levels = {name: (keep if ranks[name] is not None else 1.0) for name in shapes}
-    return Outcome(ranks, ev, history, frontier, levels, resumed_from, stopped["why"])
+    feasible = []
+    for k, v in sorted(memo.items(), key=lambda kv: -kv[1]["gain"]):
+        if v["feasible"] and v["full"]:
+            r = ranks_of(float(k))
+            feasible.append((r, {name: (float(k) if r[name] is not None else 1.0) for name in shapes}, Evaluation(**v)))
+    return Outcome(ranks, ev, history, frontier, levels, resumed_from, stopped["why"], feasible=feasible)
 
 
 # ---------------------------------------------------------------- search_plan
@@ -484,6 +583,8 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
 
     scorer = make_scorer(tokenizer, task, "validation", limit=config.val_limit, batch_size=config.batch_size,
                          model=model)
+    if config.holdout:  # checked before anything is scored: a split too small is an input error
+        hold_scorer, hold_rows = holdout_scorer(tokenizer, task, config, scorer, model)
     # Ray actors get the dense model and the decompositions before this process wraps its own
     shared = workers.share(model, decs, say) if workers is not None else None
     if offload is not None:
@@ -523,6 +624,10 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
                                        reference_identity=state_identity, log=say)
         tol_abs = tolerance_in_units(config, evaluator.dense_metric)
         evaluator.tol = tol_abs
+        if config.holdout:  # the float32 dense model on the held-out rows (the model is dense here)
+            hold_dense = float(hold_scorer.metric(model, hold_rows))
+            say(f"search: {len(hold_rows)} validation rows held out to confirm the plan; dense {task.metric} "
+                f"{hold_dense:.4f} on them")
         say(f"search: dense validation {task.metric} {evaluator.dense_metric:.4f} on {scorer.n} examples "
             f"({evaluator.dense_seconds:.1f} s per full evaluation); tolerance {tol_abs:.4f}")
         # The tolerance is against the float32 dense model (what the deployment gate compares
@@ -553,6 +658,10 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
                 f"(gain {outcome.evaluation.gain:+.4f}); keeping the dense model")
             outcome = replace(outcome, ranks={n: None for n in outcome.ranks}, evaluation=dense_ev,
                               levels={n: 1.0 for n in outcome.levels})
+        holdout = None
+        if config.holdout:
+            outcome, holdout = holdout_choice(outcome, model, hold_scorer, hold_rows, hold_dense, tol_abs,
+                                              task.metric != "perplexity", dense_ev, say)
         if outcome.stopped == BEFORE_FIRST_GENERATION:
             need = (10 + config.population) * evaluator.dense_seconds / 60
             if budget_minutes is not None:  # this budget was not enough: at least one more generation on top of it
@@ -597,7 +706,7 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
         task_sensitivity=outcome.task_sensitivity,
         dense_int8_metric=dense_ev.metric if config.weights == "int8" else None,
         resumed_from=outcome.resumed_from, stopped=outcome.stopped, factors=factors,
-        times=plan_times(objective, outcome.ranks),
+        times=plan_times(objective, outcome.ranks), holdout=holdout,
     )
 
 

@@ -238,6 +238,7 @@ def search_summary(result, task, config: SearchConfig, model_spec: str, budget_m
         # time objective: the workload, the cost table, and the dense model's and the plan's
         # milliseconds per example in the registry matrices (prompt pass + decode steps)
         "time": result.times,
+        "holdout": result.holdout,
     }
 
 
@@ -249,6 +250,8 @@ class SearchStage(Stage):
                  offload: str | Path | None = None):
         inputs = task_inputs(task, ("validation",))
         settings = {"settings": config.fingerprint(), "budget_minutes": budget_minutes}
+        if config.holdout:
+            settings["holdout"] = config.holdout
         if config.objective != "params" and config.target is not None:
             # what the time objective reads of the profile (not its budgets: a changed gate
             # re-validates, it does not re-search)
