@@ -287,7 +287,9 @@ def held_out(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, un
     shutil.rmtree(folder, ignore_errors=True)
     cfg = dataclasses.replace(cfg, holdout=args.holdout)
     t0 = time.perf_counter()
-    summary = run_search(spec, task_file, folder, cfg, budget_minutes=args.budget_minutes, force=False,
+    # the budget the row's search used up: the resumed search has no time to score more candidates
+    spent = None if args.budget_minutes is None else max(unheld["search_seconds"] / 60, 1e-6)
+    summary = run_search(spec, task_file, folder, cfg, budget_minutes=spent, force=False,
                          test_limit=args.test_limit, log=log, model=copy.deepcopy(dense), tokenizer=tok,
                          work=stages)
     if summary["evaluations"] != unheld["evaluations"]:
