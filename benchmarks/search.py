@@ -82,6 +82,10 @@ def parse_args(argv=None):
     p.add_argument("--holdout", type=int, default=0,
                    help="also confirm each row's plan on this many validation rows beyond --val-limit (the "
                         "finished search reused, its plan refit and scored again) and record what it keeps")
+    p.add_argument("--reuse-search", action="store_true",
+                   help="keep a finished search of the same row and settings in the task's stage folder instead "
+                        "of searching again (the row's numbers are that search's; e.g. to add --holdout or "
+                        "--heal-steps to a row just run)")
     p.add_argument("--no-cross", dest="cross", action="store_false",
                    help="skip the uci_* cross-dataset scores of the sst2 plans")
     p.add_argument("--quick", action="store_true",
@@ -236,7 +240,12 @@ def main(argv=None) -> int:
                                val_limit=args.val_limit, race_size=args.race, **STRATEGIES[label])
             out = args.work / f"search-{task_name}-{label}-{tol:g}{'-quick' if args.quick else ''}"
             t0 = time.perf_counter()
-            summary = run_search(spec, task_file, out, cfg, budget_minutes=args.budget_minutes, force=True,
+            if args.reuse_search:  # the row's folder is rewritten from the stages (the search among them)
+                import shutil
+
+                shutil.rmtree(out, ignore_errors=True)
+            summary = run_search(spec, task_file, out, cfg, budget_minutes=args.budget_minutes,
+                                 force=not args.reuse_search,
                                  test_limit=args.test_limit, log=log, model=copy.deepcopy(dense),
                                  tokenizer=tok, work=stages)
             row = {"task": task_name, "strategy": label, "tolerance": tol,
