@@ -247,6 +247,7 @@ def holdout_scorer(tokenizer, task, config: SearchConfig, scorer, model=None):
     big = make_scorer(tokenizer, task, "validation", limit=config.val_limit + config.holdout,
                       batch_size=config.batch_size, model=model)
     seen = {(ex.file, ex.line) for ex in scorer.examples}
+    # at most val_limit of the val_limit + holdout rows drawn are the search's, whatever the draw
     rows = [i for i, ex in enumerate(big.examples) if (ex.file, ex.line) not in seen][:config.holdout]
     if len(rows) < config.holdout:
         raise InputError(f"--holdout {config.holdout}: the validation split of task '{task.name}' "
