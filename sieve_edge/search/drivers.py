@@ -277,7 +277,7 @@ def holdout_choice(outcome: Outcome, model, scorer, rows: list[int], dense: floa
     if chosen is None:  # the search's plan first, whatever the list holds
         plans.insert(0, (outcome.ranks, outcome.levels, outcome.evaluation))
         chosen = 0
-    plans = plans[chosen:]  # larger plans than the search's choice were not confirmed by it
+    plans = plans[chosen:]  # the search kept its largest feasible plan: any listed before it only tie it
 
     def passes(i: int) -> bool:
         ranks, _, ev = plans[i]
