@@ -93,8 +93,8 @@ def search_report(summary: dict, result: dict) -> str:
         lines += time_table(s["time"], s["linear_param_reduction"])
     if s.get("holdout"):
         h = s["holdout"]
-        lines += [f"Holdout: {h['rows']} validation rows the search never scored (dense {h['dense']:.4f}) confirmed "
-                  f"the plan: " + ", ".join(f"{100 * t['gain']:.1f}% → {t['metric']:.4f} (drop {t['drop']:+.4f}, "
+        lines += [f"Holdout: {h['rows']} validation rows the search never scored (dense {h['dense']:.4f}) scored "
+                  f"the plans tried: " + ", ".join(f"{100 * t['gain']:.1f}% → {t['metric']:.4f} (drop {t['drop']:+.4f}, "
                                             f"{'within' if t['passed'] else 'beyond'})" for t in h["tries"])
                   + ("" if h["passed"] else "; none held, so the dense model is kept") + ".", ""]
     if s.get("heal"):
