@@ -283,24 +283,33 @@ def main(argv=None) -> int:
     return 0
 
 
+def _rerun(args, spec, task_file, out: Path, suffix: str, cfg, dense, tok, stages: Path, log,
+           budget_minutes: float | None) -> tuple[dict, Path]:
+    """The row rerun with ``cfg`` into a fresh OUT-suffix, on the row's stages (those whose
+    key did not change are reused): (its summary, the folder)."""
+    import shutil
+
+    from sieve_edge.search import run_search
+
+    folder = out.with_name(out.name + suffix)
+    shutil.rmtree(folder, ignore_errors=True)   # the benchmark's own scratch: a fresh rerun every time
+    summary = run_search(spec, task_file, folder, cfg, budget_minutes=budget_minutes, force=False,
+                         test_limit=args.test_limit, log=log, model=copy.deepcopy(dense), tokenizer=tok,
+                         work=stages)
+    return summary, folder
+
+
 def held_out(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, unheld: dict, log) -> dict:
     """The row's search confirmed on --holdout validation rows it never scored: the finished
     search's state is reused (no candidate scored again), the plan the holdout keeps is refit
     and scored on test, into OUT-holdout."""
     import dataclasses
-    import shutil
 
-    from sieve_edge.search import run_search
-
-    folder = out.with_name(out.name + "-holdout")
-    shutil.rmtree(folder, ignore_errors=True)
-    cfg = dataclasses.replace(cfg, holdout=args.holdout)
     t0 = time.perf_counter()
     # the budget the row's search used up: the resumed search has no time to score more candidates
     spent = None if args.budget_minutes is None else max(unheld["search_seconds"] / 60, 1e-6)
-    summary = run_search(spec, task_file, folder, cfg, budget_minutes=spent, force=False,
-                         test_limit=args.test_limit, log=log, model=copy.deepcopy(dense), tokenizer=tok,
-                         work=stages)
+    summary, folder = _rerun(args, spec, task_file, out, "-holdout", dataclasses.replace(cfg, holdout=args.holdout),
+                             dense, tok, stages, log, spent)
     if summary["evaluations"] != unheld["evaluations"]:
         raise RuntimeError(f"{folder}: the holdout rerun scored candidates again ({unheld['evaluations']} -> "
                            f"{summary['evaluations']}): it did not resume the row's finished search")
@@ -318,19 +327,12 @@ def healed(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, unhe
     key alone); only the healing and the test score run again, into OUT-heal. None when the
     plan cut nothing (nothing to heal)."""
     import dataclasses
-    import shutil
-
-    from sieve_edge.search import run_search
 
     if not unhealed["linear_param_reduction"]:
         return None
-    folder = out.with_name(out.name + "-heal")
-    shutil.rmtree(folder, ignore_errors=True)   # the benchmark's own scratch: a fresh heal every time
-    cfg = dataclasses.replace(cfg, heal_steps=args.heal_steps, heal=args.heal, heal_lr=args.heal_lr)
     t0 = time.perf_counter()
-    summary = run_search(spec, task_file, folder, cfg, budget_minutes=args.budget_minutes, force=False,
-                         test_limit=args.test_limit, log=log, model=copy.deepcopy(dense), tokenizer=tok,
-                         work=stages)
+    cfg = dataclasses.replace(cfg, heal_steps=args.heal_steps, heal=args.heal, heal_lr=args.heal_lr)
+    summary, folder = _rerun(args, spec, task_file, out, "-heal", cfg, dense, tok, stages, log, args.budget_minutes)
     if summary["linear_param_reduction"] != unhealed["linear_param_reduction"]:
         raise RuntimeError(f"{folder}: the healed refit did not reuse the row's plan")
     h = summary["heal"] or {}

@@ -581,11 +581,9 @@ def run(model, task, target, out, tune_steps, tolerance, strategy, objective, me
     pool = ray_workers(ray_address, workers)
     summary = run_pipeline(model, task, target, out, tune_steps=tune_steps, tolerance=tolerance,
                            strategy=strategy, objective=objective, method=method, budget_minutes=budget_minutes,
-                           seed=seed,
-                           n_calibration=n_calibration, val_limit=val_limit, test_limit=test_limit,
+                           seed=seed, n_calibration=n_calibration, val_limit=val_limit, test_limit=test_limit,
                            holdout=holdout, heal_steps=heal_steps, heal_lr=heal_lr, heal=heal, task_head=task_head,
-                           force=force,
-                           work=work, log=log,
+                           force=force, work=work, log=log,
                            trust_remote_code=trust_remote_code, workers=pool, device=device, offload=offload)
     click.echo(summary.table())
     report = summary.report or {}

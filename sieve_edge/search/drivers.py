@@ -191,17 +191,18 @@ def run_genetic(ctx: SearchContext, saved: dict | None, costs: tuple[dict[str, l
     ev = ga.evaluation(best)
     frontier = [dict(gain=e.gain, metric=e.metric, feasible=e.feasible, full=e.full, proxy=e.proxy, rows=e.rows)
                 for _, e in sorted(ga.cache.items())]
-    ranks = ladder.to_ranks(best)
-    levels = {name: ladder.keeps[g] if ranks[name] is not None else 1.0 for name, g in zip(ladder.names, best)}
+
+    def plan_of(genome: Genome) -> tuple[dict, dict]:
+        ranks = ladder.to_ranks(genome)
+        return ranks, {n: ladder.keeps[g] if ranks[n] is not None else 1.0 for n, g in zip(ladder.names, genome)}
+
+    ranks, levels = plan_of(best)
     if screen is not None:
         ctx.log(f"search: the surrogate screened {screen.screened} plans this run "
                 f"({surrogate.n_fit} measured plans in its last fit)")
-    feasible = []
-    for genome, e in sorted(((unkey(k), e) for k, e in ga.cache.items() if e.feasible and e.full),
-                            key=lambda ge: (-ge[1].gain, ge[1].proxy, ge[0])):
-        r = ladder.to_ranks(genome)
-        feasible.append((r, {n: ladder.keeps[g] if r[n] is not None else 1.0 for n, g in zip(ladder.names, genome)},
-                         e))
+    feasible = [(*plan_of(genome), e) for genome, e in sorted(
+        ((unkey(k), e) for k, e in ga.cache.items() if e.feasible and e.full),
+        key=lambda ge: (-ge[1].gain, ge[1].proxy, ge[0]))]
     return Outcome(ranks, ev, [asdict(r) for r in ga.history], frontier, levels, resumed_from, stopped,
                    task_sensitivity, feasible)
 
@@ -447,17 +448,17 @@ def run_uniform(ctx: SearchContext, saved: dict | None) -> Outcome:
     if stopped["why"] == "budget":
         ctx.log(f"search: budget spent after {len(history)} bisection steps; keeping keep {keeps[i]}")
         ctx.save({"strategy": "uniform", "uniform": memo, "history": history})
+    def plan_of(keep: float) -> tuple[dict, dict]:
+        ranks = ranks_of(keep)
+        return ranks, {name: (keep if ranks[name] is not None else 1.0) for name in shapes}
+
     keep = keeps[i]
     ev = Evaluation(**memo[f"{keep:.6f}"])
-    ranks = ranks_of(keep)
+    ranks, levels = plan_of(keep)
     frontier = [dict(gain=v["gain"], metric=v["metric"], feasible=v["feasible"], full=v["full"], keep=float(k),
                      proxy=v["proxy"]) for k, v in sorted(memo.items())]
-    levels = {name: (keep if ranks[name] is not None else 1.0) for name in shapes}
-    feasible = []
-    for k, v in sorted(memo.items(), key=lambda kv: -kv[1]["gain"]):
-        if v["feasible"] and v["full"]:
-            r = ranks_of(float(k))
-            feasible.append((r, {name: (float(k) if r[name] is not None else 1.0) for name in shapes}, Evaluation(**v)))
+    feasible = [(*plan_of(float(k)), Evaluation(**v)) for k, v in sorted(memo.items(), key=lambda kv: -kv[1]["gain"])
+                if v["feasible"] and v["full"]]
     return Outcome(ranks, ev, history, frontier, levels, resumed_from, stopped["why"], feasible=feasible)
 
 
