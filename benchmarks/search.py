@@ -82,6 +82,10 @@ def parse_args(argv=None):
     p.add_argument("--holdout", type=int, default=0,
                    help="also confirm each row's plan on this many validation rows beyond --val-limit (the "
                         "finished search reused, its plan refit and scored again) and record what it keeps")
+    p.add_argument("--heal-slack", type=float, default=0.0,
+                   help="also rerun each GA row with this heal slack (needs --heal-steps): the search accepts plans "
+                        "up to tolerance + slack, and the largest that heals back within the tolerance is kept. A "
+                        "finished row at tolerance + slack in --work is resumed (no candidate scored again)")
     p.add_argument("--reuse-search", action="store_true",
                    help="keep a finished search of the same row and settings in the task's stage folder instead "
                         "of searching again (the row's numbers are that search's; e.g. to add --holdout or "
@@ -99,6 +103,8 @@ def parse_args(argv=None):
         if args.out == ROOT / "benchmarks" / "results" / "search.json":
             args.out = ROOT / "benchmarks" / "results" / "search_quick.json"
     args.pairs = _pairs(p, args)
+    if args.heal_slack and not args.heal_steps:
+        p.error("--heal-slack needs --heal-steps: the plans beyond the tolerance are healed to be judged")
     return args
 
 
@@ -273,6 +279,8 @@ def main(argv=None) -> int:
                 row["holdout"] = held_out(args, spec, task_file, out, cfg, dense, tok, stages, summary, log)
             if args.heal_steps:
                 row["heal"] = healed(args, spec, task_file, out, cfg, dense, tok, stages, summary, log)
+            if args.heal_slack and cfg.strategy == "ga":
+                row["slack"] = slacked(args, spec, task_file, out, cfg, dense, tok, stages, (task_name, label), log)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
             _write(args, _merged(kept, rows), started)
@@ -340,6 +348,43 @@ def healed(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, unhe
             "val_before": h.get("metric_before"), "val_after": h.get("metric_after"),
             "heal_seconds": h.get("seconds"), "test_pruned": summary["test"]["pruned"],
             "test_drop": summary["test"]["drop"], "minutes": (time.perf_counter() - t0) / 60, "out": str(folder)}
+
+
+def slacked(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, row: tuple[str, str], log) -> dict:
+    """The row searched at tolerance + --heal-slack, its plans beyond the tolerance healed and
+    the largest that heals back within it kept, into OUT-slack. When the row at tolerance +
+    slack ran in --work, its finished search state is resumed (the GA is that search: the
+    state's fingerprint holds the search's tolerance) on the budget it used up, so no
+    candidate is scored again; else the search runs on --budget-minutes."""
+    import dataclasses
+    import shutil
+
+    from sieve_edge.search.stage import STATE
+
+    t0 = time.perf_counter()
+    cfg = dataclasses.replace(cfg, heal_slack=args.heal_slack, heal_steps=args.heal_steps, heal=args.heal,
+                              heal_lr=args.heal_lr)
+    task_name, label = row
+    wide = args.work / f"search-{task_name}-{label}-{cfg.search_tolerance:g}{'-quick' if args.quick else ''}" / STATE
+    budget, resumed = args.budget_minutes, None
+    if wide.is_file():
+        resumed = json.loads(wide.read_text())
+        scratch = stages / "search.resume"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        shutil.copy2(wide, scratch / STATE)
+        budget = max(float(resumed["elapsed"]) / 60, 1e-6)
+        log(f"benchmark: resuming the finished search of {wide.parent.name} ({budget:.1f} min spent)")
+    summary, folder = _rerun(args, spec, task_file, out, "-slack", cfg, dense, tok, stages, log, budget)
+    h = summary["healing"]
+    return {"slack": args.heal_slack, "steps": args.heal_steps, "loss": args.heal, "lr": args.heal_lr,
+            "resumed": None if resumed is None else str(wide.parent), "search_gain": h["search_gain"],
+            "fallback_gain": h["fallback_gain"], "tries": h["tries"], "healed": h["healed"],
+            "reduction": summary["linear_param_reduction"], "evaluations": summary["evaluations"],
+            "val_final": summary["validation"]["final"], "heal": summary["heal"],
+            "test_pruned": summary["test"]["pruned"], "test_drop": summary["test"]["drop"],
+            "method": summary["method"], "notes": summary["notes"], "minutes": (time.perf_counter() - t0) / 60,
+            "out": str(folder)}
 
 
 def combine(files: list[Path], out: Path) -> list[dict]:
@@ -449,6 +494,17 @@ def table(rows) -> str:
             tried = ", ".join(f"{100 * t['gain']:.1f}% → {100 * t['drop']:+.1f}{'' if t['passed'] else ' ✗'}"
                               for t in h["tries"]) or "-"
             lines.append(f"| {r['task']} {r['strategy']} {r['tolerance']:g} | {h['rows']} | {tried} | "
+                         f"{100 * r['reduction']:.1f}% → {100 * h['reduction']:.1f}% | {h['val_final']:.3f} | "
+                         f"{100 * r['test_drop']:+.1f} → {100 * h['test_drop']:+.1f} pt |")
+    slack = [r for r in rows if r.get("slack")]
+    if slack:
+        lines += ["", "| row | slack | healed tries: removed (val drop) → healed drop | removed | val final | "
+                      "test drop row → slack |", "|---|---|---|---|---|---|"]
+        for r in slack:
+            h = r["slack"]
+            tried = ", ".join(f"{100 * t['gain']:.1f}% ({100 * t['search_drop']:+.1f}) → {100 * t['drop']:+.1f}"
+                              f"{'' if t['passed'] else ' ✗'}" for t in h["tries"]) or "-"
+            lines.append(f"| {r['task']} {r['strategy']} {r['tolerance']:g} | {h['slack']:g} | {tried} | "
                          f"{100 * r['reduction']:.1f}% → {100 * h['reduction']:.1f}% | {h['val_final']:.3f} | "
                          f"{100 * r['test_drop']:+.1f} → {100 * h['test_drop']:+.1f} pt |")
     cross = [r for r in rows if r.get("cross")]

@@ -113,6 +113,11 @@ _HOLDOUT = click.option("--holdout", type=click.IntRange(min=0), default=0, show
                              "measures many plans near the tolerance keeps one that validation favoured by chance; "
                              "these rows score it afresh (0 = no holdout).")
 # healing after the refit: shared by search and run
+_HEAL_SLACK = click.option("--heal-slack", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+                           help="Let the search accept plans up to the tolerance + this slack (same units), then "
+                                "heal them (--heal-steps, on their searched factors) and keep the largest that "
+                                "heals back within the tolerance; the largest plan within it unhealed otherwise. "
+                                "A rerun with another slack resumes a finished search at that tolerance.")
 _HEAL_STEPS = click.option("--heal-steps", type=click.IntRange(min=0), default=0, show_default=True,
                            help="Fine-tune the factors this many steps on the train split after the refit.")
 _HEAL_LR = click.option("--heal-lr", type=float, default=1e-4, show_default=True)
@@ -333,6 +338,7 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
 @click.option("--test-limit", type=click.IntRange(min=1), default=None, help="Score only the first N test rows.")
 @_HOLDOUT
 @_HEAL_STEPS
+@_HEAL_SLACK
 @_HEAL_LR
 @_HEAL
 @click.option("--weights", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
@@ -350,7 +356,7 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
 @handle_errors
 def search_command(model_spec, task_spec, tolerance, relative, method, strategy, objective, target, budget_minutes,
                    seed, population, generations, ladder, n_calibration, val_limit, race_size, race_z, surrogate,
-                   test_limit, holdout, heal_steps, heal_lr, heal, weights, out, force, as_json, device, workers,
+                   test_limit, holdout, heal_steps, heal_slack, heal_lr, heal, weights, out, force, as_json, device, workers,
                    ray_address, offload, trust_remote_code):
     """Search a keep level per matrix within an accuracy tolerance; write the refit checkpoint.
 
@@ -375,7 +381,8 @@ def search_command(model_spec, task_spec, tolerance, relative, method, strategy,
                           objective=objective, target=target, seed=seed, population=population,
                           generations=generations, ladder=levels, n_calibration=n_calibration, val_limit=val_limit,
                           race_size=race_size, race_z=race_z, surrogate=surrogate, heal_steps=heal_steps,
-                          heal_lr=heal_lr, heal=heal, weights=weights, holdout=holdout)
+                          heal_lr=heal_lr, heal=heal, weights=weights, holdout=holdout,
+                          heal_slack=heal_slack)
     summary = run_search(model_spec, task_spec, out, config, budget_minutes=budget_minutes, force=force,
                          test_limit=test_limit, log=log, trust_remote_code=trust_remote_code, workers=pool,
                          device=device, offload=offload)
@@ -546,6 +553,7 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @click.option("--test-limit", type=int, default=None, help="Test examples for the reference and validation.")
 @_HOLDOUT
 @_HEAL_STEPS
+@_HEAL_SLACK
 @_HEAL_LR
 @_HEAL
 @click.option("--task-head/--no-task-head", default=None,
@@ -563,7 +571,7 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @_TRUST_REMOTE_CODE
 @handle_errors
 def run(model, task, target, out, tune_steps, tolerance, strategy, objective, method, budget_minutes, n_calibration,
-        val_limit, test_limit, holdout, heal_steps, heal_lr, heal, task_head, seed, force, work, device, workers,
+        val_limit, test_limit, holdout, heal_steps, heal_slack, heal_lr, heal, task_head, seed, force, work, device, workers,
         ray_address, offload, trust_remote_code):
     """tune? → calibrate → sensitivity → search → refit → export → reference → bundle → validate.
 
@@ -582,7 +590,8 @@ def run(model, task, target, out, tune_steps, tolerance, strategy, objective, me
     summary = run_pipeline(model, task, target, out, tune_steps=tune_steps, tolerance=tolerance,
                            strategy=strategy, objective=objective, method=method, budget_minutes=budget_minutes,
                            seed=seed, n_calibration=n_calibration, val_limit=val_limit, test_limit=test_limit,
-                           holdout=holdout, heal_steps=heal_steps, heal_lr=heal_lr, heal=heal, task_head=task_head,
+                           holdout=holdout, heal_steps=heal_steps, heal_slack=heal_slack, heal_lr=heal_lr, heal=heal,
+                           task_head=task_head,
                            force=force, work=work, log=log,
                            trust_remote_code=trust_remote_code, workers=pool, device=device, offload=offload)
     click.echo(summary.table())

@@ -180,7 +180,8 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
         strategy: str = "ga", objective: str | None = None, method: str = "sieve",
         budget_minutes: float | None = None, seed: int = 0,
         n_calibration: int = 512, val_limit: int | None = 300, test_limit: int | None = None,
-        holdout: int = 0, heal_steps: int = 0, heal_lr: float = 1e-4, heal: str = "ce", task_head: bool | None = None,
+        holdout: int = 0, heal_steps: int = 0, heal_lr: float = 1e-4, heal: str = "ce", heal_slack: float = 0.0,
+        task_head: bool | None = None,
         force: bool = False, work=None, log: Callable[[str], None] | None = None,
         trust_remote_code: bool = False, workers=None, device: str | None = None,
         offload: str | Path | None = None) -> RunSummary:
@@ -205,6 +206,8 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
     its plan (``sieve-edge search --holdout``).
     heal_steps, heal_lr, heal: the refit stage's healing (steps, learning rate, loss ``ce`` or
     ``kl``), as in ``sieve-edge search``; kept only if validation does not get worse.
+    heal_slack: the search accepts plans up to tolerance + slack and keeps the largest that
+    heals back within the tolerance (``sieve-edge search --heal-slack``).
     """
     from .checkpoint import describe_folder
     from .search import SearchConfig, search_stages
@@ -236,7 +239,7 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
     config = SearchConfig(tolerance=tolerance, method=method, strategy=strategy, seed=seed,
                           objective=objective, target=None if objective == "params" else str(profile.path or target),
                           n_calibration=n_calibration, val_limit=val_limit, heal_steps=heal_steps,
-                          heal_lr=heal_lr, heal=heal, holdout=holdout,
+                          heal_lr=heal_lr, heal=heal, holdout=holdout, heal_slack=heal_slack,
                           weights="int8" if profile.weights == "int8" else "fp32")
     out = Path(out)
     work = out.with_name(out.name + ".work") if work is None else Path(work)

@@ -772,3 +772,124 @@ def test_a_holdout_rerun_reuses_the_finished_search_and_reports_its_scores(tuned
     assert held["holdout"]["search_gain"] == pytest.approx(plain["objective_gain"])
     assert held["objective_gain"] <= plain["objective_gain"] + 1e-12
     assert "Holdout: 16 validation rows" in (tmp_path / "held" / "search_report.md").read_text()
+
+
+# ---------------------------------------------------------------- healed choice (--heal-slack)
+
+def _slack_outcome(drops: dict[float, float]):
+    """Plans by gain with their unhealed validation drops, largest first (dense metric 0.9)."""
+    from sieve_edge.ga import Evaluation
+    from sieve_edge.search.drivers import Outcome
+
+    feasible = [({"m": int(round(100 * g))}, {"m": 1.0 - g}, Evaluation(g, 0.9 - d, d, True, 0.0, True))
+                for g, d in sorted(drops.items(), reverse=True)]
+    best = feasible[0]
+    return Outcome(best[0], best[2], [], [], best[1], feasible=feasible)
+
+
+def _slack_fakes(monkeypatch, heals_up_to: float):
+    """Healing that brings a plan removing <= heals_up_to to 0.9 (no drop), larger ones to 0.85."""
+    import sieve_edge.heal as heal
+    import sieve_edge.search.drivers as drivers
+    from sieve_edge.heal import HealResult
+
+    class Model:
+        ranks = {}
+
+    class Scorer:
+        calls = 0
+
+        def metric(self, model, rows=None):
+            Scorer.calls += 1
+            return 0.9 if model.ranks["m"] / 100 <= heals_up_to + 1e-9 else 0.85
+
+    monkeypatch.setattr(drivers, "_swap_low_rank", lambda model, ranks: model.ranks.update(ranks) or {"m": 1})
+    monkeypatch.setattr(drivers, "_swap_back", lambda model, swapped: model.ranks.clear())
+    monkeypatch.setattr(heal, "heal_", lambda *a, **k: HealResult(3, 1e-4, 10, float("nan"), float("nan"), True,
+                                                                  0.5, 1.0, 0.5))
+    return Model(), Scorer()
+
+
+@pytest.mark.parametrize("heals_up_to,want", [(0.6, 0.6), (0.55, 0.55), (0.5, 0.5), (0.45, 0.45), (0.4, 0.35),
+                                              (0.2, 0.35)])
+def test_heal_slack_keeps_the_largest_plan_that_heals_within_the_tolerance(monkeypatch, heals_up_to, want):
+    """Plans 0.6..0.4 are beyond the 0.02 tolerance unhealed (within 0.05 = tolerance + slack),
+    0.35 and 0.3 within it: the healed tries are of the five larger ones only, the search's
+    first, then a bisection (3 tries in all: 0.4 is not reached, the fallback 0.35 is kept)."""
+    from sieve_edge.ga import Evaluation
+    from sieve_edge.search.drivers import HEAL_MAX_TRIES, heal_choice
+
+    drops = {0.6: 0.045, 0.55: 0.04, 0.5: 0.035, 0.45: 0.03, 0.4: 0.025, 0.35: 0.02, 0.3: 0.01}
+    model, scorer = _slack_fakes(monkeypatch, heals_up_to)
+    cfg = small_config(tolerance=0.02, heal_slack=0.03, heal_steps=3)
+    got, record = heal_choice(_slack_outcome(drops), model, None, None, scorer, cfg, 0.02, 0.9, True,
+                              Evaluation(0.0, 0.9, 0.0, True), lambda m: None)
+    assert got.evaluation.gain == pytest.approx(want) and got.ranks == {"m": int(round(100 * want))}
+    assert record["tries"][0]["gain"] == 0.6 and len(record["tries"]) == scorer.calls <= HEAL_MAX_TRIES
+    assert all(t["search_drop"] > 0.02 for t in record["tries"])   # a plan within the tolerance needs no try
+    assert record["fallback_gain"] == 0.35 and record["healed"] == (want > 0.35)
+    assert record["refit_tolerance_abs"] == (drops[want] if want > 0.35 else None)
+    assert model.ranks == {}
+
+
+def test_heal_slack_without_a_plan_within_the_tolerance_falls_back_to_dense(monkeypatch):
+    from sieve_edge.ga import Evaluation
+    from sieve_edge.search.drivers import heal_choice
+
+    model, scorer = _slack_fakes(monkeypatch, 0.0)
+    dense_ev = Evaluation(0.0, 0.9, 0.0, True)
+    got, record = heal_choice(_slack_outcome({0.5: 0.04, 0.3: 0.03}), model, None, None, scorer,
+                              small_config(tolerance=0.02, heal_slack=0.03, heal_steps=3), 0.02, 0.9, True,
+                              dense_ev, lambda m: None)
+    assert got.evaluation is dense_ev and got.ranks == {"m": None} and not record["healed"]
+    assert [t["gain"] for t in record["tries"]] == [0.5, 0.3]
+
+
+def test_search_with_a_heal_slack_heals_the_plans_beyond_the_tolerance(tuned):
+    from sieve_edge.factorize import LowRankLinear, SearchLinear
+
+    root, task_path = tuned
+    task = load_task(task_path)
+    model, tok = load_tuned(root)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = small_config(tolerance=0.02, heal_slack=0.2, heal_steps=4, heal_lr=1e-3, generations=1)
+    res = search_plan(model, tok, task, cfg)
+    h = res.healing
+    assert h is not None and h["slack"] == 0.2 and res.tolerance_abs == pytest.approx(0.02)
+    assert all(t["search_drop"] > 0.02 for t in h["tries"]) and len(h["tries"]) <= 3
+    if h["healed"]:   # kept: a try that healed within the tolerance
+        assert [t for t in h["tries"] if t["gain"] == pytest.approx(res.gain)][0]["drop"] <= 0.02 + 1e-12
+    else:             # the largest plan within the tolerance unhealed, or dense
+        assert res.gain == pytest.approx(h["fallback_gain"])
+    # healing trained copies of the factors: the model is dense and unchanged
+    assert not any(isinstance(m, (SearchLinear, LowRankLinear)) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # the GA is the search at tolerance + slack: its state is that search's
+    assert cfg.fingerprint() == small_config(tolerance=0.22, generations=1).fingerprint()
+    with pytest.raises(InputError, match="needs --heal-steps"):
+        small_config(heal_slack=0.02)
+    with pytest.raises(InputError, match="--holdout do not combine"):
+        small_config(heal_slack=0.02, heal_steps=2, holdout=8, val_limit=8)
+    with pytest.raises(BudgetError, match="heal slack"):
+        small_config(tolerance=0.5, heal_slack=0.5, heal_steps=2)
+
+
+def test_a_heal_slack_rerun_resumes_the_search_at_tolerance_plus_slack(tuned, tmp_path):
+    """A finished search at 0.22 is the GA of a search at 0.02 with slack 0.2: the rerun scores
+    no candidate again, heals, refits and reports the healed choice."""
+    root, task_path = tuned
+    model, tok = load_tuned(root)
+    work = tmp_path / "work"
+    wide = run_search("tiny", task_path, tmp_path / "wide", small_config(tolerance=0.22, generations=1),
+                      model=copy.deepcopy(model), tokenizer=tok, work=work)
+    slack = run_search("tiny", task_path, tmp_path / "slack",
+                       small_config(tolerance=0.02, heal_slack=0.2, heal_steps=4, heal_lr=1e-3, generations=1),
+                       model=copy.deepcopy(model), tokenizer=tok, work=work)
+    assert slack["evaluations"] == wide["evaluations"]
+    assert slack["healing"]["search_gain"] == pytest.approx(wide["objective_gain"])
+    assert slack["tolerance"] == 0.02 and slack["heal_slack"] == 0.2
+    assert (slack["heal"] is not None) == (slack["linear_param_reduction"] > 0)   # the refit heals what it keeps
+    tried = [tuple(sorted(t.items())) for t in slack["healing"]["tries"]]
+    assert len(tried) == len(set(tried))
+    assert slack["objective_gain"] <= wide["objective_gain"] + 1e-12
+    assert "Healed choice:" in (tmp_path / "slack" / "search_report.md").read_text()

@@ -14,6 +14,7 @@ STATE_VERSION = 3                # 3: racing accepts on subsets; the surrogate i
 DEFAULT_LADDER = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 STRATEGIES = ("ga", "uniform")
 OBJECTIVES = ("params", "time", "latency")  # latency: the earlier name of time
+HEAL_KL_ROWS = 512  # train prompts the dense label distribution is distilled from (--heal kl)
 HEALS = ("ce", "kl")    # healing loss: answer cross-entropy on train, or KL to the dense label distribution
 WEIGHTS = ("fp32", "int8")  # int8: candidates scored with simulated int8 weights (NNCF INT8_ASYM)
 UNIFORM_STEP = 0.025  # keep resolution of the uniform bisection
@@ -49,6 +50,13 @@ class SearchConfig:
     heal: str = "ce"                 # ce | kl (see HEALS)
     weights: str = "fp32"            # precision candidates are scored in: int8 simulates the export's int8
     holdout: int = 0                 # validation rows beyond val_limit that confirm the chosen plan (0: none)
+    heal_slack: float = 0.0          # the search explores tolerance + slack; healing must win the slack back
+
+    @property
+    def search_tolerance(self) -> float:
+        """The tolerance candidates are held to while searching: ``tolerance + heal_slack``
+        (rounded, so that 0.01 + 0.04 is the 0.05 of a search run at 0.05)."""
+        return round(self.tolerance + self.heal_slack, 12) if self.heal_slack else self.tolerance
 
     def __post_init__(self):
         if not (isinstance(self.tolerance, (int, float)) and 0.0 < self.tolerance < 1.0):
@@ -78,6 +86,15 @@ class SearchConfig:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.generations < 0 or self.race_size < 0 or self.heal_steps < 0 or self.sensitivity_examples < 0:
             raise InputError("generations, race_size, heal_steps and sensitivity_examples must be >= 0")
+        if not (isinstance(self.heal_slack, (int, float)) and 0.0 <= self.heal_slack < 1.0 - self.tolerance):
+            raise BudgetError(f"heal slack must be >= 0 and keep tolerance + slack below 1, got {self.heal_slack} "
+                              f"with tolerance {self.tolerance}")
+        if self.heal_slack and not self.heal_steps:
+            raise InputError(f"heal slack {self.heal_slack} lets the search accept plans healing must bring back "
+                             "within the tolerance: it needs --heal-steps >= 1")
+        if self.heal_slack and self.holdout:
+            raise InputError("--heal-slack and --holdout do not combine yet: the holdout confirms unhealed plans; "
+                             "use one of them")
         if self.holdout < 0:
             raise InputError(f"holdout must be >= 0 (validation rows held out of the search), got {self.holdout}")
         if self.val_limit is not None and self.val_limit < 1:
@@ -92,10 +109,12 @@ class SearchConfig:
     def fingerprint(self) -> dict:
         """The settings a resumed search must share with the one that wrote the state."""
         d = asdict(self)
-        # after the search proper: free to change on a rerun (the holdout check reruns on the
-        # finished GA state; the search stage keys it on its own)
-        for k in ("heal_steps", "heal_lr", "heal", "holdout"):
+        # after the search proper: free to change on a rerun (the holdout check and the healed
+        # choice rerun on the finished GA state; the search stage keys them on its own). With a
+        # heal slack the GA is the search at tolerance + slack: its state is that search's.
+        for k in ("heal_steps", "heal_lr", "heal", "holdout", "heal_slack"):
             d.pop(k)
+        d["tolerance"] = self.search_tolerance
         d["ladder"] = list(self.ladder)
         return d
 
@@ -123,6 +142,7 @@ class SearchResult:
     times: dict | None = None         # time objective: workload, table, dense and plan ms per example
     factors: dict = field(default_factory=dict, repr=False)  # name -> (B, A) the plan was scored with
     holdout: dict | None = None       # the held-out rows' scores of the plans tried (config.holdout)
+    healing: dict | None = None       # the healed tries of the plans beyond the tolerance (config.heal_slack)
 
     def to_dict(self) -> dict:
         """Everything but the plan and the factors (those are files of their own)."""

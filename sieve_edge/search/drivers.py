@@ -258,6 +258,24 @@ def holdout_scorer(tokenizer, task, config: SearchConfig, scorer, model=None):
     return big, rows
 
 
+def _from_chosen(outcome: Outcome) -> list[tuple[dict, dict, Evaluation]]:
+    """The plans the search measured feasible that cut something, the search's own first and
+    then those below it (largest first; any listed before it only tie it), each set of ranks
+    once (genomes whose levels round to the same ranks are one plan)."""
+    plans = [p for p in outcome.feasible if p[2].gain > 0]
+    chosen = next((i for i, p in enumerate(plans) if p[0] == outcome.ranks), None)
+    if chosen is None:
+        plans.insert(0, (outcome.ranks, outcome.levels, outcome.evaluation))
+        chosen = 0
+    seen, out = set(), []
+    for p in plans[chosen:]:
+        k = tuple(sorted(p[0].items()))
+        if k not in seen:
+            seen.add(k)
+            out.append(p)
+    return out
+
+
 def holdout_choice(outcome: Outcome, model, scorer, rows: list[int], dense: float, tol_abs: float,
                    higher_is_better: bool, dense_ev: Evaluation, log) -> tuple[Outcome, dict]:
     """The largest plan measured feasible by the search whose drop on the held-out rows is also
@@ -273,12 +291,7 @@ def holdout_choice(outcome: Outcome, model, scorer, rows: list[int], dense: floa
 
     sign = 1.0 if higher_is_better else -1.0
     tries: list[dict] = []
-    plans = [p for p in outcome.feasible if p[2].gain > 0]
-    chosen = next((i for i, p in enumerate(plans) if p[0] == outcome.ranks), None)
-    if chosen is None:  # the search's plan first, whatever the list holds
-        plans.insert(0, (outcome.ranks, outcome.levels, outcome.evaluation))
-        chosen = 0
-    plans = plans[chosen:]  # the search kept its largest feasible plan: any listed before it only tie it
+    plans = _from_chosen(outcome)
 
     def passes(i: int) -> bool:
         ranks, _, ev = plans[i]
@@ -317,6 +330,120 @@ def holdout_choice(outcome: Outcome, model, scorer, rows: list[int], dense: floa
         plan = plans[found]
         log(f"search: the holdout keeps the plan removing {100 * plan[2].gain:.1f}% (the search chose "
             f"{100 * outcome.evaluation.gain:.1f}%)")
+    return replace(outcome, ranks=plan[0], levels=plan[1], evaluation=plan[2]), record
+
+
+HEAL_MAX_TRIES = 3  # healed tries per search (each is --heal-steps steps and one full evaluation)
+
+
+def _swap_low_rank(model, ranks: dict[str, int | None]) -> dict:
+    """Replace each cut SearchLinear by a LowRankLinear of its searched factors at the plan's
+    rank (the rest stay dense); returns what to put back (``_swap_back``)."""
+    from .. import architectures as arch
+    from ..factorize import SearchLinear, make_low_rank, set_ranks_
+
+    set_ranks_(model, {})
+    swapped = {}
+    for name, r in ranks.items():
+        module = arch.get_module(model, name)
+        if r is None or not isinstance(module, SearchLinear):
+            continue
+        arch.set_module(model, name, make_low_rank(module.dense, module.Bt[:r].T, module.A[:r]))
+        swapped[name] = module
+    return swapped
+
+
+def _fake_quant_(model, names) -> None:
+    """int8 weights (per output row, as NNCF's INT8_ASYM) for the LowRankLinear pairs named."""
+    import torch
+
+    from .. import architectures as arch
+    from ..factorize import fake_quant_int8
+
+    with torch.no_grad():
+        for name in names:
+            module = arch.get_module(model, name)
+            for part in (module.first, module.second):
+                part.weight.copy_(fake_quant_int8(part.weight).to(part.weight.dtype))
+
+
+def _swap_back(model, swapped: dict) -> None:
+    from .. import architectures as arch
+
+    for name, module in swapped.items():
+        arch.set_module(model, name, module)
+
+
+def heal_choice(outcome: Outcome, model, tokenizer, task, scorer, config: SearchConfig, tol_abs: float,
+                dense: float, higher_is_better: bool, dense_ev: Evaluation, log, teacher=None,
+                train_scorer=None) -> tuple[Outcome, dict]:
+    """The largest plan the search measured feasible at ``tolerance + heal_slack`` that, once
+    healed (``config.heal_steps`` steps of ``heal_`` on its searched factors), scores within
+    the tolerance on the validation split; and a record of every try.
+
+    Healing wins back part of what a cut costs (on sst2, 100 steps took a 41.6% plan's test
+    drop from 5.6 to 1.6 points), so the search may accept plans beyond the tolerance as long
+    as the healed plan is held to it. The plans already within the tolerance unhealed need no
+    try: the largest of them is the fallback (the dense model when there is none). Tried, in
+    ``HEAL_MAX_TRIES`` at most: the search's plan, then a bisection of the larger plans between
+    it and the fallback (largest first, assuming a smaller plan heals to a smaller drop).
+    ``dense``: the float32 dense metric on the split, the reference the tolerance is held to."""
+    from ..heal import heal_
+
+    sign = 1.0 if higher_is_better else -1.0
+    plans = _from_chosen(outcome)
+    within = [p for p in plans if p[2].drop <= tol_abs + 1e-12]
+    fallback = within[0] if within else ({n: None for n in outcome.ranks}, {n: 1.0 for n in outcome.ranks}, dense_ev)
+    tries_on = [p for p in plans if p[2].gain > fallback[2].gain and p[2].drop > tol_abs + 1e-12]
+    tries: list[dict] = []
+
+    def passes(i: int) -> bool:
+        ranks, _, ev = tries_on[i]
+        log(f"search: healing the plan removing {100 * ev.gain:.1f}% (validation {ev.metric:.4f}, drop "
+            f"{ev.drop:+.4f}): {config.heal_steps} {config.heal} steps on its searched factors")
+        swapped = _swap_low_rank(model, ranks)
+        try:
+            h = heal_(model, tokenizer, task, config.heal_steps, lr=config.heal_lr, batch_size=16, seed=config.seed,
+                      higher_is_better=higher_is_better, log=log, loss=config.heal, teacher=teacher,
+                      train_scorer=train_scorer)
+            if config.weights == "int8":  # scored as the export computes: the healed factors in int8 too
+                _fake_quant_(model, swapped)
+            got = float(scorer.metric(model))
+        finally:
+            _swap_back(model, swapped)
+        drop = sign * (dense - got)
+        ok = drop <= tol_abs + 1e-12
+        tries.append({"gain": ev.gain, "search_metric": ev.metric, "search_drop": ev.drop, "metric": got,
+                      "drop": drop, "passed": ok, "seconds": h.seconds, "loss_first": h.loss_first,
+                      "loss_last": h.loss_last})
+        log(f"search: healed plan {100 * ev.gain:.1f}%: validation {got:.4f}, drop {drop:+.4f} "
+            f"({'within' if ok else 'BEYOND'} the tolerance {tol_abs:.4f})")
+        return ok
+
+    found = None
+    if tries_on:
+        if passes(0):
+            found = 0
+        else:  # bisection for the first passing index of tries_on[1:], pass assumed monotone in the index
+            lo, hi = 1, len(tries_on) - 1
+            while lo <= hi and len(tries) < HEAL_MAX_TRIES:
+                mid = (lo + hi) // 2
+                if passes(mid):
+                    found, hi = mid, mid - 1
+                else:
+                    lo = mid + 1
+    plan = tries_on[found] if found is not None else fallback
+    record = {"slack": config.heal_slack, "tolerance_abs": tol_abs, "steps": config.heal_steps,
+              "loss": config.heal, "lr": config.heal_lr, "search_gain": outcome.evaluation.gain,
+              "fallback_gain": fallback[2].gain, "tries": tries, "healed": found is not None, "gain": plan[2].gain,
+              # what the refit of this plan is held to before it is healed again
+              "refit_tolerance_abs": None if found is None else plan[2].drop}
+    if found is not None:
+        log(f"search: keeping the plan removing {100 * plan[2].gain:.1f}%, within the tolerance once healed")
+    elif tries_on:
+        what = (f"the largest plan within the tolerance unhealed ({100 * fallback[2].gain:.1f}%)" if within
+                else "the dense model (no plan measured was within the tolerance unhealed)")
+        log(f"search: no healed plan tried held the tolerance; keeping {what}")
     return replace(outcome, ranks=plan[0], levels=plan[1], evaluation=plan[2]), record
 
 
@@ -473,8 +600,10 @@ def validate_task(task) -> None:
         )
 
 
-def tolerance_in_units(config: SearchConfig, dense_metric: float) -> float:
-    return config.tolerance * abs(dense_metric) if config.relative else config.tolerance
+def tolerance_in_units(config: SearchConfig, dense_metric: float, tolerance: float | None = None) -> float:
+    """``tolerance`` (default ``config.tolerance``) in the metric's units."""
+    tolerance = config.tolerance if tolerance is None else tolerance
+    return tolerance * abs(dense_metric) if config.relative else tolerance
 
 
 def spectrum_sensitivity(decs, shapes, multiple) -> dict[str, float]:
@@ -587,6 +716,12 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
                          model=model)
     if config.holdout:  # checked before anything is scored: a split too small is an input error
         hold_scorer, hold_rows = holdout_scorer(tokenizer, task, config, scorer, model)
+    heal_teacher = (None, None)
+    if config.heal_slack:
+        if offload is not None:
+            raise InputError("--heal-slack does not work with --offload yet: healing trains factors in memory")
+        if config.heal == "kl":  # the dense label distribution on train prompts, while the model is dense
+            heal_teacher = kl_teacher(model, tokenizer, task, config)
     # Ray actors get the dense model and the decompositions before this process wraps its own
     shared = workers.share(model, decs, say) if workers is not None else None
     if offload is not None:
@@ -625,13 +760,15 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
                                        reference_path=None if state_path is None else Path(state_path).parent / REFERENCE,
                                        reference_identity=state_identity, log=say)
         tol_abs = tolerance_in_units(config, evaluator.dense_metric)
-        evaluator.tol = tol_abs
+        # with a heal slack candidates are held to tolerance + slack; the healed choice to the tolerance
+        evaluator.tol = search_tol = tolerance_in_units(config, evaluator.dense_metric, config.search_tolerance)
         if config.holdout:  # the float32 dense model on the held-out rows (the model is dense here)
             hold_dense = float(hold_scorer.metric(model, hold_rows))
             say(f"search: {len(hold_rows)} validation rows held out to confirm the plan; dense {task.metric} "
                 f"{hold_dense:.4f} on them")
+        slack = f" (searching at {search_tol:.4f}: healing must win back the slack)" if config.heal_slack else ""
         say(f"search: dense validation {task.metric} {evaluator.dense_metric:.4f} on {scorer.n} examples "
-            f"({evaluator.dense_seconds:.1f} s per full evaluation); tolerance {tol_abs:.4f}")
+            f"({evaluator.dense_seconds:.1f} s per full evaluation); tolerance {tol_abs:.4f}{slack}")
         # The tolerance is against the float32 dense model (what the deployment gate compares
         # with); with int8 weights every candidate, dense included, is scored as int8.
         dense_ev = Evaluation(0.0, evaluator.dense_metric, 0.0, True, 0.0, True)
@@ -664,6 +801,11 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
         if config.holdout:
             outcome, holdout = holdout_choice(outcome, model, hold_scorer, hold_rows, hold_dense, tol_abs,
                                               task.metric != "perplexity", dense_ev, say)
+        healing = None
+        if config.heal_slack:
+            outcome, healing = heal_choice(outcome, model, tokenizer, task, scorer, config, tol_abs,
+                                           evaluator.dense_metric, task.metric != "perplexity", dense_ev, say,
+                                           *heal_teacher)
         if outcome.stopped == BEFORE_FIRST_GENERATION:
             need = (10 + config.population) * evaluator.dense_seconds / 60
             if budget_minutes is not None:  # this budget was not enough: at least one more generation on top of it
@@ -694,7 +836,8 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
     plan = RankPlan(dict(shapes), outcome.ranks, config.method, config.multiple, outcome.levels)
     plan.meta = {
         "strategy": config.strategy, "objective": config.objective, "tolerance": config.tolerance,
-        "relative": config.relative, "tolerance_abs": tol_abs, "dense_validation_metric": evaluator.dense_metric,
+        "relative": config.relative, "tolerance_abs": tol_abs, "heal_slack": config.heal_slack,
+        "dense_validation_metric": evaluator.dense_metric,
         "validation_metric": ev.metric, "objective_gain": ev.gain, "seed": config.seed,
         "search_method": search_method, "calibration_tokens": tokens, "validation_examples": scorer.n,
         "stopped": outcome.stopped,
@@ -708,8 +851,20 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
         task_sensitivity=outcome.task_sensitivity,
         dense_int8_metric=dense_ev.metric if config.weights == "int8" else None,
         resumed_from=outcome.resumed_from, stopped=outcome.stopped, factors=factors,
-        times=plan_times(objective, outcome.ranks), holdout=holdout,
+        times=plan_times(objective, outcome.ranks), holdout=holdout, healing=healing,
     )
+
+
+def kl_teacher(model, tokenizer, task, config: SearchConfig):
+    """(train scorer, the dense model's label log-probs on its rows): what ``--heal kl`` distils."""
+    from ..evaluate import make_scorer
+    from .config import HEAL_KL_ROWS
+
+    train = make_scorer(tokenizer, task, "train", limit=HEAL_KL_ROWS, batch_size=config.batch_size, model=model)
+    if not train.fast:
+        raise InputError(f"--heal kl distils the label distribution: task '{task.name}' needs single-token labels "
+                         "(see `sieve-edge task show`); use --heal ce")
+    return train, train.label_logprobs(model).float()
 
 
 def fisher_applies(config: SearchConfig, scorer) -> bool:

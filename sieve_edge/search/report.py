@@ -97,6 +97,16 @@ def search_report(summary: dict, result: dict) -> str:
                   f"the plans tried: " + ", ".join(f"{100 * t['gain']:.1f}% → {t['metric']:.4f} (drop {t['drop']:+.4f}, "
                                             f"{'within' if t['passed'] else 'beyond'})" for t in h["tries"])
                   + ("" if h["passed"] else "; none held, so the dense model is kept") + ".", ""]
+    if s.get("healing"):
+        h = s["healing"]
+        tries = ", ".join(f"{100 * t['gain']:.1f}% (drop {t['search_drop']:+.4f}) → {t['metric']:.4f} "
+                          f"(drop {t['drop']:+.4f}, {'within' if t['passed'] else 'beyond'})" for t in h["tries"])
+        kept = ("the largest healed plan within the tolerance" if h["healed"] else
+                "the largest plan within the tolerance unhealed" if h["fallback_gain"] > 0 else "the dense model")
+        lines += [f"Healed choice: the search accepted plans up to the tolerance + {h['slack']:g} (slack); plans "
+                  f"beyond the tolerance were healed {h['steps']} {h['loss']} steps on their searched factors and "
+                  f"scored on validation: " + (tries or "none to try") + f". Kept {kept}: "
+                  f"{100 * h['gain']:.1f}% removed.", ""]
     if s.get("heal"):
         h = s["heal"]
         lines += [f"Healing: {h['steps']} steps at lr {h['lr']:g} on {h['trainable_params']:,} factor parameters, "

@@ -28,10 +28,9 @@ from typing import Callable
 
 from ..errors import ArtifactError, BudgetError, InputError, TaskSpecError
 from ..stages import ModelRef, Stage, StageContext, Workflow, model_ref, task_inputs
-from .config import SearchConfig, SearchState
+from .config import HEAL_KL_ROWS, SearchConfig, SearchState
 
 STATE = "search_state.json"
-HEAL_KL_ROWS = 512  # train prompts the dense label distribution is distilled from (--heal kl)
 
 
 def _write_json(path: Path, obj, indent: int | None = 2) -> None:
@@ -239,6 +238,7 @@ def search_summary(result, task, config: SearchConfig, model_spec: str, budget_m
         # milliseconds per example in the registry matrices (prompt pass + decode steps)
         "time": result.times,
         "holdout": result.holdout,
+        "heal_slack": config.heal_slack, "healing": result.healing,
     }
 
 
@@ -248,10 +248,13 @@ class SearchStage(Stage):
     def __init__(self, model: ModelRef, task, config: SearchConfig, budget_minutes: float | None, *,
                  on_state_mismatch: str = "restart", progress: bool = False, workers=None,
                  offload: str | Path | None = None):
-        inputs = task_inputs(task, ("validation",))
+        inputs = task_inputs(task, ("validation", "train") if config.heal_slack else ("validation",))
         settings = {"settings": config.fingerprint(), "budget_minutes": budget_minutes}
         if config.holdout:
             settings["holdout"] = config.holdout
+        if config.heal_slack:  # the healed choice: the fingerprint's tolerance is the search's (tolerance + slack)
+            settings["heal choice"] = {"tolerance": config.tolerance, "slack": config.heal_slack,
+                                       "steps": config.heal_steps, "lr": config.heal_lr, "loss": config.heal}
         if config.objective != "params" and config.target is not None:
             # what the time objective reads of the profile (not its budgets: a changed gate
             # re-validates, it does not re-search)
@@ -473,10 +476,15 @@ class FitStage(Stage):
         method_used = cfg.method
         val_refit = float(val_scorer.metric(refit))
         notes = []
-        if sign * (data["dense_metric"] - val_refit) > data["tolerance_abs"] + 1e-12 and cfg.method != search_method:
+        # a plan kept because it healed within the tolerance is held, before healing, to the drop
+        # its searched factors had when they healed
+        limit = max(data["tolerance_abs"], (data.get("healing") or {}).get("refit_tolerance_abs") or 0.0)
+        if sign * (data["dense_metric"] - val_refit) > limit + 1e-12 and cfg.method != search_method:
             # The sequential refit of the same ranks missed the tolerance: put back the factors the
             # search measured (replacing each LowRankLinear keeps the rest of the model as it was).
-            notes.append(f"the '{cfg.method}' refit scored {val_refit:.4f} on validation, beyond the tolerance; "
+            beyond = "beyond the tolerance" if limit == data["tolerance_abs"] else \
+                "below the searched factors the healed choice started from"
+            notes.append(f"the '{cfg.method}' refit scored {val_refit:.4f} on validation, {beyond}; "
                          f"kept the '{search_method}' factors the search measured instead")
             ctx.log("refit: " + notes[-1])
             refit = factorize_(refit, searched_factors())
@@ -562,6 +570,13 @@ class RefitStage(Stage):
             val_final = heal.metric_after if heal.kept else heal.metric_before
         else:
             val_final = val_refit
+        healed_choice = data.get("healing") or {}
+        if healed_choice.get("healed") and \
+                (1.0 if higher else -1.0) * (data["dense_metric"] - val_final) > data["tolerance_abs"] + 1e-12:
+            tried = next(t["metric"] for t in healed_choice["tries"] if t["passed"] and t["gain"] == healed_choice["gain"])
+            notes.append(f"the plan was kept because its searched factors healed within the tolerance (validation "
+                         f"{tried:.4f}); the refit scored {val_final:.4f} after healing, beyond it")
+            ctx.log("refit: " + notes[-1])
         test = None
         if self.score_test:
             from ..evaluate import score_extra_tests
