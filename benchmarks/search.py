@@ -376,6 +376,9 @@ def slacked(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, row
         budget = max(float(resumed["elapsed"]) / 60, 1e-6)
         log(f"benchmark: resuming the finished search of {wide.parent.name} ({budget:.1f} min spent)")
     summary, folder = _rerun(args, spec, task_file, out, "-slack", cfg, dense, tok, stages, log, budget)
+    if resumed is not None and summary["evaluations"] != len(json.loads(
+            (wide.parent / "history.json").read_text())["frontier"]):
+        raise RuntimeError(f"{folder}: the slack rerun scored candidates again: it did not resume {wide.parent}")
     h = summary["healing"]
     return {"slack": args.heal_slack, "steps": args.heal_steps, "loss": args.heal, "lr": args.heal_lr,
             "resumed": None if resumed is None else str(wide.parent), "search_gain": h["search_gain"],

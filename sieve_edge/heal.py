@@ -69,7 +69,8 @@ def heal_(model, tokenizer, task, steps: int, *, lr: float = 1e-4, batch_size: i
     pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     before = float(val_scorer.metric(model)) if val_scorer is not None else math.nan
-    saved = {id(p): p.detach().clone() for p in params}
+    # kept only to undo a healing that scored worse: nothing to undo without a validation score
+    saved = {id(p): p.detach().clone() for p in params} if val_scorer is not None else {}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     t0 = time.perf_counter()
     losses = []

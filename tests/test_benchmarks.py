@@ -210,3 +210,34 @@ def test_held_out_row_resumes_the_rows_search_and_tables_the_plans_tried(bench, 
     # a search that is not the row's (another count of evaluations) is refused, not tabled
     with pytest.raises(RuntimeError, match="scored candidates again"):
         bench.held_out(args, "tiny", task, out, cfg, model, tok, stages, {**plain, "evaluations": -1}, log=None)
+
+
+def test_slack_row_resumes_the_row_at_tolerance_plus_slack_and_tables_the_healed_tries(bench, tmp_path):
+    """--heal-slack: the GA row at tolerance + slack in --work is resumed (no candidate scored
+    again), its plans beyond the tolerance healed; the kept plan is refit and scored on test."""
+    import argparse
+    import copy
+
+    from test_search import small_config, write_task
+
+    from sieve_edge.search import run_search
+    from tiny import make_model, make_tokenizer
+
+    task = write_task(tmp_path / "task")
+    model, tok = make_model("llama"), make_tokenizer()
+    stages = tmp_path / "stages"
+    wide = run_search("tiny", task, tmp_path / "search-tiny-ga-sieve-0.3", small_config(tolerance=0.3, generations=1),
+                      force=True, model=copy.deepcopy(model), tokenizer=tok, work=stages)
+    cfg = small_config(tolerance=0.1, generations=1)
+    out = tmp_path / "search-tiny-ga-sieve-0.1"
+    run_search("tiny", task, out, cfg, force=True, model=copy.deepcopy(model), tokenizer=tok, work=stages)
+    args = argparse.Namespace(heal_slack=0.2, heal_steps=2, heal="ce", heal_lr=1e-3, budget_minutes=15.0,
+                              test_limit=None, work=tmp_path, quick=False)
+    row = bench.slacked(args, "tiny", task, out, cfg, model, tok, stages, ("tiny", "ga-sieve"), log=lambda m: None)
+    assert row["resumed"] == str(tmp_path / "search-tiny-ga-sieve-0.3")
+    assert row["evaluations"] == wide["evaluations"] and row["search_gain"] == pytest.approx(wide["objective_gain"])
+    assert row["reduction"] <= wide["linear_param_reduction"] + 1e-12
+    slack = json.loads((tmp_path / "search-tiny-ga-sieve-0.1-slack" / "search.json").read_text())
+    assert slack["healing"]["tries"] == row["tries"] and slack["tolerance"] == 0.1
+    table = bench.table([{**_row("sst2", "ga-sieve", 0.01, 0.25), "slack": row}])
+    assert "| sst2 ga-sieve 0.01 | 0.2 |" in table
