@@ -86,6 +86,9 @@ def parse_args(argv=None):
                    help="also rerun each GA row with this heal slack (needs --heal-steps): the search accepts plans "
                         "up to tolerance + slack, and the largest that heals back within the tolerance is kept. A "
                         "finished row at tolerance + slack in --work is resumed (no candidate scored again)")
+    p.add_argument("--slack-only", action="store_true",
+                   help="with --heal-slack: take each row's numbers from its folder in --work as an earlier run left "
+                        "them (search.json) instead of running it, and run only the slack rerun")
     p.add_argument("--reuse-search", action="store_true",
                    help="keep a finished search of the same row and settings in the task's stage folder instead "
                         "of searching again (the row's numbers are that search's; e.g. to add --holdout or "
@@ -105,6 +108,8 @@ def parse_args(argv=None):
     args.pairs = _pairs(p, args)
     if args.heal_slack and not args.heal_steps:
         p.error("--heal-slack needs --heal-steps: the plans beyond the tolerance are healed to be judged")
+    if args.slack_only and not args.heal_slack:
+        p.error("--slack-only needs --heal-slack")
     return args
 
 
@@ -250,10 +255,13 @@ def main(argv=None) -> int:
                 import shutil
 
                 shutil.rmtree(out, ignore_errors=True)
-            summary = run_search(spec, task_file, out, cfg, budget_minutes=args.budget_minutes,
-                                 force=not args.reuse_search,
-                                 test_limit=args.test_limit, log=log, model=copy.deepcopy(dense),
-                                 tokenizer=tok, work=stages)
+            if args.slack_only:
+                summary = _earlier(out)
+            else:
+                summary = run_search(spec, task_file, out, cfg, budget_minutes=args.budget_minutes,
+                                     force=not args.reuse_search,
+                                     test_limit=args.test_limit, log=log, model=copy.deepcopy(dense),
+                                     tokenizer=tok, work=stages)
             row = {"task": task_name, "strategy": label, "tolerance": tol,
                    "reduction": summary["linear_param_reduction"],
                    "val_dense": summary["validation"]["dense"], "val_final": summary["validation"]["final"],
@@ -263,7 +271,8 @@ def main(argv=None) -> int:
                    "generations": summary["generations"], "stopped": summary["stopped"],
                    "full_evaluations": summary["full_evaluations"],
                    "candidates_per_minute": summary["evaluations"] / max(summary["search_seconds"] / 60, 1e-9),
-                   "total_minutes": (time.perf_counter() - t0) / 60, "out": str(out),
+                   "total_minutes": (summary["total_seconds"] / 60 if args.slack_only
+                                     else (time.perf_counter() - t0) / 60), "out": str(out),
                    "model": spec, "tune_steps": args.tune_steps, "budget_minutes": args.budget_minutes,
                    "method": summary["method"], "notes": summary["notes"],
                    "calibration": args.calibration, "threads": torch.get_num_threads()}
@@ -289,6 +298,14 @@ def main(argv=None) -> int:
     _write(args, rows, started)
     print(table(rows))
     return 0
+
+
+def _earlier(out: Path) -> dict:
+    """The summary a finished run of the row left in its folder (--slack-only)."""
+    saved = out / "search.json"
+    if not saved.is_file():
+        raise SystemExit(f"--slack-only: {saved} is missing; run the row first (without --slack-only)")
+    return json.loads(saved.read_text())
 
 
 def _rerun(args, spec, task_file, out: Path, suffix: str, cfg, dense, tok, stages: Path, log,

@@ -241,3 +241,17 @@ def test_slack_row_resumes_the_row_at_tolerance_plus_slack_and_tables_the_healed
     assert slack["healing"]["tries"] == row["tries"] and slack["tolerance"] == 0.1
     table = bench.table([{**_row("sst2", "ga-sieve", 0.01, 0.25), "slack": row}])
     assert "| sst2 ga-sieve 0.01 | 0.2 |" in table
+
+
+def test_slack_only_takes_the_rows_earlier_numbers_and_needs_a_slack(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--slack-only"])
+    assert "--slack-only needs --heal-slack" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--heal-slack", "0.04"])
+    assert "--heal-slack needs --heal-steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="search.json is missing; run the row first"):
+        bench._earlier(tmp_path / "search-sst2-ga-sieve-0.01")
+    (tmp_path / "row").mkdir()
+    (tmp_path / "row" / "search.json").write_text(json.dumps({"linear_param_reduction": 0.25}))
+    assert bench._earlier(tmp_path / "row")["linear_param_reduction"] == 0.25
