@@ -776,21 +776,26 @@ def test_a_holdout_rerun_reuses_the_finished_search_and_reports_its_scores(tuned
 
 # ---------------------------------------------------------------- healed choice (--heal-slack)
 
-def _slack_outcome(drops: dict[float, float]):
-    """Plans by gain with their unhealed validation drops, largest first (dense metric 0.9)."""
+def _slack_outcome(drops: dict[float, float], accepted: dict[float, float] = {}):
+    """Plans by gain with their unhealed validation drops (dense metric 0.9), largest first;
+    ``accepted``: plans racing accepted on a subset (their drop an estimate)."""
     from sieve_edge.ga import Evaluation
     from sieve_edge.search.drivers import Outcome
 
-    feasible = [({"m": int(round(100 * g))}, {"m": 1.0 - g}, Evaluation(g, 0.9 - d, d, True, 0.0, True))
-                for g, d in sorted(drops.items(), reverse=True)]
+    def plans(d, full):
+        return [({"m": int(round(100 * g))}, {"m": 1.0 - g}, Evaluation(g, 0.9 - e, e, True, 0.0, full))
+                for g, e in sorted(d.items(), reverse=True)]
+
+    feasible = plans(drops, True)
     best = feasible[0]
-    return Outcome(best[0], best[2], [], [], best[1], feasible=feasible)
+    return Outcome(best[0], best[2], [], [], best[1], feasible=feasible, accepted=plans(accepted, False))
 
 
-def _slack_fakes(monkeypatch, heals_up_to: float):
-    """Healing that brings a plan removing <= heals_up_to to 0.9 (no drop), larger ones to 0.85."""
+def _slack_fakes(monkeypatch, drops: dict[float, float], heal_gain: float):
+    """Healing that takes ``heal_gain`` off a plan's full drop (``drops``, by gain)."""
     import sieve_edge.heal as heal
     import sieve_edge.search.drivers as drivers
+    from sieve_edge.ga import Evaluation
     from sieve_edge.heal import HealResult
 
     class Model:
@@ -801,48 +806,77 @@ def _slack_fakes(monkeypatch, heals_up_to: float):
 
         def metric(self, model, rows=None):
             Scorer.calls += 1
-            return 0.9 if model.ranks["m"] / 100 <= heals_up_to + 1e-9 else 0.85
+            return 0.9 - max(0.0, drops[model.ranks["m"] / 100] - heal_gain)
+
+    def confirm(ranks):
+        g = ranks["m"] / 100
+        return Evaluation(g, 0.9 - drops[g], drops[g], drops[g] <= 0.05, 0.0, True)
 
     monkeypatch.setattr(drivers, "_swap_low_rank", lambda model, ranks: model.ranks.update(ranks) or {"m": 1})
     monkeypatch.setattr(drivers, "_swap_back", lambda model, swapped: model.ranks.clear())
     monkeypatch.setattr(heal, "heal_", lambda *a, **k: HealResult(3, 1e-4, 10, float("nan"), float("nan"), True,
                                                                   0.5, 1.0, 0.5))
-    return Model(), Scorer()
+    return Model(), Scorer(), confirm
 
 
-@pytest.mark.parametrize("heals_up_to,want", [(0.6, 0.6), (0.55, 0.55), (0.5, 0.5), (0.45, 0.45), (0.4, 0.35),
-                                              (0.2, 0.35)])
-def test_heal_slack_keeps_the_largest_plan_that_heals_within_the_tolerance(monkeypatch, heals_up_to, want):
+DROPS = {0.6: 0.045, 0.55: 0.04, 0.5: 0.035, 0.45: 0.03, 0.4: 0.025, 0.35: 0.02, 0.3: 0.01}
+
+
+@pytest.mark.parametrize("heal_gain,want,tried", [(0.03, 0.6, [0.6]), (0.022, 0.55, [0.6, 0.55]),
+                                                  (0.015, 0.5, [0.6, 0.5]), (0.0, 0.35, [0.6])])
+def test_heal_slack_keeps_the_largest_plan_that_heals_within_the_tolerance(monkeypatch, heal_gain, want, tried):
     """Plans 0.6..0.4 are beyond the 0.02 tolerance unhealed (within 0.05 = tolerance + slack),
-    0.35 and 0.3 within it: the healed tries are of the five larger ones only, the search's
-    first, then a bisection (3 tries in all: 0.4 is not reached, the fallback 0.35 is kept)."""
+    0.35 and 0.3 within it. The search's plan is healed first; the next try is the largest
+    plan below a failed one whose drop, less the heal gain measured, is within the tolerance;
+    none such (no gain at all) keeps the fallback, the largest plan within it unhealed."""
     from sieve_edge.ga import Evaluation
     from sieve_edge.search.drivers import HEAL_MAX_TRIES, heal_choice
 
-    drops = {0.6: 0.045, 0.55: 0.04, 0.5: 0.035, 0.45: 0.03, 0.4: 0.025, 0.35: 0.02, 0.3: 0.01}
-    model, scorer = _slack_fakes(monkeypatch, heals_up_to)
+    model, scorer, confirm = _slack_fakes(monkeypatch, DROPS, heal_gain)
     cfg = small_config(tolerance=0.02, heal_slack=0.03, heal_steps=3)
-    got, record = heal_choice(_slack_outcome(drops), model, None, None, scorer, cfg, 0.02, 0.9, True,
-                              Evaluation(0.0, 0.9, 0.0, True), lambda m: None)
+    got, record = heal_choice(_slack_outcome(DROPS), model, None, None, scorer, cfg, 0.02, 0.9, True,
+                              Evaluation(0.0, 0.9, 0.0, True), lambda m: None, confirm)
     assert got.evaluation.gain == pytest.approx(want) and got.ranks == {"m": int(round(100 * want))}
-    assert record["tries"][0]["gain"] == 0.6 and len(record["tries"]) == scorer.calls <= HEAL_MAX_TRIES
+    assert [t["gain"] for t in record["tries"]] == tried and scorer.calls == len(tried) <= HEAL_MAX_TRIES
     assert all(t["search_drop"] > 0.02 for t in record["tries"])   # a plan within the tolerance needs no try
+    assert record["tries"][0]["predicted_drop"] is None
+    assert all(t["predicted_drop"] == pytest.approx(t["search_drop"] - heal_gain) for t in record["tries"][1:])
     assert record["fallback_gain"] == 0.35 and record["healed"] == (want > 0.35)
-    assert record["refit_tolerance_abs"] == (drops[want] if want > 0.35 else None)
+    assert record["refit_tolerance_abs"] == (DROPS[want] if want > 0.35 else None)
     assert model.ranks == {}
+
+
+def test_heal_slack_scores_racing_estimates_in_full_before_relying_on_them(monkeypatch):
+    """A racing-accepted plan estimated within the tolerance is scored in full: kept as the
+    fallback if it holds; a plan only racing estimated is scored in full before it is healed."""
+    from sieve_edge.ga import Evaluation
+    from sieve_edge.search.drivers import heal_choice
+
+    drops = {**DROPS, 0.38: 0.019, 0.42: 0.05, 0.39: 0.03}
+    model, scorer, confirm = _slack_fakes(monkeypatch, drops, 0.0)
+    outcome = _slack_outcome({g: DROPS[g] for g in (0.6, 0.35)}, accepted={0.42: 0.015, 0.38: 0.01, 0.39: 0.022})
+    got, record = heal_choice(outcome, model, None, None, scorer,
+                              small_config(tolerance=0.02, heal_slack=0.03, heal_steps=3), 0.02, 0.9, True,
+                              Evaluation(0.0, 0.9, 0.0, True), lambda m: None, confirm)
+    # 0.42 (estimate 0.015) is beyond in full, 0.38 (estimate 0.01) holds: the fallback, above 0.35
+    assert [c["gain"] for c in record["confirmed"]] == [0.42, 0.38] and record["fallback_gain"] == 0.38
+    assert got.evaluation.gain == 0.38 and got.evaluation.full and not record["healed"]
+    # no heal gain: 0.6 fails and nothing else is expected to heal within the tolerance
+    assert [t["gain"] for t in record["tries"]] == [0.6]
 
 
 def test_heal_slack_without_a_plan_within_the_tolerance_falls_back_to_dense(monkeypatch):
     from sieve_edge.ga import Evaluation
     from sieve_edge.search.drivers import heal_choice
 
-    model, scorer = _slack_fakes(monkeypatch, 0.0)
+    drops = {0.5: 0.04, 0.3: 0.03}
+    model, scorer, confirm = _slack_fakes(monkeypatch, drops, 0.0)
     dense_ev = Evaluation(0.0, 0.9, 0.0, True)
-    got, record = heal_choice(_slack_outcome({0.5: 0.04, 0.3: 0.03}), model, None, None, scorer,
+    got, record = heal_choice(_slack_outcome(drops), model, None, None, scorer,
                               small_config(tolerance=0.02, heal_slack=0.03, heal_steps=3), 0.02, 0.9, True,
-                              dense_ev, lambda m: None)
+                              dense_ev, lambda m: None, confirm)
     assert got.evaluation is dense_ev and got.ranks == {"m": None} and not record["healed"]
-    assert [t["gain"] for t in record["tries"]] == [0.5, 0.3]
+    assert [t["gain"] for t in record["tries"]] == [0.5]
 
 
 def test_search_with_a_heal_slack_heals_the_plans_beyond_the_tolerance(tuned):
@@ -857,6 +891,7 @@ def test_search_with_a_heal_slack_heals_the_plans_beyond_the_tolerance(tuned):
     h = res.healing
     assert h is not None and h["slack"] == 0.2 and res.tolerance_abs == pytest.approx(0.02)
     assert all(t["search_drop"] > 0.02 for t in h["tries"]) and len(h["tries"]) <= 3
+    assert all(c["drop"] is not None for c in h["confirmed"])
     if h["healed"]:   # kept: a try that healed within the tolerance
         assert [t for t in h["tries"] if t["gain"] == pytest.approx(res.gain)][0]["drop"] <= 0.02 + 1e-12
     else:             # the largest plan within the tolerance unhealed, or dense

@@ -89,6 +89,9 @@ class Outcome:
     # every plan measured feasible on the whole validation split, (ranks, levels, evaluation),
     # largest gain first: what a holdout check walks down when the chosen plan fails it
     feasible: list[tuple[dict, dict, Evaluation]] = field(default_factory=list)
+    # the plans racing accepted on a subset and never scored in full (their metric an estimate),
+    # largest gain first: what a healed choice may also try (``heal_choice``)
+    accepted: list[tuple[dict, dict, Evaluation]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- genetic algorithm
@@ -200,11 +203,13 @@ def run_genetic(ctx: SearchContext, saved: dict | None, costs: tuple[dict[str, l
     if screen is not None:
         ctx.log(f"search: the surrogate screened {screen.screened} plans this run "
                 f"({surrogate.n_fit} measured plans in its last fit)")
-    feasible = [(*plan_of(genome), e) for genome, e in sorted(
-        ((unkey(k), e) for k, e in ga.cache.items() if e.feasible and e.full),
-        key=lambda ge: (-ge[1].gain, ge[1].proxy, ge[0]))]
+    def listed(full: bool) -> list:
+        return [(*plan_of(genome), e) for genome, e in sorted(
+            ((unkey(k), e) for k, e in ga.cache.items() if e.feasible and e.full == full),
+            key=lambda ge: (-ge[1].gain, ge[1].proxy, ge[0]))]
+
     return Outcome(ranks, ev, [asdict(r) for r in ga.history], frontier, levels, resumed_from, stopped,
-                   task_sensitivity, feasible)
+                   task_sensitivity, listed(True), listed(False))
 
 
 MAX_CONFIRMATIONS = 8  # racing-accepted plans checked on the full split before falling back
@@ -333,7 +338,8 @@ def holdout_choice(outcome: Outcome, model, scorer, rows: list[int], dense: floa
     return replace(outcome, ranks=plan[0], levels=plan[1], evaluation=plan[2]), record
 
 
-HEAL_MAX_TRIES = 3  # healed tries per search (each is --heal-steps steps and one full evaluation)
+HEAL_MAX_TRIES = 3     # healed tries per search (each is --heal-steps steps and one full evaluation)
+HEAL_MAX_CONFIRMS = 3  # racing-accepted plans scored in full in search of a larger unhealed fallback
 
 
 def _swap_low_rank(model, ranks: dict[str, int | None]) -> dict:
@@ -375,33 +381,60 @@ def _swap_back(model, swapped: dict) -> None:
 
 
 def heal_choice(outcome: Outcome, model, tokenizer, task, scorer, config: SearchConfig, tol_abs: float,
-                dense: float, higher_is_better: bool, dense_ev: Evaluation, log, teacher=None,
-                train_scorer=None) -> tuple[Outcome, dict]:
-    """The largest plan the search measured feasible at ``tolerance + heal_slack`` that, once
+                dense: float, higher_is_better: bool, dense_ev: Evaluation, log,
+                confirm: Callable[[dict], Evaluation], teacher=None, train_scorer=None) -> tuple[Outcome, dict]:
+    """The largest plan the search found feasible at ``tolerance + heal_slack`` that, once
     healed (``config.heal_steps`` steps of ``heal_`` on its searched factors), scores within
-    the tolerance on the validation split; and a record of every try.
+    the tolerance on the validation split; and a record of what was tried.
 
-    Healing wins back part of what a cut costs (on sst2, 100 steps took a 41.6% plan's test
-    drop from 5.6 to 1.6 points), so the search may accept plans beyond the tolerance as long
-    as the healed plan is held to it. The plans already within the tolerance unhealed need no
-    try: the largest of them is the fallback (the dense model when there is none). Tried, in
-    ``HEAL_MAX_TRIES`` at most: the search's plan, then a bisection of the larger plans between
-    it and the fallback (largest first, assuming a smaller plan heals to a smaller drop).
+    Healing wins back part of what a cut costs, so a plan somewhat beyond the tolerance may
+    heal back within it. The candidates are the plans the search accepted (in full or by
+    racing), each set of ranks once, at most the search's own plan.
+    - Fallback: the largest plan within the tolerance unhealed, measured in full (racing-
+      accepted plans whose estimate is within it are scored in full first, largest first,
+      ``HEAL_MAX_CONFIRMS`` at most); the dense model when there is none.
+    - Tries (``HEAL_MAX_TRIES`` at most) of the larger plans beyond the tolerance: the
+      search's own plan first. Each try is scored in full unhealed (``confirm``) if racing
+      only estimated it, then healed and scored: its heal gain is the unhealed drop minus the
+      healed drop. Every next try is the largest untried plan between the largest that passed
+      and the smallest that failed (a smaller plan is assumed to heal to a smaller drop) whose
+      unhealed drop minus the mean heal gain so far is within the tolerance; none such ends it.
     ``dense``: the float32 dense metric on the split, the reference the tolerance is held to."""
     from ..heal import heal_
 
     sign = 1.0 if higher_is_better else -1.0
-    plans = _from_chosen(outcome)
-    within = [p for p in plans if p[2].drop <= tol_abs + 1e-12]
-    fallback = within[0] if within else ({n: None for n in outcome.ranks}, {n: 1.0 for n in outcome.ranks}, dense_ev)
-    tries_on = [p for p in plans if p[2].gain > fallback[2].gain and p[2].drop > tol_abs + 1e-12]
-    tries: list[dict] = []
+    tol = tol_abs + 1e-12
+    merged = replace(outcome, feasible=sorted(outcome.feasible + outcome.accepted, key=lambda p: -p[2].gain))
+    pool = [list(p) for p in _from_chosen(merged)]   # [ranks, levels, evaluation], the search's own first
+    confirmed: list[dict] = []
 
-    def passes(i: int) -> bool:
-        ranks, _, ev = tries_on[i]
+    def full(p: list) -> Evaluation:
+        if not p[2].full:
+            got = confirm(p[0])
+            confirmed.append({"gain": got.gain, "estimate": p[2].metric, "metric": got.metric, "drop": got.drop})
+            log(f"search: plan {100 * got.gain:.1f}% in full: {got.metric:.4f}, drop {got.drop:+.4f} "
+                f"(racing estimated {p[2].metric:.4f})")
+            p[2] = got
+        return p[2]
+
+    fallback = next((p for p in pool if p[2].full and p[2].drop <= tol), None)
+    for p in [p for p in pool if not p[2].full and p[2].drop <= tol][:HEAL_MAX_CONFIRMS]:
+        if fallback is not None and p[2].gain <= fallback[2].gain:
+            break
+        if full(p).drop <= tol:
+            fallback = p
+            break
+    if fallback is None:
+        fallback = [{n: None for n in outcome.ranks}, {n: 1.0 for n in outcome.ranks}, dense_ev]
+    cands = [p for p in pool if p[2].gain > fallback[2].gain and p[2].drop > tol]
+    tries: list[dict] = []
+    lower, upper, best, heal_gains = fallback[2].gain, float("inf"), None, []
+
+    def passes(p: list, predicted: float | None) -> bool:
+        ev = full(p)
         log(f"search: healing the plan removing {100 * ev.gain:.1f}% (validation {ev.metric:.4f}, drop "
             f"{ev.drop:+.4f}): {config.heal_steps} {config.heal} steps on its searched factors")
-        swapped = _swap_low_rank(model, ranks)
+        swapped = _swap_low_rank(model, p[0])
         try:
             h = heal_(model, tokenizer, task, config.heal_steps, lr=config.heal_lr, batch_size=16, seed=config.seed,
                       higher_is_better=higher_is_better, log=log, loss=config.heal, teacher=teacher,
@@ -412,37 +445,46 @@ def heal_choice(outcome: Outcome, model, tokenizer, task, scorer, config: Search
         finally:
             _swap_back(model, swapped)
         drop = sign * (dense - got)
-        ok = drop <= tol_abs + 1e-12
-        tries.append({"gain": ev.gain, "search_metric": ev.metric, "search_drop": ev.drop, "metric": got,
-                      "drop": drop, "passed": ok, "seconds": h.seconds, "loss_first": h.loss_first,
+        ok = drop <= tol
+        heal_gains.append(ev.drop - drop)
+        tries.append({"gain": ev.gain, "search_metric": ev.metric, "search_drop": ev.drop, "predicted_drop": predicted,
+                      "metric": got, "drop": drop, "passed": ok, "seconds": h.seconds, "loss_first": h.loss_first,
                       "loss_last": h.loss_last})
         log(f"search: healed plan {100 * ev.gain:.1f}%: validation {got:.4f}, drop {drop:+.4f} "
-            f"({'within' if ok else 'BEYOND'} the tolerance {tol_abs:.4f})")
+            f"({'within' if ok else 'BEYOND'} the tolerance {tol_abs:.4f}; healing won back {ev.drop - drop:+.4f})")
         return ok
 
-    found = None
-    if tries_on:
-        if passes(0):
-            found = 0
-        else:  # bisection for the first passing index of tries_on[1:], pass assumed monotone in the index
-            lo, hi = 1, len(tries_on) - 1
-            while lo <= hi and len(tries) < HEAL_MAX_TRIES:
-                mid = (lo + hi) // 2
-                if passes(mid):
-                    found, hi = mid, mid - 1
-                else:
-                    lo = mid + 1
-    plan = tries_on[found] if found is not None else fallback
+    tried: set[int] = set()
+    while cands and len(tries) < HEAL_MAX_TRIES:
+        predicted = None
+        if not tries:
+            i = 0
+        else:
+            g = sum(heal_gains) / len(heal_gains)
+            # the estimate of a racing-accepted plan's drop stands in for its full score here
+            i = next((j for j, p in enumerate(cands) if j not in tried and lower < p[2].gain < upper
+                      and p[2].drop - g <= tol), None)
+            if i is None:
+                log(f"search: no untried plan is expected to heal within the tolerance (mean heal gain {g:+.4f})")
+                break
+            predicted = cands[i][2].drop - g
+        tried.add(i)
+        if passes(cands[i], predicted):
+            lower, best = cands[i][2].gain, cands[i]
+        else:
+            upper = min(upper, cands[i][2].gain)
+    plan = best if best is not None else fallback
     record = {"slack": config.heal_slack, "tolerance_abs": tol_abs, "steps": config.heal_steps,
               "loss": config.heal, "lr": config.heal_lr, "search_gain": outcome.evaluation.gain,
-              "fallback_gain": fallback[2].gain, "tries": tries, "healed": found is not None, "gain": plan[2].gain,
-              # what the refit of this plan is held to before it is healed again
-              "refit_tolerance_abs": None if found is None else plan[2].drop}
-    if found is not None:
+              "fallback_gain": fallback[2].gain, "confirmed": confirmed, "tries": tries, "healed": best is not None,
+              "gain": plan[2].gain,
+              # what the refit of this plan is held to before it is healed again: its searched drop
+              "refit_tolerance_abs": None if best is None else plan[2].drop}
+    if best is not None:
         log(f"search: keeping the plan removing {100 * plan[2].gain:.1f}%, within the tolerance once healed")
-    elif tries_on:
-        what = (f"the largest plan within the tolerance unhealed ({100 * fallback[2].gain:.1f}%)" if within
-                else "the dense model (no plan measured was within the tolerance unhealed)")
+    elif cands:
+        what = (f"the largest plan within the tolerance unhealed ({100 * fallback[2].gain:.1f}%)"
+                if fallback[2].gain > 0 else "the dense model (no plan measured was within the tolerance unhealed)")
         log(f"search: no healed plan tried held the tolerance; keeping {what}")
     return replace(outcome, ranks=plan[0], levels=plan[1], evaluation=plan[2]), record
 
@@ -584,9 +626,12 @@ def run_uniform(ctx: SearchContext, saved: dict | None) -> Outcome:
     ranks, levels = plan_of(keep)
     frontier = [dict(gain=v["gain"], metric=v["metric"], feasible=v["feasible"], full=v["full"], keep=float(k),
                      proxy=v["proxy"]) for k, v in sorted(memo.items())]
-    feasible = [(*plan_of(float(k)), Evaluation(**v)) for k, v in sorted(memo.items(), key=lambda kv: -kv[1]["gain"])
-                if v["feasible"] and v["full"]]
-    return Outcome(ranks, ev, history, frontier, levels, resumed_from, stopped["why"], feasible=feasible)
+    def listed(full: bool) -> list:
+        return [(*plan_of(float(k)), Evaluation(**v)) for k, v in sorted(memo.items(), key=lambda kv: -kv[1]["gain"])
+                if v["feasible"] and v["full"] == full]
+
+    return Outcome(ranks, ev, history, frontier, levels, resumed_from, stopped["why"], feasible=listed(True),
+                   accepted=listed(False))
 
 
 # ---------------------------------------------------------------- search_plan
@@ -805,7 +850,7 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
         if config.heal_slack:
             outcome, healing = heal_choice(outcome, model, tokenizer, task, scorer, config, tol_abs,
                                            evaluator.dense_metric, task.metric != "perplexity", dense_ev, say,
-                                           *heal_teacher)
+                                           evaluator.confirm, *heal_teacher)
         if outcome.stopped == BEFORE_FIRST_GENERATION:
             need = (10 + config.population) * evaluator.dense_seconds / 60
             if budget_minutes is not None:  # this budget was not enough: at least one more generation on top of it
