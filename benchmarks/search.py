@@ -88,7 +88,8 @@ def parse_args(argv=None):
                         "finished row at tolerance + slack in --work is resumed (no candidate scored again)")
     p.add_argument("--slack-only", action="store_true",
                    help="with --heal-slack: take each row's numbers from its folder in --work as an earlier run left "
-                        "them (search.json) instead of running it, and run only the slack rerun")
+                        "them (search.json) instead of running it, and run only the slack rerun (no --holdout, "
+                        "--heal-steps or cross-dataset rerun of the row)")
     p.add_argument("--reuse-search", action="store_true",
                    help="keep a finished search of the same row and settings in the task's stage folder instead "
                         "of searching again (the row's numbers are that search's; e.g. to add --holdout or "
@@ -276,7 +277,7 @@ def main(argv=None) -> int:
                    "model": spec, "tune_steps": args.tune_steps, "budget_minutes": args.budget_minutes,
                    "method": summary["method"], "notes": summary["notes"],
                    "calibration": args.calibration, "threads": torch.get_num_threads()}
-            if cross_dense:
+            if cross_dense and not args.slack_only:
                 from sieve_edge.checkpoint import load_checkpoint
 
                 pruned = load_checkpoint(out)
@@ -284,9 +285,9 @@ def main(argv=None) -> int:
                                     "pruned": evaluate(pruned, tok, cross_task(args.work, n, args.datasets),
                                                        "test").value}
                                 for n in CROSS}
-            if args.holdout:
+            if args.holdout and not args.slack_only:
                 row["holdout"] = held_out(args, spec, task_file, out, cfg, dense, tok, stages, summary, log)
-            if args.heal_steps:
+            if args.heal_steps and not args.slack_only:
                 row["heal"] = healed(args, spec, task_file, out, cfg, dense, tok, stages, summary, log)
             if args.heal_slack and cfg.strategy == "ga":
                 row["slack"] = slacked(args, spec, task_file, out, cfg, dense, tok, stages, (task_name, label), log)
