@@ -99,13 +99,20 @@ def search_report(summary: dict, result: dict) -> str:
                   + ("" if h["passed"] else "; none held, so the dense model is kept") + ".", ""]
     if s.get("healing"):
         h = s["healing"]
-        tries = ", ".join(f"{100 * t['gain']:.1f}% (drop {t['search_drop']:+.4f}) → {t['metric']:.4f} "
+
+        def predicted(t):
+            return "" if t.get("predicted_drop") is None else f", predicted {t['predicted_drop']:+.4f}"
+
+        tries = ", ".join(f"{100 * t['gain']:.1f}% (drop {t['search_drop']:+.4f}{predicted(t)}) → {t['metric']:.4f} "
                           f"(drop {t['drop']:+.4f}, {'within' if t['passed'] else 'beyond'})" for t in h["tries"])
+        confirmed = ", ".join(f"{100 * c['gain']:.1f}% (estimated {c['estimate']:.4f}) → {c['metric']:.4f}"
+                              for c in h.get("confirmed") or [])
         kept = ("the largest healed plan within the tolerance" if h["healed"] else
                 "the largest plan within the tolerance unhealed" if h["fallback_gain"] > 0 else "the dense model")
-        lines += [f"Healed choice: the search accepted plans up to the tolerance + {h['slack']:g} (slack); plans "
-                  f"beyond the tolerance were healed {h['steps']} {h['loss']} steps on their searched factors and "
-                  f"scored on validation: " + (tries or "none to try") + f". Kept {kept}: "
+        lines += [f"Healed choice: the search accepted plans up to the tolerance + {h['slack']:g} (slack). "
+                  + (f"Racing estimates scored in full: {confirmed}. " if confirmed else "")
+                  + f"Plans beyond the tolerance healed {h['steps']} {h['loss']} steps on their searched factors "
+                  f"and scored on validation: " + (tries or "none to try") + f". Kept {kept}: "
                   f"{100 * h['gain']:.1f}% removed.", ""]
     if s.get("heal"):
         h = s["heal"]
