@@ -865,6 +865,23 @@ def test_heal_slack_scores_racing_estimates_in_full_before_relying_on_them(monke
     assert [t["gain"] for t in record["tries"]] == [0.6]
 
 
+def test_heal_slack_scores_an_estimate_in_full_before_healing_it_and_skips_it_if_it_no_longer_predicts_a_pass(
+        monkeypatch):
+    from sieve_edge.ga import Evaluation
+    from sieve_edge.search.drivers import heal_choice
+
+    # heal gain 0.015 (measured on 0.6): 0.5 and 0.45 are estimated to pass, but 0.5 drops 0.04 in full
+    drops = {**DROPS, 0.5: 0.04}
+    model, scorer, confirm = _slack_fakes(monkeypatch, drops, 0.015)
+    outcome = _slack_outcome({g: DROPS[g] for g in (0.6, 0.35)}, accepted={0.5: 0.03, 0.45: 0.03})
+    got, record = heal_choice(outcome, model, None, None, scorer,
+                              small_config(tolerance=0.02, heal_slack=0.03, heal_steps=3), 0.02, 0.9, True,
+                              Evaluation(0.0, 0.9, 0.0, True), lambda m: None, confirm)
+    assert [c["gain"] for c in record["confirmed"]] == [0.5, 0.45]     # each scored in full once
+    assert [t["gain"] for t in record["tries"]] == [0.6, 0.45]          # 0.5 skipped, not healed
+    assert got.evaluation.gain == 0.45 and record["healed"]
+
+
 def test_heal_slack_without_a_plan_within_the_tolerance_falls_back_to_dense(monkeypatch):
     from sieve_edge.ga import Evaluation
     from sieve_edge.search.drivers import heal_choice

@@ -340,6 +340,7 @@ def holdout_choice(outcome: Outcome, model, scorer, rows: list[int], dense: floa
 
 HEAL_MAX_TRIES = 3     # healed tries per search (each is --heal-steps steps and one full evaluation)
 HEAL_MAX_CONFIRMS = 3  # racing-accepted plans scored in full in search of a larger unhealed fallback
+HEAL_MAX_RESCORES = 8  # racing-accepted plans scored in full before they are healed (one evaluation each)
 
 
 def _swap_low_rank(model, ranks: dict[str, int | None]) -> dict:
@@ -398,7 +399,9 @@ def heal_choice(outcome: Outcome, model, tokenizer, task, scorer, config: Search
       only estimated it, then healed and scored: its heal gain is the unhealed drop minus the
       healed drop. Every next try is the largest untried plan between the largest that passed
       and the smallest that failed (a smaller plan is assumed to heal to a smaller drop) whose
-      unhealed drop minus the mean heal gain so far is within the tolerance; none such ends it.
+      unhealed drop minus the mean heal gain so far is within the tolerance; a racing estimate
+      is scored in full before it is healed (``HEAL_MAX_RESCORES`` at most) and skipped if its
+      full drop no longer predicts a pass. No plan expected to pass ends it.
     ``dense``: the float32 dense metric on the split, the reference the tolerance is held to."""
     from ..heal import heal_
 
@@ -455,18 +458,28 @@ def heal_choice(outcome: Outcome, model, tokenizer, task, scorer, config: Search
         return ok
 
     tried: set[int] = set()
+    rescored = 0
     while cands and len(tries) < HEAL_MAX_TRIES:
         predicted = None
         if not tries:
             i = 0
         else:
             g = sum(heal_gains) / len(heal_gains)
-            # the estimate of a racing-accepted plan's drop stands in for its full score here
+            # a racing estimate stands in for the plan's full score until it is picked
             i = next((j for j, p in enumerate(cands) if j not in tried and lower < p[2].gain < upper
                       and p[2].drop - g <= tol), None)
             if i is None:
                 log(f"search: no untried plan is expected to heal within the tolerance (mean heal gain {g:+.4f})")
                 break
+            if not cands[i][2].full:  # scored in full first: a heal costs far more than an evaluation
+                if rescored >= HEAL_MAX_RESCORES:
+                    log("search: no racing estimate left to score in full for the next try")
+                    break
+                rescored += 1
+                tried.add(i)
+                if full(cands[i]).drop - g > tol:
+                    continue
+                tried.discard(i)
             predicted = cands[i][2].drop - g
         tried.add(i)
         if passes(cands[i], predicted):
