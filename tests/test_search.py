@@ -882,6 +882,21 @@ def test_heal_slack_scores_an_estimate_in_full_before_healing_it_and_skips_it_if
     assert got.evaluation.gain == 0.45 and record["healed"]
 
 
+def test_heal_slack_does_not_heal_a_plan_barely_larger_than_the_fallback(monkeypatch):
+    """0.355 is expected to heal within the tolerance after 0.6's heal gain, but it removes
+    less than HEAL_MIN_GAIN more than the fallback 0.35: a heal of minutes is not spent on it."""
+    from sieve_edge.ga import Evaluation
+    from sieve_edge.search.drivers import HEAL_MIN_GAIN, heal_choice
+
+    drops = {0.6: 0.045, 0.355: 0.021, 0.35: 0.02}
+    model, scorer, confirm = _slack_fakes(monkeypatch, drops, 0.015)
+    got, record = heal_choice(_slack_outcome(drops), model, None, None, scorer,
+                              small_config(tolerance=0.02, heal_slack=0.03, heal_steps=3), 0.02, 0.9, True,
+                              Evaluation(0.0, 0.9, 0.0, True), lambda m: None, confirm)
+    assert 0.355 - 0.35 < HEAL_MIN_GAIN
+    assert [t["gain"] for t in record["tries"]] == [0.6] and got.evaluation.gain == 0.35
+
+
 def test_heal_slack_without_a_plan_within_the_tolerance_falls_back_to_dense(monkeypatch):
     from sieve_edge.ga import Evaluation
     from sieve_edge.search.drivers import heal_choice

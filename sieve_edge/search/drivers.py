@@ -341,6 +341,7 @@ def holdout_choice(outcome: Outcome, model, scorer, rows: list[int], dense: floa
 HEAL_MAX_TRIES = 3     # healed tries per search (each is --heal-steps steps and one full evaluation)
 HEAL_MAX_CONFIRMS = 3  # racing-accepted plans scored in full in search of a larger unhealed fallback
 HEAL_MAX_RESCORES = 8  # racing-accepted plans scored in full before they are healed (one evaluation each)
+HEAL_MIN_GAIN = 0.01   # a try must remove at least this much more than the fallback (a heal is minutes)
 
 
 def _swap_low_rank(model, ranks: dict[str, int | None]) -> dict:
@@ -394,8 +395,8 @@ def heal_choice(outcome: Outcome, model, tokenizer, task, scorer, config: Search
     - Fallback: the largest plan within the tolerance unhealed, measured in full (racing-
       accepted plans whose estimate is within it are scored in full first, largest first,
       ``HEAL_MAX_CONFIRMS`` at most); the dense model when there is none.
-    - Tries (``HEAL_MAX_TRIES`` at most) of the larger plans beyond the tolerance: the
-      search's own plan first. Each try is scored in full unhealed (``confirm``) if racing
+    - Tries (``HEAL_MAX_TRIES`` at most) of the plans beyond the tolerance that remove at
+      least ``HEAL_MIN_GAIN`` more than the fallback: the search's own plan first. Each try is scored in full unhealed (``confirm``) if racing
       only estimated it, then healed and scored: its heal gain is the unhealed drop minus the
       healed drop. Every next try is the largest untried plan between the largest that passed
       and the smallest that failed (a smaller plan is assumed to heal to a smaller drop) whose
@@ -429,7 +430,7 @@ def heal_choice(outcome: Outcome, model, tokenizer, task, scorer, config: Search
             break
     if fallback is None:
         fallback = [{n: None for n in outcome.ranks}, {n: 1.0 for n in outcome.ranks}, dense_ev]
-    cands = [p for p in pool if p[2].gain > fallback[2].gain and p[2].drop > tol]
+    cands = [p for p in pool if p[2].gain >= fallback[2].gain + HEAL_MIN_GAIN and p[2].drop > tol]
     tries: list[dict] = []
     lower, upper, best, heal_gains = fallback[2].gain, float("inf"), None, []
 
