@@ -14,6 +14,9 @@ sst2 the pruned models are also scored on the uci_yelp / uci_amazon / uci_imdb t
 `--heal-steps N` also heals each row's fitted plan with N steps of healing (`--heal kl`
 by default: the dense model's label distribution distilled into the factors), its search and fit
 reused, and records validation and test before and after: what healing buys at each tolerance.
+`--heal-slack S` (with `--heal-steps`) reruns each GA row searching up to tolerance + S and
+keeping the largest plan that heals back within the tolerance, resuming the finished row at
+tolerance + S when --work has it; `--slack-only` takes the row's own numbers from its folder.
 
 Prints a Markdown table and writes benchmarks/results/search.json. Heavy: ~7 min of tuning
 per task plus the 15-minute budget and the stages per search on 2 cores (hours in all).
