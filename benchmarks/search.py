@@ -488,6 +488,22 @@ def _budget(row) -> str:
     return "-" if row.get("budget_minutes") is None else f"{row['budget_minutes']:g}"
 
 
+def _tries_section(rows, key: str, header: str, setting, attempt) -> list[str]:
+    """The table of the rows rerun with ``key`` (holdout, slack): what each rerun tried
+    (``attempt`` of a try, ✗ when it failed) and what it changed against the row."""
+    picked = [r for r in rows if r.get(key)]
+    if not picked:
+        return []
+    lines = ["", header, "|---|---|---|---|---|---|"]
+    for r in picked:
+        h = r[key]
+        tried = ", ".join(attempt(t) + ("" if t["passed"] else " ✗") for t in h["tries"]) or "-"
+        lines.append(f"| {r['task']} {r['strategy']} {r['tolerance']:g} | {setting(h)} | {tried} | "
+                     f"{100 * r['reduction']:.1f}% → {100 * h['reduction']:.1f}% | {h['val_final']:.3f} | "
+                     f"{100 * r['test_drop']:+.1f} → {100 * h['test_drop']:+.1f} pt |")
+    return lines
+
+
 def table(rows) -> str:
     lines = ["| task | strategy | tol | removed | val dense → final | test dense → pruned (drop) | evals "
              "| gens | cand/min | search min (budget) | row min |",
@@ -509,28 +525,14 @@ def table(rows) -> str:
             lines.append(f"| {r['task']} {r['strategy']} {r['tolerance']:g} | {h['steps']} ({h['loss']}) | "
                          f"{h['val_before']:.3f} → {h['val_after']:.3f} ({'kept' if h['kept'] else 'discarded'}) | "
                          f"{100 * r['test_drop']:+.1f} → {100 * h['test_drop']:+.1f} pt |")
-    held = [r for r in rows if r.get("holdout")]
-    if held:
-        lines += ["", "| row | holdout rows | plans tried: removed → holdout drop | removed | val final | "
-                      "test drop without → with holdout |", "|---|---|---|---|---|---|"]
-        for r in held:
-            h = r["holdout"]
-            tried = ", ".join(f"{100 * t['gain']:.1f}% → {100 * t['drop']:+.1f}{'' if t['passed'] else ' ✗'}"
-                              for t in h["tries"]) or "-"
-            lines.append(f"| {r['task']} {r['strategy']} {r['tolerance']:g} | {h['rows']} | {tried} | "
-                         f"{100 * r['reduction']:.1f}% → {100 * h['reduction']:.1f}% | {h['val_final']:.3f} | "
-                         f"{100 * r['test_drop']:+.1f} → {100 * h['test_drop']:+.1f} pt |")
-    slack = [r for r in rows if r.get("slack")]
-    if slack:
-        lines += ["", "| row | slack | healed tries: removed (val drop) → healed drop | removed | val final | "
-                      "test drop row → slack |", "|---|---|---|---|---|---|"]
-        for r in slack:
-            h = r["slack"]
-            tried = ", ".join(f"{100 * t['gain']:.1f}% ({100 * t['search_drop']:+.1f}) → {100 * t['drop']:+.1f}"
-                              f"{'' if t['passed'] else ' ✗'}" for t in h["tries"]) or "-"
-            lines.append(f"| {r['task']} {r['strategy']} {r['tolerance']:g} | {h['slack']:g} | {tried} | "
-                         f"{100 * r['reduction']:.1f}% → {100 * h['reduction']:.1f}% | {h['val_final']:.3f} | "
-                         f"{100 * r['test_drop']:+.1f} → {100 * h['test_drop']:+.1f} pt |")
+    lines += _tries_section(
+        rows, "holdout", "| row | holdout rows | plans tried: removed → holdout drop | removed | val final | "
+                         "test drop without → with holdout |", lambda h: h["rows"],
+        lambda t: f"{100 * t['gain']:.1f}% → {100 * t['drop']:+.1f}")
+    lines += _tries_section(
+        rows, "slack", "| row | slack | healed tries: removed (val drop) → healed drop | removed | val final | "
+                       "test drop row → slack |", lambda h: f"{h['slack']:g}",
+        lambda t: f"{100 * t['gain']:.1f}% ({100 * t['search_drop']:+.1f}) → {100 * t['drop']:+.1f}")
     cross = [r for r in rows if r.get("cross")]
     if cross:
         lines += ["", "| sst2 plan | " + " | ".join(CROSS) + " |", "|---|" + "---|" * len(CROSS)]

@@ -263,11 +263,11 @@ def holdout_scorer(tokenizer, task, config: SearchConfig, scorer, model=None):
     return big, rows
 
 
-def _from_chosen(outcome: Outcome) -> list[tuple[dict, dict, Evaluation]]:
-    """The plans the search measured feasible that cut something, the search's own first and
-    then those below it (largest first; any listed before it only tie it), each set of ranks
-    once (genomes whose levels round to the same ranks are one plan)."""
-    plans = [p for p in outcome.feasible if p[2].gain > 0]
+def _from_chosen(outcome: Outcome, plans: list | None = None) -> list[tuple[dict, dict, Evaluation]]:
+    """The plans (default: those the search measured feasible in full), largest first, that
+    cut something: the search's own first and then those below it (any listed before it only
+    tie it), each set of ranks once (genomes whose levels round to the same ranks are one plan)."""
+    plans = [p for p in (outcome.feasible if plans is None else plans) if p[2].gain > 0]
     chosen = next((i for i, p in enumerate(plans) if p[0] == outcome.ranks), None)
     if chosen is None:
         plans.insert(0, (outcome.ranks, outcome.levels, outcome.evaluation))
@@ -408,8 +408,8 @@ def heal_choice(outcome: Outcome, model, tokenizer, task, scorer, config: Search
 
     sign = 1.0 if higher_is_better else -1.0
     tol = tol_abs + 1e-12
-    merged = replace(outcome, feasible=sorted(outcome.feasible + outcome.accepted, key=lambda p: -p[2].gain))
-    pool = [list(p) for p in _from_chosen(merged)]   # [ranks, levels, evaluation], the search's own first
+    pool = [list(p) for p in _from_chosen(outcome, sorted(outcome.feasible + outcome.accepted,
+                                                         key=lambda p: -p[2].gain))]  # [ranks, levels, evaluation]
     confirmed: list[dict] = []
 
     def full(p: list) -> Evaluation:
@@ -477,10 +477,9 @@ def heal_choice(outcome: Outcome, model, tokenizer, task, scorer, config: Search
                     log("search: no racing estimate left to score in full for the next try")
                     break
                 rescored += 1
-                tried.add(i)
                 if full(cands[i]).drop - g > tol:
+                    tried.add(i)
                     continue
-                tried.discard(i)
             predicted = cands[i][2].drop - g
         tried.add(i)
         if passes(cands[i], predicted):
