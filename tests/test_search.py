@@ -960,3 +960,86 @@ def test_a_heal_slack_rerun_resumes_the_search_at_tolerance_plus_slack(tuned, tm
     assert len(tried) == len(set(tried))
     assert slack["objective_gain"] <= wide["objective_gain"] + 1e-12
     assert "Healed choice:" in (tmp_path / "slack" / "search_report.md").read_text()
+
+
+@pytest.mark.parametrize("searched_score, kept", [(0.86, True), (0.84, False)])
+def test_a_healed_refit_beyond_the_tolerance_heals_the_searched_factors_and_keeps_the_better(
+        tiny_llama, searched_score, kept):
+    """The refit stage's fallback for a healed choice: the searched factors swap in, heal, and
+    stay only if they score better than the healed refit (0.85); else the refit's own pairs,
+    the very modules, go back."""
+    from sieve_edge import architectures as arch
+    from sieve_edge.factorize import LowRankLinear, factorize_, module_shape
+    from sieve_edge.heal import HealResult
+    from sieve_edge.search.stage import heal_searched_instead_
+
+    names = arch.linear_names(tiny_llama)[:3]
+
+    def pair(seed, r=2):
+        g = torch.Generator().manual_seed(seed)
+        out = {}
+        for n in names:
+            m, k = module_shape(arch.get_module(tiny_llama, n))
+            out[n] = (torch.randn(m, r, generator=g), torch.randn(r, k, generator=g))
+        return out
+
+    factorize_(tiny_llama, pair(1))
+    own = {n: arch.get_module(tiny_llama, n) for n in names}
+    searched = pair(2)
+    seen = {}
+
+    def heal(model):  # what it is handed: the searched factors, as LowRankLinear pairs
+        seen.update({n: arch.get_module(model, n) for n in names})
+        return HealResult(4, 1e-4, 0, 0.80, searched_score, True, 0.0, 1.0, 0.5)
+
+    h, swapped, got = heal_searched_instead_(tiny_llama, searched, heal, 0.85, True)
+    assert swapped is kept and got == searched_score and h.metric_after == searched_score
+    for n in names:
+        assert isinstance(seen[n], LowRankLinear) and seen[n] is not own[n]
+        assert torch.equal(seen[n].first.weight, searched[n][1]) and torch.equal(seen[n].second.weight, searched[n][0])
+        assert (arch.get_module(tiny_llama, n) is seen[n]) is kept
+        assert (arch.get_module(tiny_llama, n) is own[n]) is not kept
+
+
+@pytest.mark.parametrize("searched_wins", [False, True])
+def test_a_healed_choice_whose_healed_refit_misses_ships_the_better_of_it_and_the_healed_searched_factors(
+        tuned, tmp_path, monkeypatch, searched_wins):
+    """The search's plan is recorded as healed within a tolerance of ~0 (which its sieve refit,
+    healed, misses): the refit stage heals the searched factors too and ships the better one,
+    and the checkpoint, its manifest and the summary agree on which. (On this tiny model the
+    refit scores better; ``searched_wins`` makes the searched factors win whatever they score.)"""
+    from sieve_edge.checkpoint import load_checkpoint, read_manifest
+    from sieve_edge.evaluate import evaluate
+    from sieve_edge.search import drivers
+    from sieve_edge.search import stage as search_stage
+
+    def healed_as_searched(outcome, *args, **kwargs):
+        ev = outcome.evaluation
+        try_ = {"gain": ev.gain, "search_metric": ev.metric, "search_drop": ev.drop, "predicted_drop": None,
+                "metric": ev.metric, "drop": 0.0, "passed": True, "seconds": 0.0, "loss_first": 1.0, "loss_last": 0.5}
+        return outcome, {"slack": 0.2, "tolerance_abs": 0.0, "steps": 4, "loss": "ce", "lr": 1e-3,
+                         "search_gain": ev.gain, "fallback_gain": 0.0, "confirmed": [], "tries": [try_],
+                         "healed": True, "gain": ev.gain, "refit_tolerance_abs": ev.drop}
+
+    monkeypatch.setattr(drivers, "heal_choice", healed_as_searched)
+    if searched_wins:
+        real = search_stage.heal_searched_instead_
+        monkeypatch.setattr(search_stage, "heal_searched_instead_",
+                            lambda refit, factors, heal, current, higher: real(refit, factors, heal, -1.0, higher))
+    root, task_path = tuned
+    model, tok = load_tuned(root)
+    out = tmp_path / "out"
+    s = run_search("tiny", task_path, out, small_config(tolerance=1e-6, heal_slack=0.2, heal_steps=4, heal_lr=1e-8,
+                                                         generations=1), model=model, tokenizer=tok)
+    assert s["linear_param_reduction"] > 0 and s["heal"] is not None
+    assert s["validation"]["dense"] - s["heal"]["metric_after"] > 0   # the healed refit missed
+    h = s["heal_searched"]
+    assert h is not None and h["steps"] == 4
+    searched = h["metric_after"] if h["kept"] else h["metric_before"]
+    refit = max(s["heal"]["metric_after"], s["heal"]["metric_before"]) if s["heal"]["kept"] else s["heal"]["metric_before"]
+    assert s["validation"]["final"] == (searched if searched_wins else max(searched, refit))
+    assert s["method"] == ("output" if searched_wins or searched > refit else "sieve") == read_manifest(out)["method"]
+    assert any("healed again" in n for n in s["notes"])
+    assert "Healing the searched factors instead" in (out / "search_report.md").read_text()
+    assert evaluate(load_checkpoint(out), tok, load_task(task_path), "validation").value == pytest.approx(
+        s["validation"]["final"], abs=1e-9)

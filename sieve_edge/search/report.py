@@ -119,6 +119,11 @@ def search_report(summary: dict, result: dict) -> str:
         lines += [f"Healing: {h['steps']} steps at lr {h['lr']:g} on {h['trainable_params']:,} factor parameters, "
                   f"validation {h['metric_before']:.4f} → {h['metric_after']:.4f}, loss {h['loss_first']:.3f} → "
                   f"{h['loss_last']:.3f}; {'kept' if h['kept'] else 'discarded (it scored worse)'}.", ""]
+    if s.get("heal_searched"):
+        h = s["heal_searched"]
+        lines += [f"Healing the searched factors instead (the healed refit missed the tolerance): validation "
+                  f"{h['metric_before']:.4f} → {h['metric_after']:.4f}, loss {h['loss_first']:.3f} → "
+                  f"{h['loss_last']:.3f}; the model kept is the '{s['method']}' one.", ""]
     for note in s.get("notes", []):
         lines += [f"Note: {note}", ""]
     task, spec = result.get("task_sensitivity") or {}, result.get("sensitivity") or {}

@@ -421,6 +421,33 @@ def read_teacher(folder: Path, rows: int):
     return load_file(str(folder / "teacher.safetensors"))["logprobs"]
 
 
+def searched_factors(ctx: StageContext, plan) -> dict:
+    """The plan's factors as the search scored them: float32 slices of the calibrate stage's bases."""
+    from ..calibrate import load_decompositions
+
+    decs, _, _ = load_decompositions(ctx.output("calibrate"))
+    return {name: decs[name].factors(r) for name, r in plan.factorized.items()}
+
+
+def heal_searched_instead_(refit, factors: dict, heal, current: float, higher_is_better: bool):
+    """Swap the searched ``factors`` into ``refit`` in place of its low-rank pairs, heal them
+    (``heal(refit)``, a ``HealResult``) and keep them if they then score better than
+    ``current`` (the healed refit's validation score); else put the refit's own pairs back.
+    Returns (the HealResult, whether the searched factors were kept, their score)."""
+    from .. import architectures as arch
+    from ..factorize import factorize_
+
+    own = {name: arch.get_module(refit, name) for name in factors}  # the pairs themselves, not copies
+    factorize_(refit, factors)
+    h = heal(refit)
+    got = h.metric_after if h.kept else h.metric_before
+    kept = (1.0 if higher_is_better else -1.0) * (got - current) > 0
+    if not kept:
+        for name, module in own.items():
+            arch.set_module(refit, name, module)
+    return h, kept, got
+
+
 class FitStage(Stage):
     """The plan's ranks refit with --method (the searched factors back in when that refit
     misses the tolerance): a factorized checkpoint plus ``fit.json``. Healing and the test
@@ -458,16 +485,8 @@ class FitStage(Stage):
         val_scorer = make_scorer(tok, task, "validation", limit=cfg.val_limit, batch_size=cfg.batch_size,
                                  model=model)
         search_method = plan.meta["search_method"]
-
-        def searched_factors():
-            # the bases the search scored, as it scored them (float32 slices of the calibrate stage's)
-            from ..calibrate import load_decompositions
-
-            decs, _, _ = load_decompositions(ctx.output("calibrate"))
-            return {name: decs[name].factors(r) for name, r in plan.factorized.items()}
-
         if cfg.method == search_method:
-            refit = factorize_(model, searched_factors())
+            refit = factorize_(model, searched_factors(ctx, plan))
         else:
             from ..prune import prune
 
@@ -487,7 +506,7 @@ class FitStage(Stage):
             notes.append(f"the '{cfg.method}' refit scored {val_refit:.4f} on validation, {beyond}; "
                          f"kept the '{search_method}' factors the search measured instead")
             ctx.log("refit: " + notes[-1])
-            refit = factorize_(refit, searched_factors())
+            refit = factorize_(refit, searched_factors(ctx, plan))
             method_used = search_method
             val_refit = float(val_scorer.metric(refit))
         save_checkpoint(refit, tok, out, build_manifest(refit, base_model=self.model.spec, method=method_used,
@@ -521,7 +540,9 @@ class RefitStage(Stage):
                     "test_limit": test_limit, "seed": config.seed},
             inputs=task_inputs(task, splits),
             needs=("fit", "search") + (("reference",) if score_test else ())
-            + (("teacher",) if config.heal_steps and config.heal == "kl" else ()) + model.needs)
+            + (("teacher",) if config.heal_steps and config.heal == "kl" else ())
+            # a healed choice whose healed refit misses the tolerance heals the searched factors instead
+            + (("calibrate",) if config.heal_slack else ()) + model.needs)
         self.model, self.task, self.settings, self.test_limit = model, task, config, test_limit
         self.score_test = score_test
         if not score_test:
@@ -562,26 +583,52 @@ class RefitStage(Stage):
                 teacher = read_teacher(ctx.output("teacher"), train_scorer.n)
             val_scorer = make_scorer(tok, task, "validation", limit=cfg.val_limit, batch_size=cfg.batch_size,
                                      model=refit)
-            heal = heal_(refit, tok, task, cfg.heal_steps, lr=cfg.heal_lr, batch_size=16, seed=cfg.seed,
-                         val_scorer=val_scorer, higher_is_better=higher, log=ctx.log, loss=cfg.heal,
-                         teacher=teacher, train_scorer=train_scorer)
+
+            def healed(model):
+                return heal_(model, tok, task, cfg.heal_steps, lr=cfg.heal_lr, batch_size=16, seed=cfg.seed,
+                             val_scorer=val_scorer, higher_is_better=higher, log=ctx.log, loss=cfg.heal,
+                             teacher=teacher, train_scorer=train_scorer)
+
+            heal = healed(refit)
             ctx.log(f"refit: healing ({cfg.heal}) {cfg.heal_steps} steps: validation {heal.metric_before:.4f} -> "
                     f"{heal.metric_after:.4f} ({'kept' if heal.kept else 'discarded: it scored worse'})")
             val_final = heal.metric_after if heal.kept else heal.metric_before
         else:
             val_final = val_refit
         healed_choice = data.get("healing") or {}
-        if healed_choice.get("healed") and \
-                (1.0 if higher else -1.0) * (data["dense_metric"] - val_final) > data["tolerance_abs"] + 1e-12:
+        sign = 1.0 if higher else -1.0
+
+        def beyond(v: float) -> bool:
+            return sign * (data["dense_metric"] - v) > data["tolerance_abs"] + 1e-12
+
+        heal_searched = None
+        if healed_choice.get("healed") and beyond(val_final):
             tried = next(t["metric"] for t in healed_choice["tries"] if t["passed"] and t["gain"] == healed_choice["gain"])
-            notes.append(f"the plan was kept because its searched factors healed within the tolerance (validation "
-                         f"{tried:.4f}); the refit scored {val_final:.4f} after healing, beyond it")
-            ctx.log("refit: " + notes[-1])
+            search_method = plan.meta["search_method"]
+            if healing and method_used != search_method:
+                # The search kept this plan because its own factors healed within the tolerance; the
+                # same heal (seed, data, steps) of those factors repeats that try.
+                ctx.log(f"refit: the healed '{method_used}' refit scored {val_final:.4f}, beyond the tolerance; "
+                        f"healing the '{search_method}' factors the search healed to {tried:.4f}")
+                heal_searched, swapped, got = heal_searched_instead_(refit, searched_factors(ctx, plan), healed,
+                                                                    val_final, higher)
+                if swapped:
+                    notes.append(f"the healed '{method_used}' refit scored {val_final:.4f} on validation, beyond the "
+                                 f"tolerance; kept the '{search_method}' factors the search measured, healed again: "
+                                 f"{got:.4f}")
+                    method_used, val_final = search_method, got
+                else:
+                    notes.append(f"the '{search_method}' factors the search measured scored {got:.4f} on validation "
+                                 f"healed again, no better than the healed '{method_used}' refit ({val_final:.4f})")
+                ctx.log("refit: " + notes[-1])
+            if beyond(val_final):
+                notes.append(f"the plan was kept because its searched factors healed within the tolerance (validation "
+                             f"{tried:.4f}); the refit scored {val_final:.4f} after healing, beyond it")
+                ctx.log("refit: " + notes[-1])
         test = None
         if self.score_test:
             from ..evaluate import score_extra_tests
 
-            sign = 1.0 if higher else -1.0
             test_scorer = make_scorer(tok, task, "test", limit=self.test_limit, batch_size=cfg.batch_size,
                                       model=refit)
             test_metric = float(test_scorer.metric(refit))
@@ -601,14 +648,15 @@ class RefitStage(Stage):
             "method": method_used,
             "validation": {**summary["validation"], "refit": val_refit, "final": val_final,
                            "rows": fit["validation_rows"]},
-            "test": test, "heal": None if heal is None else asdict(heal), "notes": notes,
+            "test": test, "heal": None if heal is None else asdict(heal),
+            "heal_searched": None if heal_searched is None else asdict(heal_searched), "notes": notes,
             "total_seconds": total + time.perf_counter() - t0,
         })
         plan.meta.update({"refit_method": method_used})
         # the fit's manifest (healing keeps the ranks) with the search's scores
-        manifest = {**read_manifest(fitted), "search": {k: summary[k] for k in (
+        manifest = {**read_manifest(fitted), "method": method_used, "search": {k: summary[k] for k in (
             "strategy", "objective", "tolerance", "relative", "validation", "test", "seed")}}
-        if heal is not None and heal.kept:
+        if (heal is not None and heal.kept) or method_used != fit["method"]:
             save_checkpoint(refit, tok, out, manifest)
         else:  # the fit's weights unchanged: linked, not written again
             for f in fitted.iterdir():
