@@ -13,7 +13,9 @@
 - fit: the plan's ranks refit with ``--method`` (the searched factors kept when that refit
   misses the tolerance): a factorized checkpoint.
 - refit: the fit healed if asked (a rerun with other healing settings reuses the fit),
-  scored on test: the final checkpoint plus everything the search wrote.
+  scored on test: the final checkpoint plus everything the search wrote. A plan kept
+  because its searched factors healed within the tolerance (``--heal-slack``) whose healed
+  refit misses it heals those factors again and ships the better.
 
 ``run_search`` keeps these stages in ``OUT/.stages/`` and, when they are done, makes OUT's
 visible files those of the refit stage (hard links, the checkpoint manifest last).
