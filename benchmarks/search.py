@@ -406,6 +406,7 @@ def slacked(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, row
             "fallback_gain": h["fallback_gain"], "tries": h["tries"], "healed": h["healed"],
             "reduction": summary["linear_param_reduction"], "evaluations": summary["evaluations"],
             "val_final": summary["validation"]["final"], "heal": summary["heal"],
+            "heal_searched": summary.get("heal_searched"),
             "test_pruned": summary["test"]["pruned"], "test_drop": summary["test"]["drop"],
             "method": summary["method"], "notes": summary["notes"], "minutes": (time.perf_counter() - t0) / 60,
             "out": str(folder)}
