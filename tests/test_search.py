@@ -1011,6 +1011,7 @@ def test_a_healed_choice_whose_healed_refit_misses_ships_the_better_of_it_and_th
     from sieve_edge.checkpoint import load_checkpoint, read_manifest
     from sieve_edge.evaluate import evaluate
     from sieve_edge.search import drivers
+    from sieve_edge.plan import RankPlan
     from sieve_edge.search import stage as search_stage
 
     def healed_as_searched(outcome, *args, **kwargs):
@@ -1039,6 +1040,7 @@ def test_a_healed_choice_whose_healed_refit_misses_ships_the_better_of_it_and_th
     refit = max(s["heal"]["metric_after"], s["heal"]["metric_before"]) if s["heal"]["kept"] else s["heal"]["metric_before"]
     assert s["validation"]["final"] == (searched if searched_wins else max(searched, refit))
     assert s["method"] == ("output" if searched_wins or searched > refit else "sieve") == read_manifest(out)["method"]
+    assert RankPlan.from_json(out / "plan.json").method == s["method"]
     assert any("healed again" in n for n in s["notes"])
     assert "Healing the searched factors instead" in (out / "search_report.md").read_text()
     assert evaluate(load_checkpoint(out), tok, load_task(task_path), "validation").value == pytest.approx(

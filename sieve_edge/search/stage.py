@@ -573,7 +573,6 @@ class RefitStage(Stage):
             tok = load_tokenizer(str(fitted), trust_remote_code=ctx.trust_remote_code)
             refit = load_checkpoint(fitted, device=pick_device(ctx.device), trust_remote_code=ctx.trust_remote_code)
         method_used, val_refit, notes = fit["method"], float(fit["validation"]), list(fit["notes"])
-        plan.method = method_used
         heal = None
         if healing:
             from ..heal import heal_
@@ -654,6 +653,7 @@ class RefitStage(Stage):
             "heal_searched": None if heal_searched is None else asdict(heal_searched), "notes": notes,
             "total_seconds": total + time.perf_counter() - t0,
         })
+        plan.method = method_used
         plan.meta.update({"refit_method": method_used})
         # the fit's manifest (healing keeps the ranks) with the search's scores
         manifest = {**read_manifest(fitted), "method": method_used, "search": {k: summary[k] for k in (
