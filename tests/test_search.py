@@ -1010,8 +1010,8 @@ def test_a_healed_choice_whose_healed_refit_misses_ships_the_better_of_it_and_th
     refit scores better; ``searched_wins`` makes the searched factors win whatever they score.)"""
     from sieve_edge.checkpoint import load_checkpoint, read_manifest
     from sieve_edge.evaluate import evaluate
-    from sieve_edge.search import drivers
     from sieve_edge.plan import RankPlan
+    from sieve_edge.search import drivers
     from sieve_edge.search import stage as search_stage
 
     def healed_as_searched(outcome, *args, **kwargs):
@@ -1037,7 +1037,7 @@ def test_a_healed_choice_whose_healed_refit_misses_ships_the_better_of_it_and_th
     h = s["heal_searched"]
     assert h is not None and h["steps"] == 4
     searched = h["metric_after"] if h["kept"] else h["metric_before"]
-    refit = max(s["heal"]["metric_after"], s["heal"]["metric_before"]) if s["heal"]["kept"] else s["heal"]["metric_before"]
+    refit = s["heal"]["metric_after"] if s["heal"]["kept"] else s["heal"]["metric_before"]
     assert s["validation"]["final"] == (searched if searched_wins else max(searched, refit))
     assert s["method"] == ("output" if searched_wins or searched > refit else "sieve") == read_manifest(out)["method"]
     assert RankPlan.from_json(out / "plan.json").method == s["method"]
