@@ -123,6 +123,12 @@ def set_module(model, qualified_name: str, module) -> None:
     setattr(parent, child, module)
 
 
+def set_modules(model, modules: dict) -> None:
+    """``set_module`` for each (qualified name, module): e.g. putting back modules swapped out."""
+    for name, module in modules.items():
+        set_module(model, name, module)
+
+
 def layer_index(qualified_name: str) -> int:
     """Decoder-layer index of a qualified linear name ('model.layers.3.mlp.up_proj' -> 3)."""
     for part in qualified_name.split("."):

@@ -38,6 +38,11 @@ class HealResult:
     loss_last: float
     loss: str = "ce"      # ce | kl
 
+    @property
+    def metric(self) -> float:
+        """The validation score the model ends with: after healing if kept, else before."""
+        return self.metric_after if self.kept else self.metric_before
+
 
 def factor_parameters(model) -> list[torch.nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters()]

@@ -378,8 +378,7 @@ def _fake_quant_(model, names) -> None:
 def _swap_back(model, swapped: dict) -> None:
     from .. import architectures as arch
 
-    for name, module in swapped.items():
-        arch.set_module(model, name, module)
+    arch.set_modules(model, swapped)
 
 
 def heal_choice(outcome: Outcome, model, tokenizer, task, scorer, config: SearchConfig, tol_abs: float,
@@ -913,16 +912,24 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
     )
 
 
-def kl_teacher(model, tokenizer, task, config: SearchConfig):
-    """(train scorer, the dense model's label log-probs on its rows): what ``--heal kl`` distils."""
+def train_label_logprobs(model, tokenizer, task, batch_size: int):
+    """(scorer of the first ``HEAL_KL_ROWS`` train prompts, the model's float32 label
+    log-probs on them): what ``--heal kl`` distils; None for the log-probs when the labels
+    are not single tokens."""
     from ..evaluate import make_scorer
     from .config import HEAL_KL_ROWS
 
-    train = make_scorer(tokenizer, task, "train", limit=HEAL_KL_ROWS, batch_size=config.batch_size, model=model)
-    if not train.fast:
+    train = make_scorer(tokenizer, task, "train", limit=HEAL_KL_ROWS, batch_size=batch_size, model=model)
+    return train, (train.label_logprobs(model).float() if train.fast else None)
+
+
+def kl_teacher(model, tokenizer, task, config: SearchConfig):
+    """(train scorer, the dense model's label log-probs on its rows), or an error naming --heal ce."""
+    train, teacher = train_label_logprobs(model, tokenizer, task, config.batch_size)
+    if teacher is None:
         raise InputError(f"--heal kl distils the label distribution: task '{task.name}' needs single-token labels "
                          "(see `sieve-edge task show`); use --heal ce")
-    return train, train.label_logprobs(model).float()
+    return train, teacher
 
 
 def fisher_applies(config: SearchConfig, scorer) -> bool:

@@ -114,16 +114,18 @@ def search_report(summary: dict, result: dict) -> str:
                   + f"Plans beyond the tolerance healed {h['steps']} {h['loss']} steps on their searched factors "
                   f"and scored on validation: " + (tries or "none to try") + f". Kept {kept}: "
                   f"{100 * h['gain']:.1f}% removed.", ""]
+
+    def healed(h: dict) -> str:
+        return (f"validation {h['metric_before']:.4f} → {h['metric_after']:.4f}, loss {h['loss_first']:.3f} → "
+                f"{h['loss_last']:.3f}")
+
     if s.get("heal"):
         h = s["heal"]
         lines += [f"Healing: {h['steps']} steps at lr {h['lr']:g} on {h['trainable_params']:,} factor parameters, "
-                  f"validation {h['metric_before']:.4f} → {h['metric_after']:.4f}, loss {h['loss_first']:.3f} → "
-                  f"{h['loss_last']:.3f}; {'kept' if h['kept'] else 'discarded (it scored worse)'}.", ""]
+                  f"{healed(h)}; {'kept' if h['kept'] else 'discarded (it scored worse)'}.", ""]
     if s.get("heal_searched"):
-        h = s["heal_searched"]
-        lines += [f"Healing the searched factors instead (the healed refit missed the tolerance): validation "
-                  f"{h['metric_before']:.4f} → {h['metric_after']:.4f}, loss {h['loss_first']:.3f} → "
-                  f"{h['loss_last']:.3f}; the model kept is the '{s['method']}' one.", ""]
+        lines += [f"Healing the searched factors instead (the healed refit missed the tolerance): "
+                  f"{healed(s['heal_searched'])}; the model kept is the '{s['method']}' one.", ""]
     for note in s.get("notes", []):
         lines += [f"Note: {note}", ""]
     task, spec = result.get("task_sensitivity") or {}, result.get("sensitivity") or {}

@@ -396,14 +396,14 @@ class TeacherStage(Stage):
     def build(self, ctx: StageContext, out: Path) -> dict:
         from safetensors.torch import save_file
 
-        from ..evaluate import make_scorer
+        from .drivers import train_label_logprobs
 
         model, tok = ctx.model(self.model.spec)
-        scorer = make_scorer(tok, self.task, "train", limit=HEAL_KL_ROWS, batch_size=self.batch_size, model=model)
-        if not scorer.fast:  # labels of several tokens: healing says so (--heal ce is the way)
+        scorer, lp = train_label_logprobs(model, tok, self.task, self.batch_size)
+        if lp is None:  # labels of several tokens: healing says so (--heal ce is the way)
             _write_json(out / "teacher.json", {"applies": False, "rows": scorer.n})
             return {"detail": "labels are not single tokens: no label distribution to distill"}
-        lp = scorer.label_logprobs(model).float().cpu().contiguous()
+        lp = lp.cpu().contiguous()
         save_file({"logprobs": lp}, str(out / "teacher.safetensors"))
         _write_json(out / "teacher.json", {"applies": True, "rows": scorer.n, "labels": int(lp.shape[1])})
         return {"detail": f"dense label distribution on {scorer.n} train prompts"}
@@ -442,12 +442,10 @@ def heal_searched_instead_(refit, factors: dict, heal, current: float, higher_is
     own = {name: arch.get_module(refit, name) for name in factors}  # the pairs themselves, not copies
     factorize_(refit, factors)
     h = heal(refit)
-    got = h.metric_after if h.kept else h.metric_before
-    kept = (1.0 if higher_is_better else -1.0) * (got - current) > 0
+    kept = (1.0 if higher_is_better else -1.0) * (h.metric - current) > 0
     if not kept:
-        for name, module in own.items():
-            arch.set_module(refit, name, module)
-    return h, kept, got
+        arch.set_modules(refit, own)
+    return h, kept, h.metric
 
 
 class FitStage(Stage):
@@ -593,7 +591,7 @@ class RefitStage(Stage):
             heal = healed(refit)
             ctx.log(f"refit: healing ({cfg.heal}) {cfg.heal_steps} steps: validation {heal.metric_before:.4f} -> "
                     f"{heal.metric_after:.4f} ({'kept' if heal.kept else 'discarded: it scored worse'})")
-            val_final = heal.metric_after if heal.kept else heal.metric_before
+            val_final = heal.metric
         else:
             val_final = val_refit
         healed_choice = data.get("healing") or {}
