@@ -397,6 +397,9 @@ def slacked(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, row
         budget = max(float(resumed["elapsed"]) / 60, 1e-6)
         log(f"benchmark: resuming the finished search of {wide.parent.name} ({budget:.1f} min spent)")
     summary, folder = _rerun(args, spec, task_file, out, "-slack", cfg, dense, tok, stages, log, budget)
+    # the copied state is left unread when the search stage was already done; a later row would
+    # resume from it (a killed rerun keeps it: that is its own resume point)
+    shutil.rmtree(stages / "search.resume", ignore_errors=True)
     if resumed is not None and summary["evaluations"] != len(json.loads(
             (wide.parent / "history.json").read_text())["frontier"]):
         raise RuntimeError(f"{folder}: the slack rerun scored candidates again: it did not resume {wide.parent}")
