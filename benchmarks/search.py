@@ -89,10 +89,14 @@ def parse_args(argv=None):
                    help="also rerun each GA row with this heal slack (needs --heal-steps): the search accepts plans "
                         "up to tolerance + slack, and the largest that heals back within the tolerance is kept. A "
                         "finished row at tolerance + slack in --work is resumed (no candidate scored again)")
-    p.add_argument("--slack-only", action="store_true",
-                   help="with --heal-slack: take each row's numbers from its folder in --work as an earlier run left "
-                        "them (search.json) instead of running it, and run only the slack rerun (no --holdout, "
-                        "--heal-steps or cross-dataset rerun of the row)")
+    p.add_argument("--refit-tries", type=int, default=0,
+                   help="also rerun each GA row with this many refit tries: the row's finished search is resumed "
+                        "(no candidate scored again) and larger plans it measured are refit with the row's method; "
+                        "the largest within the tolerance is kept and scored on test")
+    p.add_argument("--reruns-only", "--slack-only", dest="reruns_only", action="store_true",
+                   help="with --heal-slack or --refit-tries: take each row's numbers from its folder in --work as an "
+                        "earlier run left them (search.json) instead of running it, and run only those reruns (no "
+                        "--holdout, --heal-steps or cross-dataset rerun of the row)")
     p.add_argument("--reuse-search", action="store_true",
                    help="keep a finished search of the same row and settings in the task's stage folder instead "
                         "of searching again (the row's numbers are that search's; e.g. to add --holdout or "
@@ -112,8 +116,8 @@ def parse_args(argv=None):
     args.pairs = _pairs(p, args)
     if args.heal_slack and not args.heal_steps:
         p.error("--heal-slack needs --heal-steps: the plans beyond the tolerance are healed to be judged")
-    if args.slack_only and not args.heal_slack:
-        p.error("--slack-only needs --heal-slack")
+    if args.reruns_only and not (args.heal_slack or args.refit_tries):
+        p.error("--reruns-only needs --heal-slack or --refit-tries")
     return args
 
 
@@ -259,7 +263,7 @@ def main(argv=None) -> int:
                 import shutil
 
                 shutil.rmtree(out, ignore_errors=True)
-            if args.slack_only:
+            if args.reruns_only:
                 summary = _earlier(out)
             else:
                 summary = run_search(spec, task_file, out, cfg, budget_minutes=args.budget_minutes,
@@ -275,12 +279,12 @@ def main(argv=None) -> int:
                    "generations": summary["generations"], "stopped": summary["stopped"],
                    "full_evaluations": summary["full_evaluations"],
                    "candidates_per_minute": summary["evaluations"] / max(summary["search_seconds"] / 60, 1e-9),
-                   "total_minutes": (summary["total_seconds"] / 60 if args.slack_only
+                   "total_minutes": (summary["total_seconds"] / 60 if args.reruns_only
                                      else (time.perf_counter() - t0) / 60), "out": str(out),
                    "model": spec, "tune_steps": args.tune_steps, "budget_minutes": args.budget_minutes,
                    "method": summary["method"], "notes": summary["notes"],
                    "calibration": args.calibration, "threads": torch.get_num_threads()}
-            if cross_dense and not args.slack_only:
+            if cross_dense and not args.reruns_only:
                 from sieve_edge.checkpoint import load_checkpoint
 
                 pruned = load_checkpoint(out)
@@ -288,12 +292,14 @@ def main(argv=None) -> int:
                                     "pruned": evaluate(pruned, tok, cross_task(args.work, n, args.datasets),
                                                        "test").value}
                                 for n in CROSS}
-            if args.holdout and not args.slack_only:
+            if args.holdout and not args.reruns_only:
                 row["holdout"] = held_out(args, spec, task_file, out, cfg, dense, tok, stages, summary, log)
-            if args.heal_steps and not args.slack_only:
+            if args.heal_steps and not args.reruns_only:
                 row["heal"] = healed(args, spec, task_file, out, cfg, dense, tok, stages, summary, log)
             if args.heal_slack and cfg.strategy == "ga":
                 row["slack"] = slacked(args, spec, task_file, out, cfg, dense, tok, stages, (task_name, label), log)
+            if args.refit_tries and cfg.strategy == "ga" and cfg.method != cfg.search_method:
+                row["refit_tries"] = refitted(args, spec, task_file, out, cfg, dense, tok, stages, log)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
             _write(args, _merged(kept, rows), started)
@@ -378,7 +384,6 @@ def slacked(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, row
     state's fingerprint holds the search's tolerance) on the budget it used up, so no
     candidate is scored again; else the search runs on --budget-minutes."""
     import dataclasses
-    import shutil
 
     from sieve_edge.search.stage import STATE
 
@@ -386,30 +391,67 @@ def slacked(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, row
     cfg = dataclasses.replace(cfg, heal_slack=args.heal_slack, heal_steps=args.heal_steps, heal=args.heal,
                               heal_lr=args.heal_lr)
     task_name, label = row
-    wide = args.work / f"search-{task_name}-{label}-{cfg.search_tolerance:g}{'-quick' if args.quick else ''}" / STATE
-    budget, resumed = args.budget_minutes, None
-    if wide.is_file():
-        resumed = json.loads(wide.read_text())
-        scratch = stages / "search.resume"
-        shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir(parents=True)
-        shutil.copy2(wide, scratch / STATE)
-        budget = max(float(resumed["elapsed"]) / 60, 1e-6)
-        log(f"benchmark: resuming the finished search of {wide.parent.name} ({budget:.1f} min spent)")
+    wide = args.work / f"search-{task_name}-{label}-{cfg.search_tolerance:g}{'-quick' if args.quick else ''}"
+    resumed = (wide / STATE).is_file()
+    budget = _resume(wide, stages, log) if resumed else args.budget_minutes
     summary, folder = _rerun(args, spec, task_file, out, "-slack", cfg, dense, tok, stages, log, budget)
-    # the copied state is left unread when the search stage was already done; a later row would
-    # resume from it (a killed rerun keeps it: that is its own resume point)
-    shutil.rmtree(stages / "search.resume", ignore_errors=True)
-    if resumed is not None and summary["evaluations"] != len(json.loads(
-            (wide.parent / "history.json").read_text())["frontier"]):
-        raise RuntimeError(f"{folder}: the slack rerun scored candidates again: it did not resume {wide.parent}")
+    if resumed:
+        _resumed_only(summary, wide, stages, folder)
     h = summary["healing"]
     return {"slack": args.heal_slack, "steps": args.heal_steps, "loss": args.heal, "lr": args.heal_lr,
-            "resumed": None if resumed is None else str(wide.parent), "search_gain": h["search_gain"],
+            "resumed": str(wide) if resumed else None, "search_gain": h["search_gain"],
             "fallback_gain": h["fallback_gain"], "tries": h["tries"], "healed": h["healed"],
             "reduction": summary["linear_param_reduction"], "evaluations": summary["evaluations"],
             "val_final": summary["validation"]["final"], "heal": summary["heal"],
             "heal_searched": summary.get("heal_searched"),
+            "test_pruned": summary["test"]["pruned"], "test_drop": summary["test"]["drop"],
+            "method": summary["method"], "notes": summary["notes"], "minutes": (time.perf_counter() - t0) / 60,
+            "out": str(folder)}
+
+
+def _resume(row: Path, stages: Path, log) -> float:
+    """Put the finished search state of the row folder ``row`` where the search stage resumes
+    from; the minutes it spent (the budget that replays it without scoring anything new)."""
+    import shutil
+
+    from sieve_edge.search.stage import STATE
+
+    state = json.loads((row / STATE).read_text())
+    scratch = stages / "search.resume"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    shutil.copy2(row / STATE, scratch / STATE)
+    budget = max(float(state["elapsed"]) / 60, 1e-6)
+    log(f"benchmark: resuming the finished search of {row.name} ({budget:.1f} min spent)")
+    return budget
+
+
+def _resumed_only(summary: dict, row: Path, stages: Path, folder: Path) -> None:
+    """After a rerun from ``_resume``: drop the copied state (left unread when the search stage
+    was already done, a later row would resume from it; a killed rerun keeps it, its own resume
+    point) and check that no candidate was scored again."""
+    import shutil
+
+    shutil.rmtree(stages / "search.resume", ignore_errors=True)
+    if summary["evaluations"] != len(json.loads((row / "history.json").read_text())["frontier"]):
+        raise RuntimeError(f"{folder}: the rerun scored candidates again: it did not resume {row}")
+
+
+def refitted(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, log) -> dict:
+    """The row's finished search resumed (its own state: no candidate scored again) and its
+    plan refit with --refit-tries, into OUT-refit: the largest plan measured whose refit stays
+    within the tolerance, scored on test."""
+    import dataclasses
+
+    t0 = time.perf_counter()
+    cfg = dataclasses.replace(cfg, refit_tries=args.refit_tries)
+    summary, folder = _rerun(args, spec, task_file, out, "-refit", cfg, dense, tok, stages, log,
+                             _resume(out, stages, log))
+    _resumed_only(summary, out, stages, folder)
+    c = summary["refit_tries"] or {}
+    return {"tries_allowed": args.refit_tries, "searched_gain": c.get("searched_gain"), "start_gap": c.get("start_gap"),
+            "tries": c.get("tries"), "kept": c.get("kept"), "reduction": summary["linear_param_reduction"],
+            "evaluations": summary["evaluations"], "val_final": summary["validation"]["final"],
             "test_pruned": summary["test"]["pruned"], "test_drop": summary["test"]["drop"],
             "method": summary["method"], "notes": summary["notes"], "minutes": (time.perf_counter() - t0) / 60,
             "out": str(folder)}
@@ -493,7 +535,7 @@ def _budget(row) -> str:
 
 
 def _tries_section(rows, key: str, header: str, setting, attempt) -> list[str]:
-    """The table of the rows rerun with ``key`` (holdout, slack): what each rerun tried
+    """The table of the rows rerun with ``key`` (holdout, slack, refit_tries): what each rerun tried
     (``attempt`` of a try, ✗ when it failed) and what it changed against the row."""
     picked = [r for r in rows if r.get(key)]
     if not picked:
@@ -536,6 +578,11 @@ def table(rows) -> str:
     lines += _tries_section(
         rows, "slack", "| row | slack | healed tries: removed (val drop) → healed drop | removed | val final | "
                        "test drop row → slack |", lambda h: f"{h['slack']:g}",
+        lambda t: f"{100 * t['gain']:.1f}% ({100 * t['search_drop']:+.1f}) → {100 * t['drop']:+.1f}")
+    lines += _tries_section(
+        rows, "refit_tries", "| row | refit gap | refit tries: removed (searched drop) → refit drop | removed | "
+                             "val final | test drop row → refit tries |",
+        lambda h: "-" if h["start_gap"] is None else f"{100 * h['start_gap']:+.1f} pt",
         lambda t: f"{100 * t['gain']:.1f}% ({100 * t['search_drop']:+.1f}) → {100 * t['drop']:+.1f}")
     cross = [r for r in rows if r.get("cross")]
     if cross:

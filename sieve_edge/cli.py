@@ -112,6 +112,13 @@ _HOLDOUT = click.option("--holdout", type=click.IntRange(min=0), default=0, show
                              "its plan: the largest plan within the tolerance on them too is kept. A search that "
                              "measures many plans near the tolerance keeps one that validation favoured by chance; "
                              "these rows score it afresh (0 = no holdout).")
+# larger plans refit after the search: shared by search and run
+_REFIT_TRIES = click.option("--refit-tries", type=click.IntRange(min=0), default=0, show_default=True,
+                            help="After the search, refit up to N larger plans it measured with --method and keep "
+                                 "the largest whose refit stays within the tolerance on validation. The search "
+                                 "scores 'output' factors; the sequential 'sieve' refit often keeps more accuracy at "
+                                 "the same ranks, which leaves tolerance unused. Each try is one refit (a calibration "
+                                 "pass and a sequential fit). --objective params only.")
 # healing after the refit: shared by search and run
 _HEAL_SLACK = click.option("--heal-slack", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
                            help="Let the search accept plans up to the tolerance + this slack (same units), then "
@@ -337,6 +344,7 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
                    "costs refit on every measured plan) and score only the most promising on the model.")
 @click.option("--test-limit", type=click.IntRange(min=1), default=None, help="Score only the first N test rows.")
 @_HOLDOUT
+@_REFIT_TRIES
 @_HEAL_STEPS
 @_HEAL_SLACK
 @_HEAL_LR
@@ -356,8 +364,8 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
 @handle_errors
 def search_command(model_spec, task_spec, tolerance, relative, method, strategy, objective, target, budget_minutes,
                    seed, population, generations, ladder, n_calibration, val_limit, race_size, race_z, surrogate,
-                   test_limit, holdout, heal_steps, heal_slack, heal_lr, heal, weights, out, force, as_json, device, workers,
-                   ray_address, offload, trust_remote_code):
+                   test_limit, holdout, refit_tries, heal_steps, heal_slack, heal_lr, heal, weights, out, force, as_json,
+                   device, workers, ray_address, offload, trust_remote_code):
     """Search a keep level per matrix within an accuracy tolerance; write the refit checkpoint.
 
     Stages: calibrate → sensitivity → search → reference → refit, kept in OUT/.stages.
@@ -382,7 +390,7 @@ def search_command(model_spec, task_spec, tolerance, relative, method, strategy,
                           generations=generations, ladder=levels, n_calibration=n_calibration, val_limit=val_limit,
                           race_size=race_size, race_z=race_z, surrogate=surrogate, heal_steps=heal_steps,
                           heal_lr=heal_lr, heal=heal, weights=weights, holdout=holdout,
-                          heal_slack=heal_slack)
+                          heal_slack=heal_slack, refit_tries=refit_tries)
     summary = run_search(model_spec, task_spec, out, config, budget_minutes=budget_minutes, force=force,
                          test_limit=test_limit, log=log, trust_remote_code=trust_remote_code, workers=pool,
                          device=device, offload=offload)
@@ -552,6 +560,7 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
               help="Validation examples the search scores per candidate.")
 @click.option("--test-limit", type=int, default=None, help="Test examples for the reference and validation.")
 @_HOLDOUT
+@_REFIT_TRIES
 @_HEAL_STEPS
 @_HEAL_SLACK
 @_HEAL_LR
@@ -571,8 +580,8 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @_TRUST_REMOTE_CODE
 @handle_errors
 def run(model, task, target, out, tune_steps, tolerance, strategy, objective, method, budget_minutes, n_calibration,
-        val_limit, test_limit, holdout, heal_steps, heal_slack, heal_lr, heal, task_head, seed, force, work, device, workers,
-        ray_address, offload, trust_remote_code):
+        val_limit, test_limit, holdout, refit_tries, heal_steps, heal_slack, heal_lr, heal, task_head, seed, force, work,
+        device, workers, ray_address, offload, trust_remote_code):
     """tune? → calibrate → sensitivity → search → refit → export → reference → bundle → validate.
 
     Every stage has a key made of its settings, the content of what it reads (model, task
@@ -590,7 +599,8 @@ def run(model, task, target, out, tune_steps, tolerance, strategy, objective, me
     summary = run_pipeline(model, task, target, out, tune_steps=tune_steps, tolerance=tolerance,
                            strategy=strategy, objective=objective, method=method, budget_minutes=budget_minutes,
                            seed=seed, n_calibration=n_calibration, val_limit=val_limit, test_limit=test_limit,
-                           holdout=holdout, heal_steps=heal_steps, heal_slack=heal_slack, heal_lr=heal_lr, heal=heal,
+                           holdout=holdout, refit_tries=refit_tries, heal_steps=heal_steps, heal_slack=heal_slack,
+                           heal_lr=heal_lr, heal=heal,
                            task_head=task_head,
                            force=force, work=work, log=log,
                            trust_remote_code=trust_remote_code, workers=pool, device=device, offload=offload)

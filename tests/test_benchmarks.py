@@ -4,6 +4,7 @@ import json
 import pytest
 
 from benchscripts import load_benchmark
+from test_search import tuned  # noqa: F401  (a fixture: the tiny llama tuned on the tiny task)
 
 
 @pytest.fixture(scope="module")
@@ -243,10 +244,41 @@ def test_slack_row_resumes_the_row_at_tolerance_plus_slack_and_tables_the_healed
     assert "| sst2 ga-sieve 0.01 | 0.2 |" in table
 
 
-def test_slack_only_takes_the_rows_earlier_numbers_and_needs_a_slack(bench, tmp_path, capsys):
+def test_refit_row_resumes_the_rows_search_and_tables_the_refit_tries(bench, tmp_path, monkeypatch, tuned):
+    """--refit-tries: the row's own finished search is resumed (no candidate scored again) and
+    larger plans it measured are refit; the plan kept is scored on test. The tries here are
+    held to a huge tolerance so that one is kept for sure."""
+    import argparse
+    import copy
+
+    from test_search import load_tuned, small_config
+
+    from sieve_edge.search import climb as climb_module
+    from sieve_edge.search import run_search
+
+    real = climb_module.climb
+    monkeypatch.setattr(climb_module, "climb", lambda cands, **kw: real(cands, **{**kw, "tolerance": 10.0}))
+    root, task = tuned
+    model, tok = load_tuned(root)
+    stages, out = tmp_path / "stages", tmp_path / "search-x"
+    cfg = small_config(tolerance=0.05, generations=1)
+    plain = run_search("tiny", task, out, cfg, force=True, model=copy.deepcopy(model), tokenizer=tok, work=stages)
+    args = argparse.Namespace(refit_tries=1, budget_minutes=15.0, test_limit=None)
+    row = bench.refitted(args, "tiny", task, out, cfg, model, tok, stages, log=lambda m: None)
+    assert row["evaluations"] == plain["evaluations"] and not (stages / "search.resume").exists()
+    assert row["searched_gain"] == pytest.approx(plain["objective_gain"]) and len(row["tries"]) == 1
+    assert row["kept"] and row["reduction"] > plain["linear_param_reduction"]
+    refit = json.loads((tmp_path / "search-x-refit" / "search.json").read_text())
+    assert refit["refit_tries"]["tries"] == row["tries"] and row["test_pruned"] == refit["test"]["pruned"]
+    table = bench.table([{**_row("sst2", "ga-sieve", 0.01, plain["linear_param_reduction"]), "refit_tries": row}])
+    assert f"| sst2 ga-sieve 0.01 | {100 * row['start_gap']:+.1f} pt |" in table
+
+
+def test_reruns_only_takes_the_rows_earlier_numbers_and_needs_a_rerun(bench, tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--slack-only"])
-    assert "--slack-only needs --heal-slack" in capsys.readouterr().err
+    assert "--reruns-only needs --heal-slack or --refit-tries" in capsys.readouterr().err
+    assert bench.parse_args(["--reruns-only", "--refit-tries", "2"]).reruns_only
     with pytest.raises(SystemExit):
         bench.parse_args(["--heal-slack", "0.04"])
     assert "--heal-slack needs --heal-steps" in capsys.readouterr().err

@@ -1045,3 +1045,59 @@ def test_a_healed_choice_whose_healed_refit_misses_ships_the_better_of_it_and_th
     assert "Healing the searched factors instead" in (out / "search_report.md").read_text()
     assert evaluate(load_checkpoint(out), tok, load_task(task_path), "validation").value == pytest.approx(
         s["validation"]["final"], abs=1e-9)
+
+
+@pytest.mark.parametrize("everything_passes", [False, True])
+def test_refit_tries_keep_the_largest_plan_whose_refit_passes_and_ship_it_consistently(
+        tuned, tmp_path, monkeypatch, everything_passes):
+    """--refit-tries on a tiny model: every try is recorded with its refit drop, the plan kept
+    is the searched one or a larger one that passed, and the checkpoint, its manifest,
+    plan.json, the summary and the report all describe that one plan. With
+    ``everything_passes`` the climb holds every refit to a huge tolerance, so a larger plan
+    is kept for sure."""
+    from sieve_edge.checkpoint import load_checkpoint, read_manifest
+    from sieve_edge.evaluate import evaluate
+    from sieve_edge.plan import RankPlan
+    from sieve_edge.search import climb as climb_module
+
+    if everything_passes:
+        real = climb_module.climb
+        monkeypatch.setattr(climb_module, "climb", lambda cands, **kw: real(cands, **{**kw, "tolerance": 10.0}))
+    root, task_path = tuned
+    model, tok = load_tuned(root)
+    out = tmp_path / "out"
+    s = run_search("tiny", task_path, out, small_config(refit_tries=2), model=model, tokenizer=tok)
+    c = s["refit_tries"]
+    assert c is not None and c["searched_gain"] > 0 and len(c["tries"]) <= 2
+    searched = json.loads((out / "search.json").read_text())
+    assert searched["refit_tries"] == c
+    plan = RankPlan.from_json(out / "plan.json")
+    assert read_manifest(out)["ranks"] == plan.factorized
+    assert s["linear_param_reduction"] == pytest.approx(plan.linear_param_reduction, abs=1e-12)
+    assert abs(read_manifest(out)["linear_param_reduction"] - plan.linear_param_reduction) < 1e-5
+    passed = [t["gain"] for t in c["tries"] if t["passed"]]
+    assert c["kept"] == bool(passed) and c["gain"] == (max(passed) if passed else c["searched_gain"])
+    for t in c["tries"]:
+        assert t["gain"] > c["searched_gain"]
+        if not everything_passes:
+            assert t["passed"] == (t["drop"] <= s["tolerance_abs"] + 1e-12)
+    if everything_passes:
+        assert c["kept"] and c["gain"] > c["searched_gain"]
+        assert any("refit tries: kept" in n for n in s["notes"])
+    assert plan.meta["objective_gain"] == pytest.approx(c["gain"])
+    assert "Refit tries" in (out / "search_report.md").read_text()
+    assert evaluate(load_checkpoint(out), tok, load_task(task_path), "validation").value == pytest.approx(
+        s["validation"]["final"], abs=1e-9)
+    if not everything_passes:
+        assert s["validation"]["dense"] - s["validation"]["final"] <= s["tolerance_abs"] + 1e-12
+
+
+def test_refit_tries_refuse_settings_they_cannot_serve():
+    with pytest.raises(InputError, match="method 'output' is the one the search scores with"):
+        small_config(refit_tries=2, method="output")
+    with pytest.raises(InputError, match="--refit-tries and --holdout"):
+        small_config(refit_tries=2, holdout=10)
+    with pytest.raises(InputError, match="--objective params"):
+        small_config(refit_tries=2, objective="time")
+    with pytest.raises(InputError, match="refit_tries must be an integer >= 0"):
+        small_config(refit_tries=-1)

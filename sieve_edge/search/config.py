@@ -51,6 +51,7 @@ class SearchConfig:
     weights: str = "fp32"            # precision candidates are scored in: int8 simulates the export's int8
     holdout: int = 0                 # validation rows beyond val_limit that confirm the chosen plan (0: none)
     heal_slack: float = 0.0          # the search explores tolerance + slack; healing must win the slack back
+    refit_tries: int = 0             # larger measured plans refit with `method` after the search (see climb.py)
 
     @property
     def search_tolerance(self) -> float:
@@ -95,6 +96,18 @@ class SearchConfig:
         if self.heal_slack and self.holdout:
             raise InputError("--heal-slack and --holdout do not combine yet: the holdout confirms unhealed plans; "
                              "use one of them")
+        if not isinstance(self.refit_tries, int) or self.refit_tries < 0:
+            raise InputError(f"refit_tries must be an integer >= 0 (0: keep the searched plan), got {self.refit_tries}")
+        if self.refit_tries and self.method == self.search_method:
+            raise InputError(f"--refit-tries refits larger plans with --method, but method '{self.method}' is the one "
+                             "the search scores with: its refit is the searched factors. Use --method sieve")
+        if self.refit_tries and self.objective != "params":
+            raise InputError("--refit-tries works with --objective params for now: the time objective's cost "
+                             "table is the search's and would not describe a larger plan")
+        if self.refit_tries and self.holdout:
+            raise InputError("--refit-tries and --holdout do not combine yet: the holdout confirms the searched plan "
+                             "on rows the search never saw, the refit tries choose on the search's rows; use one "
+                             "of them")
         if self.holdout < 0:
             raise InputError(f"holdout must be >= 0 (validation rows held out of the search), got {self.holdout}")
         if self.val_limit is not None and self.val_limit < 1:
@@ -110,9 +123,10 @@ class SearchConfig:
         """The settings a resumed search must share with the one that wrote the state."""
         d = asdict(self)
         # after the search proper: free to change on a rerun (the holdout check and the healed
-        # choice rerun on the finished GA state; the search stage keys them on its own). With a
+        # choice rerun on the finished GA state; the search stage keys them on its own; the refit
+        # tries are the fit stage's). With a
         # heal slack the GA is the search at tolerance + slack: its state is that search's.
-        for k in ("heal_steps", "heal_lr", "heal", "holdout", "heal_slack"):
+        for k in ("heal_steps", "heal_lr", "heal", "holdout", "heal_slack", "refit_tries"):
             d.pop(k)
         d["tolerance"] = self.search_tolerance
         d["ladder"] = list(self.ladder)
@@ -143,6 +157,9 @@ class SearchResult:
     factors: dict = field(default_factory=dict, repr=False)  # name -> (B, A) the plan was scored with
     holdout: dict | None = None       # the held-out rows' scores of the plans tried (config.holdout)
     healing: dict | None = None       # the healed tries of the plans beyond the tolerance (config.heal_slack)
+    # every plan scored (gain > 0): {"names": [...], "plans": [{"ranks": [rank or None per name],
+    # "gain", "metric", "drop", "feasible", "full", "rows"}]}, largest gain first (what refit tries pick from)
+    measured: dict | None = None
 
     def to_dict(self) -> dict:
         """Everything but the plan and the factors (those are files of their own)."""

@@ -92,6 +92,9 @@ class Outcome:
     # the plans racing accepted on a subset and never scored in full (their metric an estimate),
     # largest gain first: what a healed choice may also try (``heal_choice``)
     accepted: list[tuple[dict, dict, Evaluation]] = field(default_factory=list)
+    # every plan scored that cuts something, (ranks, evaluation), feasible or not: what the fit
+    # stage's refit tries pick from (``measured_record``)
+    measured: list[tuple[dict, Evaluation]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- genetic algorithm
@@ -209,7 +212,8 @@ def run_genetic(ctx: SearchContext, saved: dict | None, costs: tuple[dict[str, l
             key=lambda ge: (-ge[1].gain, ge[1].proxy, ge[0]))]
 
     return Outcome(ranks, ev, [asdict(r) for r in ga.history], frontier, levels, resumed_from, stopped,
-                   task_sensitivity, listed(True), listed(False))
+                   task_sensitivity, listed(True), listed(False),
+                   [(ladder.to_ranks(unkey(k)), e) for k, e in sorted(ga.cache.items()) if e.gain > 0])
 
 
 MAX_CONFIRMATIONS = 8  # racing-accepted plans checked on the full split before falling back
@@ -643,7 +647,8 @@ def run_uniform(ctx: SearchContext, saved: dict | None) -> Outcome:
                 if v["feasible"] and v["full"] == full]
 
     return Outcome(ranks, ev, history, frontier, levels, resumed_from, stopped["why"], feasible=listed(True),
-                   accepted=listed(False))
+                   accepted=listed(False), measured=[(ranks_of(float(k)), Evaluation(**v))
+                                                     for k, v in sorted(memo.items()) if v["gain"] > 0])
 
 
 # ---------------------------------------------------------------- search_plan
@@ -909,7 +914,22 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
         dense_int8_metric=dense_ev.metric if config.weights == "int8" else None,
         resumed_from=outcome.resumed_from, stopped=outcome.stopped, factors=factors,
         times=plan_times(objective, outcome.ranks), holdout=holdout, healing=healing,
+        measured=measured_record(list(shapes), outcome.measured),
     )
+
+
+def measured_record(names: list[str], measured: list[tuple[dict, Evaluation]]) -> dict:
+    """``SearchResult.measured``: every plan scored, each set of ranks once (the one scored on
+    most rows), largest gain first; ranks listed in the order of ``names``."""
+    best: dict[tuple, tuple[dict, Evaluation]] = {}
+    for ranks, ev in measured:
+        k = tuple(ranks[n] for n in names)
+        if k not in best or (ev.full, ev.rows) > (best[k][1].full, best[k][1].rows):
+            best[k] = (ranks, ev)
+    plans = [{"ranks": list(k), "gain": ev.gain, "metric": ev.metric, "drop": ev.drop, "feasible": ev.feasible,
+              "full": ev.full, "rows": ev.rows} for k, (_, ev) in best.items()]
+    plans.sort(key=lambda p: (-p["gain"], p["drop"]))
+    return {"names": list(names), "plans": plans}
 
 
 def train_label_logprobs(model, tokenizer, task, batch_size: int):

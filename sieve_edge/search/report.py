@@ -115,6 +115,18 @@ def search_report(summary: dict, result: dict) -> str:
                   f"and scored on validation: " + (tries or "none to try") + f". Kept {kept}: "
                   f"{100 * h['gain']:.1f}% removed.", ""]
 
+    if s.get("refit_tries"):
+        c = s["refit_tries"]
+        tries = ", ".join(f"{100 * t['gain']:.1f}% (searched drop {t['search_drop']:+.4f}"
+                          f"{'' if t['search_full'] else ' estimated'}, expected {t['predicted_drop']:+.4f}) → "
+                          f"drop {t['drop']:+.4f} ({'within' if t['passed'] else 'beyond'})" for t in c["tries"])
+        lines += [f"Refit tries: the searched plan ({100 * c['searched_gain']:.1f}%) refit with '{s['method']}' "
+                  f"dropped {c['start_gap']:+.4f} less than its searched factors (the refit gap); larger plans the "
+                  f"search measured, refit and scored on validation ({c['tries_allowed']} at most; expected drop: "
+                  f"searched drop minus the mean gap): " + (tries or "none expected to pass") + ". "
+                  + (f"Kept the largest within the tolerance: {100 * c['gain']:.1f}% of the objective; the *search* "
+                     "column is its searched score." if c["kept"] else "Kept the searched plan."), ""]
+
     def healed(h: dict) -> str:
         return (f"validation {h['metric_before']:.4f} → {h['metric_after']:.4f}, loss {h['loss_first']:.3f} → "
                 f"{h['loss_last']:.3f}")

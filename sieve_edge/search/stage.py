@@ -22,6 +22,7 @@ visible files those of the refit stage (hard links, the checkpoint manifest last
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -246,6 +247,7 @@ def search_summary(result, task, config: SearchConfig, model_spec: str, budget_m
 
 class SearchStage(Stage):
     name = "search"
+    version = 2               # 2: result.json lists every plan measured (what the fit's refit tries pick from)
 
     def __init__(self, model: ModelRef, task, config: SearchConfig, budget_minutes: float | None, *,
                  on_state_mismatch: str = "restart", progress: bool = False, workers=None,
@@ -460,7 +462,8 @@ class FitStage(Stage):
         super().__init__(
             config={"method": config.method, "n_calibration": config.n_calibration,
                     "calibration_batch": config.calibration_batch, "multiple": config.multiple,
-                    "val_limit": config.val_limit, "batch_size": config.batch_size, "seed": config.seed},
+                    "val_limit": config.val_limit, "batch_size": config.batch_size, "seed": config.seed,
+                    **({"refit_tries": config.refit_tries} if config.refit_tries else {})},
             inputs=task_inputs(task, splits),
             needs=("calibrate", "search") + model.needs)
         self.model, self.task, self.settings, self.progress = model, task, config, progress
@@ -485,6 +488,9 @@ class FitStage(Stage):
         val_scorer = make_scorer(tok, task, "validation", limit=cfg.val_limit, batch_size=cfg.batch_size,
                                  model=model)
         search_method = plan.meta["search_method"]
+        # refit tries start from a fresh dense model each: loaded from the spec again, or copied
+        # from a model handed in memory (it has no files to load)
+        dense = copy.deepcopy(model) if cfg.refit_tries and self.model.preloaded is not None else None
         if cfg.method == search_method:
             refit = factorize_(model, searched_factors(ctx, plan))
         else:
@@ -509,12 +515,81 @@ class FitStage(Stage):
             refit = factorize_(refit, searched_factors(ctx, plan))
             method_used = search_method
             val_refit = float(val_scorer.metric(refit))
-        save_checkpoint(refit, tok, out, build_manifest(refit, base_model=self.model.spec, method=method_used,
-                                                        task=task.name))
+
+        def save(model, force: bool = False) -> None:
+            save_checkpoint(model, tok, out, build_manifest(model, base_model=self.model.spec, method=method_used,
+                                                            task=task.name), force=force)
+
+        climb = None
+        if cfg.refit_tries and method_used != search_method and not (data.get("healing") or {}).get("healed"):
+            # the searched plan's refit is within the tolerance: larger plans the search measured
+            # may be too once refit (see climb.py); every refit that passes replaces the checkpoint
+            save(refit)
+            del refit, model  # one model in memory at a time: each try loads a fresh dense copy
+            fresh = (lambda: copy.deepcopy(dense)) if dense is not None else \
+                (lambda: ctx.model(self.model.spec, take=True)[0])
+            plan, val_refit, climb = self._climb(ctx, plan, data, val_refit, val_scorer, sign, save, fresh, tok)
+            if climb["kept"]:
+                notes.append(f"refit tries: kept the plan removing {100 * plan.linear_param_reduction:.1f}% "
+                             f"(searched {100 * data['summary']['linear_param_reduction']:.1f}%); its '{cfg.method}' "
+                             f"refit scored {val_refit:.4f} on validation")
+        else:
+            save(refit)
+        del dense
+        plan.to_json(out / "plan.json")
         _write_json(out / "fit.json", {"method": method_used, "validation": val_refit, "notes": notes,
-                                       "validation_rows": val_scorer.record(), "seconds": time.perf_counter() - t0})
+                                       "validation_rows": val_scorer.record(), "climb": climb,
+                                       "seconds": time.perf_counter() - t0})
         return {"detail": f"{method_used}: linear params -{plan.linear_param_reduction:.1%}, validation "
-                          f"{task.metric} {val_refit:.4f}", "method": method_used, "validation": val_refit}
+                          f"{task.metric} {val_refit:.4f}", "method": method_used, "validation": val_refit,
+                "linear_param_reduction": plan.linear_param_reduction}
+
+    def _climb(self, ctx: StageContext, plan, data: dict, val_refit: float, val_scorer, sign: float, save, fresh,
+               tok):
+        """Refit tries (``climb.py``): (the plan kept, its refit's validation score, the record).
+        The checkpoint of the plan kept is in the stage's output (``save``); ``fresh()`` gives a
+        dense model to refit."""
+        import time
+
+        from ..plan import RankPlan
+        from ..prune import prune
+        from .climb import candidates, climb
+
+        cfg, task = self.settings, self.task
+        cands = candidates(data.get("measured"), data["gain"], str(ctx.output("search") / "result.json"))
+        kept = {"plan": plan, "validation": val_refit}
+        start_gap = sign * (val_refit - data["metric"])
+        ctx.log(f"refit: the searched plan refit with '{cfg.method}' scored {val_refit:.4f} against "
+                f"{data['metric']:.4f} searched (gap {start_gap:+.4f} in the tolerance's units); up to "
+                f"{cfg.refit_tries} larger plans of the {len(cands)} measured beyond it may be refit")
+
+        last: dict = {}
+
+        def refit_drop(c) -> float:
+            t0 = time.perf_counter()
+            last.clear()  # the previous try's model goes before the next is loaded
+            model = fresh()
+            p = RankPlan(dict(plan.shapes), dict(c.ranks), cfg.method, plan.multiple)
+            p.keep = {n: p.keep_of(n) for n in p.factorized}
+            p.meta = {**plan.meta, "objective_gain": c.gain, "validation_metric": c.metric,
+                      "refit_tries": {"searched_gain": data["gain"], "searched_metric_full": c.full}}
+            model = prune(model, tok, task, p, cfg.method, n_calibration=cfg.n_calibration,
+                          batch_size=cfg.calibration_batch, multiple=cfg.multiple, progress=self.progress).model
+            v = float(val_scorer.metric(model))
+            last.update(model=model, plan=p, validation=v)
+            ctx.log(f"refit: the try took {time.perf_counter() - t0:.0f} s")
+            return sign * (data["dense_metric"] - v)
+
+        def keep(c) -> None:
+            save(last["model"], force=True)
+            kept.update(plan=last["plan"], validation=last["validation"])
+
+        best, tries = climb(cands, start_gain=data["gain"], start_gap=start_gap, tolerance=data["tolerance_abs"],
+                            tries=cfg.refit_tries, refit_drop=refit_drop, keep=keep, log=ctx.log)
+        last.clear()
+        return kept["plan"], kept["validation"], {
+            "tries_allowed": cfg.refit_tries, "searched_gain": data["gain"], "start_gap": start_gap,
+            "tries": tries, "kept": best is not None, "gain": data["gain"] if best is None else best.gain}
 
 
 class RefitStage(Stage):
@@ -561,10 +636,19 @@ class RefitStage(Stage):
         t0 = time.perf_counter()
         cfg, task = self.settings, self.task
         searched, fitted = ctx.output("search"), ctx.output("fit")
-        plan = RankPlan.from_json(searched / "plan.json")
+        # the fit's plan: the search's, or a larger one its refit tries kept
+        plan = RankPlan.from_json(fitted / "plan.json")
         data = _read_json(searched / "result.json")
         fit = _read_json(fitted / "fit.json")
         summary = dict(data["summary"])
+        climb = fit.get("climb")
+        if climb is not None:
+            summary["refit_tries"] = climb
+            if climb["kept"]:  # the report, plots and summary describe the plan kept
+                summary.update(linear_param_reduction=plan.linear_param_reduction, objective_gain=climb["gain"])
+                summary["validation"] = {**summary["validation"], "search": plan.meta["validation_metric"]}
+                data = {**data, "gain": climb["gain"], "metric": plan.meta["validation_metric"],
+                        "levels": {n: plan.keep_of(n) if r is not None else 1.0 for n, r in plan.ranks.items()}}
         higher = task.metric != "perplexity"
         healing = bool(cfg.heal_steps and plan.factorized)
         if healing or self.score_test:  # else the fit's checkpoint passes through unread
@@ -668,6 +752,10 @@ class RefitStage(Stage):
         for name in ("history.json", "frontier.png", "heatmap.png", STATE):
             if (searched / name).is_file():  # the state is absent only when nothing was scored
                 shutil.copy2(searched / name, out / name)
+        if climb is not None and climb["kept"]:
+            from .report import write_plots
+
+            write_plots(out, summary, data)
         (out / "search_report.md").write_text(search_report(summary, data))
         scores = (f"test {task.metric} {test['pruned']:.4f} (dense {test['dense']:.4f})" if test else
                   f"validation {task.metric} {val_final:.4f}")

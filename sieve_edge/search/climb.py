@@ -1,0 +1,92 @@
+"""Refit tries: after the search, larger plans it measured are refit with the final method,
+and the largest whose refit stays within the tolerance is kept.
+
+Why: the search scores ``output`` factors (every matrix projected on the dense model's own
+activations, one decomposition shared by all candidates), while the checkpoint is refit with
+``sieve`` (each matrix fit on the inputs the already-pruned layers below it produce). The
+sequential fit absorbs part of the error the layers below make, so its score at the same
+ranks is often higher than the one the search saw, and the searched plan then leaves part of
+the tolerance unused. Each try is a whole refit (a calibration pass and a sequential fit),
+far more than a candidate's evaluation, so the tries are few and chosen by prediction:
+
+- the refit gap of a plan is its searched drop minus its refit drop; the first is measured on
+  the searched plan, every try adds one;
+- the next try is the largest untried plan between the largest that passed (the searched
+  plan at first) and the smallest that failed whose searched drop minus the mean gap so far
+  is within the tolerance (a racing estimate stands in for a drop the search did not score
+  in full: the refit is scored on the whole split anyway);
+- no plan expected to pass, or ``tries`` refits made, ends it.
+
+This module holds the choice; the fit stage does the refits (``FitStage``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import ArtifactError
+
+
+@dataclass
+class Candidate:
+    """A plan the search measured: its ranks, objective gain and searched drop."""
+
+    ranks: dict[str, int | None]
+    gain: float
+    metric: float        # the searched validation metric; an estimate when not ``full``
+    drop: float          # the same in the tolerance's units (dense minus metric)
+    full: bool
+
+
+def candidates(measured: dict | None, above: float, where: str = "result.json") -> list[Candidate]:
+    """The plans of a search result's ``measured`` record with a gain above ``above``, largest
+    gain first (the smaller searched drop first among equal gains)."""
+    if not measured or "names" not in measured or "plans" not in measured:
+        raise ArtifactError(f"{where}: the search result lists no measured plans ('measured'); it was written by "
+                            "an older sieve-edge: rerun the search stage (it resumes its finished state)")
+    names = measured["names"]
+    out = [Candidate(dict(zip(names, p["ranks"])), float(p["gain"]), float(p["metric"]), float(p["drop"]),
+                     bool(p["full"]))
+           for p in measured["plans"] if p["gain"] > above]
+    out.sort(key=lambda c: (-c.gain, c.drop))
+    return out
+
+
+def climb(cands: list[Candidate], *, start_gain: float, start_gap: float, tolerance: float, tries: int,
+          refit_drop: Callable[[Candidate], float], keep: Callable[[Candidate], None] = lambda c: None,
+          log: Callable[[str], None] = lambda m: None) -> tuple[Candidate | None, list[dict]]:
+    """(the largest candidate whose refit passed, or None; a record of every try).
+
+    ``refit_drop(c)`` refits ``c`` and returns its drop on the validation split; ``keep(c)``,
+    called right after a try that passed, keeps that refit (the fit stage writes it out).
+    ``start_gain``, ``start_gap``: the searched plan's gain and refit gap (searched drop minus
+    refit drop). ``tolerance`` in the drops' units."""
+    tol = tolerance + 1e-12
+    gaps = [start_gap]
+    lower, upper = start_gain, float("inf")
+    best, record, tried = None, [], set()
+    while len(record) < tries:
+        gap = sum(gaps) / len(gaps)
+        i = next((j for j, c in enumerate(cands) if j not in tried and lower < c.gain < upper
+                  and c.drop - gap <= tol), None)
+        if i is None:
+            log(f"refit: no untried plan is expected to refit within the tolerance (mean refit gap {gap:+.4f})")
+            break
+        tried.add(i)
+        c = cands[i]
+        predicted = c.drop - gap
+        log(f"refit: trying the plan removing {100 * c.gain:.1f}% (searched drop {c.drop:+.4f}"
+            f"{'' if c.full else ', racing estimate'}; expected after the refit {predicted:+.4f})")
+        drop = float(refit_drop(c))
+        ok = drop <= tol
+        gaps.append(c.drop - drop)
+        record.append({"gain": c.gain, "search_drop": c.drop, "search_full": c.full, "predicted_drop": predicted,
+                       "drop": drop, "passed": ok})
+        log(f"refit: plan {100 * c.gain:.1f}%: drop {drop:+.4f} after the refit "
+            f"({'within' if ok else 'BEYOND'} the tolerance {tolerance:.4f})")
+        if ok:
+            keep(c)
+            lower, best = c.gain, c
+        else:
+            upper = c.gain
+    return best, record

@@ -1,0 +1,89 @@
+"""Refit tries (sieve_edge.search.climb): which larger measured plans are refit, which is kept."""
+import pytest
+
+from sieve_edge.errors import ArtifactError
+from sieve_edge.search.climb import Candidate, candidates, climb
+
+
+def plans(*gain_drop):
+    return [Candidate({"m": i}, g, 0.9 - d, d, True) for i, (g, d) in enumerate(gain_drop)]
+
+
+def run(cands, refit, *, start_gap=0.02, tolerance=0.05, tries=8):
+    tried, kept = [], []
+
+    def refit_drop(c):
+        tried.append(c.gain)
+        return refit(c)
+
+    best, record = climb(sorted(cands, key=lambda c: -c.gain), start_gain=0.3, start_gap=start_gap,
+                         tolerance=tolerance, tries=tries, refit_drop=refit_drop, keep=lambda c: kept.append(c.gain))
+    return best, record, tried, kept
+
+
+@pytest.mark.parametrize("passes_up_to", [0.31, 0.35, 0.45, 0.6, 0.9])
+def test_keeps_the_largest_plan_whose_refit_passes_when_refits_pass_up_to_a_gain(passes_up_to):
+    """Every plan is expected to pass (a large gap); refits pass up to ``passes_up_to`` and miss beyond:
+    the climb keeps the largest plan that passes, never one that failed, and every plan kept
+    was passed to ``keep`` in increasing order."""
+    cands = plans(*[(g, 0.03 + (g - 0.3)) for g in (0.32, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.9)])
+    best, record, tried, kept = run(cands, lambda c: 0.0 if c.gain <= passes_up_to else 0.2, start_gap=5.0)
+    want = max((c.gain for c in cands if c.gain <= passes_up_to), default=None)
+    assert (best.gain if best else None) == want
+    assert all(t["passed"] == (t["drop"] <= 0.05) for t in record)
+    assert kept == sorted(kept) and (kept[-1] if kept else None) == want
+    assert all(t["gain"] <= passes_up_to for t in record if t["passed"])
+
+
+def test_the_first_try_is_the_largest_plan_expected_to_pass_and_the_gap_is_relearned():
+    """Expected drop = searched drop − mean refit gap: with a gap of 0.02 and a tolerance of
+    0.05 only plans searched at ≤ 0.07 are tried; a try whose refit drops far less than its
+    searched drop widens the gap, which opens larger plans."""
+    cands = plans((0.35, 0.06), (0.4, 0.07), (0.5, 0.12), (0.6, 0.2))
+    best, record, tried, _ = run(cands, lambda c: 0.0, start_gap=0.02, tries=3)
+    # 0.4 (0.07 - 0.02 = 0.05) first; gaps (0.02, 0.07) -> mean 0.045: 0.5 (0.12 - 0.045 = 0.075) is not
+    # expected to pass; 0.35 is below the plan kept: nothing left
+    assert tried == [0.4] and best.gain == 0.4
+    assert record[0]["predicted_drop"] == pytest.approx(0.05)
+    best, record, tried, _ = run(cands, lambda c: 0.0, start_gap=0.06, tries=3)
+    # gap 0.06: 0.4 and 0.35 expected, 0.5 (0.06) not: 0.4; gaps (0.06, 0.07) -> 0.065: 0.5 (0.055) not yet
+    assert tried == [0.4]
+    best, record, tried, _ = run(cands, lambda c: 0.0, start_gap=0.1, tries=3)
+    # gap 0.1: 0.6 (0.1) not, 0.5 (0.02) yes; then gaps (0.1, 0.12) -> 0.11: 0.6 (0.09) not
+    assert tried == [0.5]
+    best, record, tried, _ = run(cands, lambda c: 0.0, start_gap=0.16, tries=3)
+    # gap 0.16: 0.6 (0.04) first and largest
+    assert tried == [0.6] and best.gain == 0.6
+
+
+def test_a_failed_try_bounds_the_next_from_above_and_tries_are_capped():
+    cands = plans((0.35, 0.0), (0.4, 0.0), (0.45, 0.0), (0.5, 0.0), (0.6, 0.0))
+    best, record, tried, kept = run(cands, lambda c: 0.0 if c.gain < 0.45 else 0.2, start_gap=5.0)
+    assert tried == [0.6, 0.5, 0.45, 0.4] and best.gain == 0.4 and kept == [0.4]
+    best, record, tried, kept = run(cands, lambda c: 0.2, start_gap=5.0, tries=2)
+    assert tried == [0.6, 0.5] and best is None and kept == [] and len(record) == 2
+
+
+def test_a_refit_worse_than_its_searched_factors_stops_the_climb():
+    """A try whose refit drops more than the search measured (a negative gap) lowers the
+    expected gain of every other plan: here none is expected to pass after it."""
+    cands = plans((0.35, 0.0), (0.4, 0.0), (0.5, 0.0))
+    best, record, tried, _ = run(cands, lambda c: 0.2, start_gap=0.0)
+    assert tried == [0.5] and best is None and record[0]["predicted_drop"] == 0.0
+
+
+def test_nothing_expected_to_pass_refits_nothing():
+    best, record, tried, _ = run(plans((0.4, 0.3), (0.5, 0.5)), lambda c: 0.0, start_gap=0.0)
+    assert best is None and record == [] and tried == []
+
+
+def test_candidates_come_from_the_measured_record_above_the_searched_gain():
+    measured = {"names": ["a", "b"], "plans": [
+        {"ranks": [4, None], "gain": 0.5, "metric": 0.8, "drop": 0.1, "feasible": False, "full": False, "rows": 12},
+        {"ranks": [8, 8], "gain": 0.3, "metric": 0.85, "drop": 0.05, "feasible": True, "full": True, "rows": 40},
+        {"ranks": [2, 2], "gain": 0.7, "metric": 0.6, "drop": 0.3, "feasible": False, "full": True, "rows": 40}]}
+    got = candidates(measured, 0.3)
+    assert [c.gain for c in got] == [0.7, 0.5]
+    assert got[1].ranks == {"a": 4, "b": None} and not got[1].full
+    with pytest.raises(ArtifactError, match=r"out/result.json.*'measured'.*rerun the search stage"):
+        candidates(None, 0.3, "out/result.json")
