@@ -9,7 +9,7 @@ def plans(*gain_drop):
     return [Candidate({"m": i}, g, 0.9 - d, d, True) for i, (g, d) in enumerate(gain_drop)]
 
 
-def run(cands, refit, *, start_gap=0.02, tolerance=0.05, tries=8):
+def run(cands, refit, *, start_gap=0.02, start_drop=0.01, tolerance=0.05, tries=8):
     tried, kept = [], []
 
     def refit_drop(c):
@@ -17,7 +17,7 @@ def run(cands, refit, *, start_gap=0.02, tolerance=0.05, tries=8):
         return refit(c)
 
     best, record = climb(sorted(cands, key=lambda c: -c.gain), start_gain=0.3, start_gap=start_gap,
-                         tolerance=tolerance, tries=tries, refit_drop=refit_drop, keep=lambda c: kept.append(c.gain))
+                         start_drop=start_drop, tolerance=tolerance, tries=tries, refit_drop=refit_drop, keep=lambda c: kept.append(c.gain))
     return best, record, tried, kept
 
 
@@ -27,7 +27,7 @@ def test_keeps_the_largest_plan_whose_refit_passes_when_refits_pass_up_to_a_gain
     the climb keeps the largest plan that passes, never one that failed, and every plan kept
     was passed to ``keep`` in increasing order."""
     cands = plans(*[(g, 0.03 + (g - 0.3)) for g in (0.32, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.9)])
-    best, record, tried, kept = run(cands, lambda c: 0.0 if c.gain <= passes_up_to else 0.2, start_gap=5.0)
+    best, record, tried, kept = run(cands, lambda c: 0.01 if c.gain <= passes_up_to else 0.2, start_gap=5.0)
     want = max((c.gain for c in cands if c.gain <= passes_up_to), default=None)
     assert (best.gain if best else None) == want
     assert all(t["passed"] == (t["drop"] <= 0.05) for t in record)
@@ -40,25 +40,25 @@ def test_the_first_try_is_the_largest_plan_expected_to_pass_and_the_gap_is_relea
     0.05 only plans searched at ≤ 0.07 are tried; a try whose refit drops far less than its
     searched drop widens the gap, which opens larger plans."""
     cands = plans((0.35, 0.06), (0.4, 0.07), (0.5, 0.12), (0.6, 0.2))
-    best, record, tried, _ = run(cands, lambda c: 0.0, start_gap=0.02, tries=3)
+    best, record, tried, _ = run(cands, lambda c: 0.01, start_gap=0.02, tries=3)
     # 0.4 (0.07 - 0.02 = 0.05) first; gaps (0.02, 0.07) -> mean 0.045: 0.5 (0.12 - 0.045 = 0.075) is not
     # expected to pass; 0.35 is below the plan kept: nothing left
     assert tried == [0.4] and best.gain == 0.4
     assert record[0]["predicted_drop"] == pytest.approx(0.05)
-    best, record, tried, _ = run(cands, lambda c: 0.0, start_gap=0.06, tries=3)
+    best, record, tried, _ = run(cands, lambda c: 0.01, start_gap=0.06, tries=3)
     # gap 0.06: 0.4 and 0.35 expected, 0.5 (0.06) not: 0.4; gaps (0.06, 0.07) -> 0.065: 0.5 (0.055) not yet
     assert tried == [0.4]
-    best, record, tried, _ = run(cands, lambda c: 0.0, start_gap=0.1, tries=3)
+    best, record, tried, _ = run(cands, lambda c: 0.01, start_gap=0.1, tries=3)
     # gap 0.1: 0.6 (0.1) not, 0.5 (0.02) yes; then gaps (0.1, 0.12) -> 0.11: 0.6 (0.09) not
     assert tried == [0.5]
-    best, record, tried, _ = run(cands, lambda c: 0.0, start_gap=0.16, tries=3)
+    best, record, tried, _ = run(cands, lambda c: 0.01, start_gap=0.16, tries=3)
     # gap 0.16: 0.6 (0.04) first and largest
     assert tried == [0.6] and best.gain == 0.6
 
 
 def test_a_failed_try_bounds_the_next_from_above_and_tries_are_capped():
     cands = plans((0.35, 0.0), (0.4, 0.0), (0.45, 0.0), (0.5, 0.0), (0.6, 0.0))
-    best, record, tried, kept = run(cands, lambda c: 0.0 if c.gain < 0.45 else 0.2, start_gap=5.0)
+    best, record, tried, kept = run(cands, lambda c: 0.01 if c.gain < 0.45 else 0.2, start_gap=5.0)
     assert tried == [0.6, 0.5, 0.45, 0.4] and best.gain == 0.4 and kept == [0.4]
     best, record, tried, kept = run(cands, lambda c: 0.2, start_gap=5.0, tries=2)
     assert tried == [0.6, 0.5] and best is None and kept == [] and len(record) == 2
@@ -73,8 +73,24 @@ def test_a_refit_worse_than_its_searched_factors_stops_the_climb():
 
 
 def test_nothing_expected_to_pass_refits_nothing():
-    best, record, tried, _ = run(plans((0.4, 0.3), (0.5, 0.5)), lambda c: 0.0, start_gap=0.0)
+    best, record, tried, _ = run(plans((0.4, 0.3), (0.5, 0.5)), lambda c: 0.01, start_gap=0.0)
     assert best is None and record == [] and tried == []
+
+
+def test_once_a_refit_scores_the_dense_metric_the_plan_expected_to_drop_least_is_tried():
+    """The searched plan's refit scored the dense metric (drop 0): its gap of 0.01 is only a
+    lower bound, so although no plan is expected to pass, the one with the smallest searched
+    drop is tried (0.4, its refit at the dense metric again); so is the next (0.6), which
+    loses 0.2; after a refit that lost something the climb stops as usual (0.5 is not
+    expected to pass)."""
+    cands = plans((0.35, 0.09), (0.4, 0.08), (0.5, 0.3), (0.6, 0.12))
+    best, record, tried, kept = run(cands, lambda c: {0.4: 0.0, 0.6: 0.2}[c.gain], start_gap=0.01,
+                                    start_drop=0.0, tries=3)
+    assert tried == [0.4, 0.6] and best.gain == 0.4 and kept == [0.4]
+    assert [t["best_bet"] for t in record] == [True, True] and record[1]["passed"] is False
+    # a searched plan whose refit kept a drop (> 0) is not capped: no plan expected, no try
+    best, record, tried, _ = run(cands, lambda c: 0.0, start_gap=0.01, start_drop=0.001, tries=3)
+    assert tried == [] and best is None
 
 
 def test_candidates_come_from_the_measured_record_above_the_searched_gain():

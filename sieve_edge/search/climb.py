@@ -15,7 +15,9 @@ far more than a candidate's evaluation, so the tries are few and chosen by predi
   plan at first) and the smallest that failed whose searched drop minus the mean gap so far
   is within the tolerance (a racing estimate stands in for a drop the search did not score
   in full: the refit is scored on the whole split anyway);
-- no plan expected to pass, or ``tries`` refits made, ends it.
+- no plan expected to pass, or ``tries`` refits made, ends it; except that a refit scoring
+  the dense metric (or better) hides how much more it could have won back, so right after
+  one, the plan expected to drop least is tried instead of stopping.
 
 This module holds the choice; the fit stage does the refits (``FitStage``).
 """
@@ -52,23 +54,33 @@ def candidates(measured: dict | None, above: float, where: str = "result.json") 
     return out
 
 
-def climb(cands: list[Candidate], *, start_gain: float, start_gap: float, tolerance: float, tries: int,
-          refit_drop: Callable[[Candidate], float], keep: Callable[[Candidate], None] = lambda c: None,
+def climb(cands: list[Candidate], *, start_gain: float, start_gap: float, start_drop: float, tolerance: float,
+          tries: int, refit_drop: Callable[[Candidate], float], keep: Callable[[Candidate], None] = lambda c: None,
           log: Callable[[str], None] = lambda m: None) -> tuple[Candidate | None, list[dict]]:
     """(the largest candidate whose refit passed, or None; a record of every try).
 
     ``refit_drop(c)`` refits ``c`` and returns its drop on the validation split; ``keep(c)``,
     called right after a try that passed, keeps that refit (the fit stage writes it out).
-    ``start_gain``, ``start_gap``: the searched plan's gain and refit gap (searched drop minus
-    refit drop). ``tolerance`` in the drops' units."""
+    ``start_gain``, ``start_gap``, ``start_drop``: the searched plan's gain, refit gap
+    (searched drop minus refit drop) and refit drop. ``tolerance`` in the drops' units.
+
+    A refit that scores at least the dense model (drop <= 0) only bounds its gap from below:
+    it could not have scored higher. After such a refit the mean gap understates what a
+    refit wins back, so a climb that expects no plan to pass tries the one expected to drop
+    least instead of stopping (``best_bet`` in the record); after a refit that lost
+    something it stops."""
     tol = tolerance + 1e-12
     gaps = [start_gap]
+    capped = start_drop <= 0.0
     lower, upper = start_gain, float("inf")
     best, record, tried = None, [], set()
     while len(record) < tries:
         gap = sum(gaps) / len(gaps)
-        i = next((j for j, c in enumerate(cands) if j not in tried and lower < c.gain < upper
-                  and c.drop - gap <= tol), None)
+        bracket = [j for j, c in enumerate(cands) if j not in tried and lower < c.gain < upper]
+        i = next((j for j in bracket if cands[j].drop - gap <= tol), None)
+        best_bet = i is None and capped and bool(bracket)
+        if best_bet:
+            i = min(bracket, key=lambda j: (cands[j].drop, -cands[j].gain))
         if i is None:
             log(f"refit: no untried plan is expected to refit within the tolerance (mean refit gap {gap:+.4f})")
             break
@@ -76,12 +88,14 @@ def climb(cands: list[Candidate], *, start_gain: float, start_gap: float, tolera
         c = cands[i]
         predicted = c.drop - gap
         log(f"refit: trying the plan removing {100 * c.gain:.1f}% (searched drop {c.drop:+.4f}"
-            f"{'' if c.full else ', racing estimate'}; expected after the refit {predicted:+.4f})")
+            f"{'' if c.full else ', racing estimate'}; expected after the refit {predicted:+.4f}"
+            f"{': none is expected to pass, but a refit scored the dense metric, so the gap may be larger' if best_bet else ''})")
         drop = float(refit_drop(c))
         ok = drop <= tol
         gaps.append(c.drop - drop)
+        capped = drop <= 0.0
         record.append({"gain": c.gain, "search_drop": c.drop, "search_full": c.full, "predicted_drop": predicted,
-                       "drop": drop, "passed": ok})
+                       "best_bet": best_bet, "drop": drop, "passed": ok})
         log(f"refit: plan {100 * c.gain:.1f}%: drop {drop:+.4f} after the refit "
             f"({'within' if ok else 'BEYOND'} the tolerance {tolerance:.4f})")
         if ok:

@@ -118,7 +118,8 @@ def search_report(summary: dict, result: dict) -> str:
     if s.get("refit_tries"):
         c = s["refit_tries"]
         tries = ", ".join(f"{100 * t['gain']:.1f}% (searched drop {t['search_drop']:+.4f}"
-                          f"{'' if t['search_full'] else ' estimated'}, expected {t['predicted_drop']:+.4f}) → "
+                          f"{'' if t['search_full'] else ' estimated'}, expected {t['predicted_drop']:+.4f}"
+                          f"{', best bet' if t.get('best_bet') else ''}) → "
                           f"drop {t['drop']:+.4f} ({'within' if t['passed'] else 'beyond'})" for t in c["tries"])
         lines += [f"Refit tries: the searched plan ({100 * c['searched_gain']:.1f}%) refit with '{s['method']}' "
                   f"dropped {c['start_gap']:+.4f} less than its searched factors (the refit gap); larger plans the "

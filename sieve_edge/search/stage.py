@@ -584,7 +584,8 @@ class FitStage(Stage):
             save(last["model"], force=True)
             kept.update(plan=last["plan"], validation=last["validation"])
 
-        best, tries = climb(cands, start_gain=data["gain"], start_gap=start_gap, tolerance=data["tolerance_abs"],
+        best, tries = climb(cands, start_gain=data["gain"], start_gap=start_gap,
+                            start_drop=sign * (data["dense_metric"] - val_refit), tolerance=data["tolerance_abs"],
                             tries=cfg.refit_tries, refit_drop=refit_drop, keep=keep, log=ctx.log)
         last.clear()
         return kept["plan"], kept["validation"], {
