@@ -87,9 +87,10 @@ def climb(cands: list[Candidate], *, start_gain: float, start_gap: float, start_
         tried.add(i)
         c = cands[i]
         predicted = c.drop - gap
+        why = ": none is expected to pass, but the last refit scored the dense metric (its gap a lower bound)"
         log(f"refit: trying the plan removing {100 * c.gain:.1f}% (searched drop {c.drop:+.4f}"
             f"{'' if c.full else ', racing estimate'}; expected after the refit {predicted:+.4f}"
-            f"{': none is expected to pass, but a refit scored the dense metric, so the gap may be larger' if best_bet else ''})")
+            f"{why if best_bet else ''})")
         drop = float(refit_drop(c))
         ok = drop <= tol
         gaps.append(c.drop - drop)
