@@ -88,6 +88,10 @@ def test_once_a_refit_scores_the_dense_metric_the_plan_expected_to_drop_least_is
                                     start_drop=0.0, tries=3)
     assert tried == [0.4, 0.6] and best.gain == 0.4 and kept == [0.4]
     assert [t["best_bet"] for t in record] == [True, True] and record[1]["passed"] is False
+    # among equal estimates (racing rejects many plans at one bound) the smallest step up
+    best, record, tried, _ = run(plans((0.9, 0.09), (0.35, 0.09), (0.5, 0.09)), lambda c: 0.2, start_gap=0.01,
+                                 start_drop=0.0, tries=3)
+    assert tried == [0.35] and best is None
     # a searched plan whose refit kept a drop (> 0) is not capped: no plan expected, no try
     best, record, tried, _ = run(cands, lambda c: 0.0, start_gap=0.01, start_drop=0.001, tries=3)
     assert tried == [] and best is None

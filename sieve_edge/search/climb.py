@@ -17,7 +17,8 @@ far more than a candidate's evaluation, so the tries are few and chosen by predi
   in full: the refit is scored on the whole split anyway);
 - no plan expected to pass, or ``tries`` refits made, ends it; except that a refit scoring
   the dense metric (or better) hides how much more it could have won back, so right after
-  one, the plan expected to drop least is tried instead of stopping.
+  one, the plan expected to drop least (the smallest of equal estimates) is tried instead
+  of stopping.
 
 This module holds the choice; the fit stage does the refits (``FitStage``).
 """
@@ -80,7 +81,9 @@ def climb(cands: list[Candidate], *, start_gain: float, start_gap: float, start_
         i = next((j for j in bracket if cands[j].drop - gap <= tol), None)
         best_bet = i is None and capped and bool(bracket)
         if best_bet:
-            i = min(bracket, key=lambda j: (cands[j].drop, -cands[j].gain))
+            # equal estimates (racing rejects many plans at one bound) say nothing about which
+            # passes: the smallest step up is the likelier
+            i = min(bracket, key=lambda j: (cands[j].drop, cands[j].gain))
         if i is None:
             log(f"refit: no untried plan is expected to refit within the tolerance (mean refit gap {gap:+.4f})")
             break
