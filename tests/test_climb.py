@@ -77,21 +77,21 @@ def test_nothing_expected_to_pass_refits_nothing():
     assert best is None and record == [] and tried == []
 
 
-def test_once_a_refit_scores_the_dense_metric_the_plan_expected_to_drop_least_is_tried():
+def test_after_a_refit_at_the_dense_metric_the_climb_bisects_on_the_gain():
     """The searched plan's refit scored the dense metric (drop 0): its gap of 0.01 is only a
-    lower bound, so although no plan is expected to pass, the one with the smallest searched
-    drop is tried (0.4, its refit at the dense metric again); so is the next (0.6), which
-    loses 0.2; after a refit that lost something the climb stops as usual (0.5 is not
-    expected to pass)."""
-    cands = plans((0.35, 0.09), (0.4, 0.08), (0.5, 0.3), (0.6, 0.12))
-    best, record, tried, kept = run(cands, lambda c: {0.4: 0.0, 0.6: 0.2}[c.gain], start_gap=0.01,
-                                    start_drop=0.0, tries=3)
-    assert tried == [0.4, 0.6] and best.gain == 0.4 and kept == [0.4]
+    lower bound and no plan is expected to pass, so the climb bisects on the gain: the plan
+    nearest halfway between 0.3 and the largest left (0.9), 0.6; it passes at the dense
+    metric again, so next the one nearest (0.6 + 0.9) / 2, 0.78, which loses 0.2; after a refit
+    that lost something the climb stops as usual (0.7 is not expected to pass)."""
+    cands = plans((0.35, 0.09), (0.4, 0.08), (0.6, 0.3), (0.7, 0.3), (0.78, 0.3), (0.9, 0.5))
+    best, record, tried, kept = run(cands, lambda c: {0.6: 0.0, 0.78: 0.2}[c.gain], start_gap=0.01,
+                                    start_drop=0.0, tries=4)
+    assert tried == [0.6, 0.78] and best.gain == 0.6 and kept == [0.6]
     assert [t["best_bet"] for t in record] == [True, True] and record[1]["passed"] is False
-    # among equal estimates (racing rejects many plans at one bound) the smallest step up
-    best, record, tried, _ = run(plans((0.9, 0.09), (0.35, 0.09), (0.5, 0.09)), lambda c: 0.2, start_gap=0.01,
+    # equally near: the smaller searched drop, then the smaller gain
+    best, record, tried, _ = run(plans((0.5, 0.3), (0.7, 0.2), (0.9, 0.5)), lambda c: 0.2, start_gap=0.01,
                                  start_drop=0.0, tries=3)
-    assert tried == [0.35] and best is None
+    assert tried == [0.7] and best is None
     # a searched plan whose refit kept a drop (> 0) is not capped: no plan expected, no try
     best, record, tried, _ = run(cands, lambda c: 0.0, start_gap=0.01, start_drop=0.001, tries=3)
     assert tried == [] and best is None
