@@ -921,13 +921,13 @@ def search_plan(model, tokenizer, task, config: SearchConfig = SearchConfig(), *
 def measured_record(names: list[str], measured: list[tuple[dict, Evaluation]]) -> dict:
     """``SearchResult.measured``: every plan scored, each set of ranks once (the one scored on
     most rows), largest gain first; ranks listed in the order of ``names``."""
-    best: dict[tuple, tuple[dict, Evaluation]] = {}
+    best: dict[tuple, Evaluation] = {}
     for ranks, ev in measured:
         k = tuple(ranks[n] for n in names)
-        if k not in best or (ev.full, ev.rows) > (best[k][1].full, best[k][1].rows):
-            best[k] = (ranks, ev)
+        if k not in best or (ev.full, ev.rows) > (best[k].full, best[k].rows):
+            best[k] = ev
     plans = [{"ranks": list(k), "gain": ev.gain, "metric": ev.metric, "drop": ev.drop, "feasible": ev.feasible,
-              "full": ev.full, "rows": ev.rows} for k, (_, ev) in best.items()]
+              "full": ev.full, "rows": ev.rows} for k, ev in best.items()]
     plans.sort(key=lambda p: (-p["gain"], p["drop"]))
     return {"names": list(names), "plans": plans}
 

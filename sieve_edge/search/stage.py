@@ -488,9 +488,10 @@ class FitStage(Stage):
         val_scorer = make_scorer(tok, task, "validation", limit=cfg.val_limit, batch_size=cfg.batch_size,
                                  model=model)
         search_method = plan.meta["search_method"]
-        # refit tries start from a fresh dense model each: loaded from the spec again, or copied
-        # from a model handed in memory (it has no files to load)
-        dense = copy.deepcopy(model) if cfg.refit_tries and self.model.preloaded is not None else None
+        # refit tries (not for a plan kept because it healed) start from a fresh dense model each:
+        # loaded from the spec again, or copied from a model handed in memory (no files to load)
+        may_climb = bool(cfg.refit_tries) and not (data.get("healing") or {}).get("healed")
+        dense = copy.deepcopy(model) if may_climb and self.model.preloaded is not None else None
         if cfg.method == search_method:
             refit = factorize_(model, searched_factors(ctx, plan))
         else:
@@ -521,7 +522,7 @@ class FitStage(Stage):
                                                             task=task.name), force=force)
 
         climb = None
-        if cfg.refit_tries and method_used != search_method and not (data.get("healing") or {}).get("healed"):
+        if may_climb and method_used != search_method:
             # the searched plan's refit is within the tolerance: larger plans the search measured
             # may be too once refit (see climb.py); every refit that passes replaces the checkpoint
             save(refit)
@@ -750,10 +751,12 @@ class RefitStage(Stage):
             (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
         plan.to_json(out / "plan.json")
         _write_json(out / "search.json", summary)
-        for name in ("history.json", "frontier.png", "heatmap.png", STATE):
+        climbed = climb is not None and climb["kept"]
+        plots = () if climbed else ("frontier.png", "heatmap.png")  # a larger plan kept gets its own, below
+        for name in ("history.json", *plots, STATE):
             if (searched / name).is_file():  # the state is absent only when nothing was scored
                 shutil.copy2(searched / name, out / name)
-        if climb is not None and climb["kept"]:
+        if climbed:
             from .report import write_plots
 
             write_plots(out, summary, data)
