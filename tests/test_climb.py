@@ -97,6 +97,26 @@ def test_after_a_refit_at_the_dense_metric_the_climb_bisects_on_the_gain():
     assert tried == [] and best is None
 
 
+def test_after_a_refit_at_the_dense_metric_bisection_goes_past_a_short_expected_step():
+    """sms_spam's shape: the searched plan refit at the dense metric, and a plan just above it is
+    expected to pass (0.35: 0.04 - 0.01). The gap is a lower bound there, so the climb bisects
+    past that short step to the plan nearest (0.3 + 0.9) / 2 = 0.6; that refit lost 0.02 (not
+    capped), so the climb goes on by expectation alone: 0.9 is not expected to pass (0.5 minus
+    the mean gap 0.145 is beyond 0.05) and the plans below 0.6 are below the largest passed."""
+    cands = plans((0.35, 0.04), (0.4, 0.3), (0.6, 0.3), (0.9, 0.5))
+    best, record, tried, kept = run(cands, lambda c: 0.02 if c.gain < 0.8 else 0.2, start_gap=0.01,
+                                    start_drop=0.0, tries=4)
+    assert tried[0] == 0.6 and record[0]["best_bet"] is True and best.gain == 0.6
+    assert tried == [0.6] and kept == [0.6]
+
+
+def test_after_a_refit_at_the_dense_metric_a_larger_expected_plan_is_tried_first():
+    """When the expected plan is the larger step, it is tried, not the bisection's plan."""
+    cands = plans((0.35, 0.0), (0.6, 0.3), (0.9, 0.04))
+    best, record, tried, _ = run(cands, lambda c: 0.01, start_gap=0.01, start_drop=0.0, tries=1)
+    assert tried == [0.9] and record[0]["best_bet"] is False and best.gain == 0.9
+
+
 def test_candidates_come_from_the_measured_record_above_the_searched_gain():
     measured = {"names": ["a", "b"], "plans": [
         {"ranks": [4, None], "gain": 0.5, "metric": 0.8, "drop": 0.1, "feasible": False, "full": False, "rows": 12},
