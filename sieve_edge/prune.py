@@ -21,7 +21,7 @@ from .calibrate import (LayerInputs, capture_layer_inputs, capture_module_input,
                         run_layer, stats_device, swapped_modules)
 from .errors import InputError
 from .factorize import dense_weight, factorize_, linear_shapes, make_low_rank
-from .lowrank import METHODS, decompose_sieve, sieve_stats
+from .lowrank import METHODS, Decomposition, decompose_sieve, sieve_stats
 from .plan import RankPlan
 from .progress import progress_bar
 
@@ -66,7 +66,24 @@ def prune_with_batches(model: nn.Module, batches: Iterable[dict] | None, plan: R
 
 
 @torch.no_grad()
-def _sieve_(model: nn.Module, batches: list[dict], ranks: dict[str, int], damp: float, progress: bool) -> int:
+def sieve_bases(model: nn.Module, batches: Iterable[dict], plan: RankPlan, basis_ranks: dict[str, int], *,
+                damp: float = 1e-4, progress: bool = False) -> tuple[dict[str, Decomposition], int]:
+    """The `sieve` refit of ``plan`` (``model`` factorized in place, as ``prune_with_batches``
+    does) that also keeps, for every matrix of ``basis_ranks``, its sieve decomposition up to
+    that rank: fitted on the inputs the plan's cut layers below it produce, so any rank of it
+    is the matrix's sieve refit with the rest of the model at ``plan`` (a plan's own ranks
+    sliced from it give exactly its refit). Returns (name -> Decomposition on the CPU, float32;
+    calibration tokens). A matrix the plan keeps dense is decomposed but stays dense."""
+    _, plan = _resolve_plan(model, plan, 8, "sieve")
+    bases: dict[str, Decomposition] = {}
+    tokens = _sieve_(model, list(batches), plan.factorized, damp, progress, bases=bases, basis_ranks=basis_ranks)
+    return bases, tokens
+
+
+@torch.no_grad()
+def _sieve_(model: nn.Module, batches: list[dict], ranks: dict[str, int], damp: float, progress: bool,
+            bases: dict | None = None, basis_ranks: dict[str, int] | None = None) -> int:
+    basis_ranks = basis_ranks or {}
     spec = arch.get_arch(model)
     layers = arch.decoder_layers(model)
     dev = stats_device(model)
@@ -80,7 +97,8 @@ def _sieve_(model: nn.Module, batches: list[dict], ranks: dict[str, int], damp: 
         originals: dict[str, nn.Module] = {}        # relative name -> dense module, as groups get cut
         for group in spec.groups:
             todo = [rel for rel in group if prefix + rel in ranks]
-            if not todo:
+            wanted = [rel for rel in group if prefix + rel in basis_ranks]
+            if not todo and not wanted:
                 continue
             n = dense_weight(arch.get_module(layer, group[0])).shape[1]
             C_hat = torch.zeros(n, n, dtype=torch.float64, device=dev)
@@ -93,11 +111,17 @@ def _sieve_(model: nn.Module, batches: list[dict], ranks: dict[str, int], damp: 
                 C_cross.addmm_(x.T, x_hat)              # Σ x x̂ᵀ
             shared = sieve_stats(C_hat / tokens, C_cross / tokens, damp)
             del C_hat, C_cross
-            for rel in todo:
+            for rel in dict.fromkeys(todo + wanted):
+                name = prefix + rel
                 module = arch.get_module(layer, rel)
-                dec = decompose_sieve(dense_weight(module), stats=shared, max_rank=ranks[prefix + rel])
-                originals[rel] = module
-                arch.set_module(layer, rel, make_low_rank(module, *dec.factors(ranks[prefix + rel])))
+                dec = decompose_sieve(dense_weight(module), stats=shared,
+                                      max_rank=max(ranks.get(name) or 0, basis_ranks.get(name) or 0))
+                if bases is not None and name in basis_ranks:
+                    bases[name] = Decomposition(dec.left.float().cpu(), dec.right.float().cpu(), dec.energy.cpu(),
+                                                dec.total, dec.method).truncated(basis_ranks[name])
+                if name in ranks:
+                    originals[rel] = module
+                    arch.set_module(layer, rel, make_low_rank(module, *dec.factors(ranks[name])))
         for b, c in enumerate(captured):
             with swapped_modules(layer, originals):
                 dense_h[b] = run_layer(layer, c, i, dense_h[b])

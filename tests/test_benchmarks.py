@@ -287,3 +287,42 @@ def test_reruns_only_takes_the_rows_earlier_numbers_and_needs_a_rerun(bench, tmp
     (tmp_path / "row").mkdir()
     (tmp_path / "row" / "search.json").write_text(json.dumps({"linear_param_reduction": 0.25}))
     assert bench._earlier(tmp_path / "row")["linear_param_reduction"] == 0.25
+
+
+def test_rebase_scores_the_refit_tries_on_both_banks(tmp_path, monkeypatch, tuned):
+    """benchmarks/rebase.py on a tiny --refit-tries row: the rebased bank at the searched plan is
+    that plan's `sieve` refit exactly (the fit stage's score of it), each try's refit drop is the
+    climb's, and the table and mean errors cover them."""
+    import argparse
+    import copy
+
+    from benchscripts import load_benchmark
+    from test_search import load_tuned, small_config
+
+    from sieve_edge.search import climb as climb_module
+    from sieve_edge.search import run_search
+
+    search_bench, rebase = load_benchmark("search"), load_benchmark("rebase")
+    real = climb_module.climb
+    monkeypatch.setattr(climb_module, "climb", lambda cands, **kw: real(cands, **{**kw, "tolerance": 10.0}))
+    root, task = tuned
+    model, tok = load_tuned(root)
+    stages, out = tmp_path / "stages", tmp_path / "search-x"
+    cfg = small_config(tolerance=0.05, generations=1)
+    run_search("tiny", task, out, cfg, force=True, model=copy.deepcopy(model), tokenizer=tok, work=stages)
+    args = argparse.Namespace(refit_tries=2, budget_minutes=15.0, test_limit=None)
+    row = search_bench.refitted(args, "tiny", task, out, cfg, model, tok, stages, log=lambda m: None)
+    assert row["tries"]
+    report = rebase.rebase(stages, str(task), str(root / "model"), extra=2, log=lambda m: None)
+    rows = report["rows"]
+    searched, tries = rows[0], [r for r in rows if r["kind"] == "try"]
+    result = json.loads((stages / "search" / "result.json").read_text())
+    assert searched["kind"] == "searched" and searched["gain"] == result["gain"]
+    # the fit's refit of the searched plan: its searched drop less the climb's start gap
+    assert searched["refit_drop"] == pytest.approx(searched["search_drop"] - row["start_gap"], abs=1e-9)
+    assert searched["rebased_drop"] == pytest.approx(searched["refit_drop"], abs=1e-9)
+    assert [(t["gain"], t["refit_drop"]) for t in tries] == [(t["gain"], t["drop"]) for t in row["tries"]]
+    assert all(r["kind"] == "measured" and r["refit_drop"] is None for r in rows if r not in tries and r is not searched)
+    assert set(report["mean_abs_error"]) == {"output", "rebased"}
+    text = rebase.table(report)
+    assert "| searched |" in text and text.count("| try |") == len(tries) and "mean |bank drop - refit drop|" in text

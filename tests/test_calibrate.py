@@ -55,3 +55,35 @@ def test_registry_mismatch_names_the_model_class(monkeypatch):
     batch = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
     with pytest.raises(UnsupportedArchitectureError, match=r"LlamaForCausalLM \(transformers\.models\.llama"):
         calibrate.capture_layer_inputs(model, [batch])
+
+
+def test_sieve_bases_give_the_sieve_refit_at_the_plans_ranks_and_any_other_rank(tmp_path):
+    """The refit ``sieve_bases`` makes is ``prune_with_batches``' sieve refit, weight for weight;
+    its bases sliced at the plan's ranks are those weights, they reach ``basis_ranks`` (beyond
+    the plan's rank), and a matrix the plan keeps dense gets a basis but stays dense."""
+    from sieve_edge.factorize import LowRankLinear, linear_shapes
+    from sieve_edge.plan import RankPlan
+    from sieve_edge.prune import prune_with_batches, sieve_bases
+
+    model, tok = make_model("llama"), make_tokenizer()
+    task = load_task(write_task(tmp_path / "task"))
+    batches = list(calibration_batches(task, tok, 16, 8))
+    names = arch.linear_names(model)
+    shapes = linear_shapes(model)
+    ranks = {n: (8 if i % 3 else None) for i, n in enumerate(names)}
+    plan = RankPlan(shapes, ranks)
+    reference = prune_with_batches(copy.deepcopy(model), batches, copy.deepcopy(plan), "sieve").model
+    wanted = {n: 16 for n in names}
+    bases, tokens = sieve_bases(model, batches, plan, wanted)
+    assert set(bases) == set(names) and tokens > 0
+    for n in names:
+        mine, theirs = arch.get_module(model, n), arch.get_module(reference, n)
+        assert bases[n].max_rank == min(16, *shapes[n])
+        if ranks[n] is None:
+            assert not isinstance(mine, LowRankLinear) and torch.equal(mine.weight, theirs.weight)
+            continue
+        B, A = bases[n].factors(ranks[n])
+        torch.testing.assert_close(mine.first.weight, theirs.first.weight)
+        torch.testing.assert_close(mine.second.weight, theirs.second.weight)
+        torch.testing.assert_close(mine.first.weight, A.to(mine.first.weight.dtype))
+        torch.testing.assert_close(mine.second.weight, B.to(mine.second.weight.dtype))
