@@ -1092,11 +1092,32 @@ def test_refit_tries_keep_the_largest_plan_whose_refit_passes_and_ship_it_consis
         assert s["validation"]["dense"] - s["validation"]["final"] <= s["tolerance_abs"] + 1e-12
 
 
+def test_refit_tries_with_holdout_hold_each_try_to_the_tolerance_on_the_held_out_rows_too(tuned, tmp_path,
+                                                                                         monkeypatch):
+    """--refit-tries with --holdout: every try is scored on the search's rows and on the held-out
+    rows, against the dense model on the same rows (the search's own holdout score of it), and
+    its drop is the larger of the two; the report says so."""
+    from sieve_edge.search import climb as climb_module
+
+    real = climb_module.climb
+    monkeypatch.setattr(climb_module, "climb", lambda cands, **kw: real(cands, **{**kw, "tolerance": 10.0}))
+    root, task_path = tuned
+    model, tok = load_tuned(root)
+    out = tmp_path / "out"
+    s = run_search("tiny", task_path, out, small_config(refit_tries=2, val_limit=16, holdout=16), model=model,
+                   tokenizer=tok)
+    c = s["refit_tries"]
+    assert c["tries"] and c["holdout"]["rows"] == 16 and c["holdout"]["dense"] == s["holdout"]["dense"]
+    assert [t["gain"] for t in c["holdout"]["tries"]] == [t["gain"] for t in c["tries"]]
+    for t, h in zip(c["tries"], c["holdout"]["tries"]):
+        assert t["drop"] == max(h["validation_drop"], h["holdout_drop"])
+        assert h["holdout_drop"] == pytest.approx(c["holdout"]["dense"] - h["holdout"], abs=1e-12)
+    assert "held-out rows" in (out / "search_report.md").read_text()
+
+
 def test_refit_tries_refuse_settings_they_cannot_serve():
     with pytest.raises(InputError, match="method 'output' is the one the search scores with"):
         small_config(refit_tries=2, method="output")
-    with pytest.raises(InputError, match="--refit-tries and --holdout"):
-        small_config(refit_tries=2, holdout=10)
     with pytest.raises(InputError, match="--objective params"):
         small_config(refit_tries=2, objective="time")
     with pytest.raises(InputError, match="refit_tries must be an integer >= 0"):

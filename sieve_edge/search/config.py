@@ -104,10 +104,6 @@ class SearchConfig:
         if self.refit_tries and self.objective != "params":
             raise InputError("--refit-tries works with --objective params for now: the time objective's cost "
                              "table is the search's and would not describe a larger plan")
-        if self.refit_tries and self.holdout:
-            raise InputError("--refit-tries and --holdout do not combine yet: the holdout confirms the searched plan "
-                             "on rows the search never saw, the refit tries choose on the search's rows; use one "
-                             "of them")
         if self.holdout < 0:
             raise InputError(f"holdout must be >= 0 (validation rows held out of the search), got {self.holdout}")
         if self.val_limit is not None and self.val_limit < 1:

@@ -125,6 +125,10 @@ def search_report(summary: dict, result: dict) -> str:
                   f"dropped {c['start_gap']:+.4f} less than its searched factors (the refit gap); larger plans the "
                   f"search measured, refit and scored on validation ({c['tries_allowed']} at most; expected drop: "
                   f"searched drop minus the mean gap): " + (tries or "none expected to pass") + ". "
+                  + (f"Each try's drop is the larger of its drops on the search's rows and on the {c['holdout']['rows']} "
+                     "held-out rows (" + ", ".join(f"{100 * t['gain']:.1f}%: {t['validation_drop']:+.4f} and "
+                                                   f"{t['holdout_drop']:+.4f}" for t in c["holdout"]["tries"])
+                     + "). " if c.get("holdout") else "")
                   + (f"Kept the largest within the tolerance: {100 * c['gain']:.1f}% of the objective; the *search* "
                      "column is its searched score." if c["kept"] else "Kept the searched plan."), ""]
 

@@ -463,7 +463,9 @@ class FitStage(Stage):
             config={"method": config.method, "n_calibration": config.n_calibration,
                     "calibration_batch": config.calibration_batch, "multiple": config.multiple,
                     "val_limit": config.val_limit, "batch_size": config.batch_size, "seed": config.seed,
-                    **({"refit_tries": config.refit_tries} if config.refit_tries else {})},
+                    **({"refit_tries": config.refit_tries} if config.refit_tries else {}),
+                    # the tries are held to the tolerance on the held-out rows too
+                    **({"holdout": config.holdout} if config.refit_tries and config.holdout else {})},
             inputs=task_inputs(task, splits),
             needs=("calibrate", "search") + model.needs)
         self.model, self.task, self.settings, self.progress = model, task, config, progress
@@ -526,10 +528,16 @@ class FitStage(Stage):
             # the searched plan's refit is within the tolerance: larger plans the search measured
             # may be too once refit (see climb.py); every refit that passes replaces the checkpoint
             save(refit)
+            held = None
+            if cfg.holdout:
+                from .drivers import holdout_scorer
+
+                held = holdout_scorer(tok, task, cfg, val_scorer, model)
             del refit, model  # one model in memory at a time: each try loads a fresh dense copy
             fresh = (lambda: copy.deepcopy(dense)) if dense is not None else \
                 (lambda: ctx.model(self.model.spec, take=True)[0])
-            plan, val_refit, climb = self._climb(ctx, plan, data, val_refit, val_scorer, sign, save, fresh, tok)
+            plan, val_refit, climb = self._climb(ctx, plan, data, val_refit, val_scorer, sign, save, fresh, tok,
+                                                 held)
             if climb["kept"]:
                 notes.append(f"refit tries: kept the plan removing {100 * plan.linear_param_reduction:.1f}% "
                              f"(searched {100 * data['summary']['linear_param_reduction']:.1f}%); its '{cfg.method}' "
@@ -546,10 +554,12 @@ class FitStage(Stage):
                 "linear_param_reduction": plan.linear_param_reduction}
 
     def _climb(self, ctx: StageContext, plan, data: dict, val_refit: float, val_scorer, sign: float, save, fresh,
-               tok):
+               tok, held=None):
         """Refit tries (``climb.py``): (the plan kept, its refit's validation score, the record).
         The checkpoint of the plan kept is in the stage's output (``save``); ``fresh()`` gives a
-        dense model to refit."""
+        dense model to refit. ``held``: (scorer, rows) of the ``--holdout`` rows; a try's drop is
+        then the larger of its drops on the search's rows and on those, each against the dense
+        model on the same rows, so a plan kept holds the tolerance on both."""
         import time
 
         from ..plan import RankPlan
@@ -565,6 +575,14 @@ class FitStage(Stage):
                 f"{cfg.refit_tries} larger plans of the {len(cands)} measured beyond it may be refit")
 
         last: dict = {}
+        held_scores: list[dict] = []
+        hold_dense = None
+        if held is not None:
+            recorded = data.get("holdout") or {}
+            if recorded.get("rows") == len(held[1]) and recorded.get("dense") is not None:
+                hold_dense = float(recorded["dense"])  # the search scored the dense model on these rows
+            else:
+                hold_dense = float(held[0].metric(fresh(), held[1]))
 
         def refit_drop(c) -> float:
             t0 = time.perf_counter()
@@ -578,8 +596,16 @@ class FitStage(Stage):
                           batch_size=cfg.calibration_batch, multiple=cfg.multiple, progress=self.progress).model
             v = float(val_scorer.metric(model))
             last.update(model=model, plan=p, validation=v)
+            drop = sign * (data["dense_metric"] - v)
+            if held is not None:
+                h = float(held[0].metric(model, held[1]))
+                held_drop = sign * (hold_dense - h)
+                held_scores.append({"gain": c.gain, "validation_drop": drop, "holdout": h, "holdout_drop": held_drop})
+                ctx.log(f"refit: holdout ({len(held[1])} rows) {h:.4f}, drop {held_drop:+.4f}; on the search's rows "
+                        f"{drop:+.4f}")
+                drop = max(drop, held_drop)
             ctx.log(f"refit: the try took {time.perf_counter() - t0:.0f} s")
-            return sign * (data["dense_metric"] - v)
+            return drop
 
         def keep(c) -> None:
             save(last["model"], force=True)
@@ -591,7 +617,8 @@ class FitStage(Stage):
         last.clear()
         return kept["plan"], kept["validation"], {
             "tries_allowed": cfg.refit_tries, "searched_gain": data["gain"], "start_gap": start_gap,
-            "tries": tries, "kept": best is not None, "gain": data["gain"] if best is None else best.gain}
+            "tries": tries, "kept": best is not None, "gain": data["gain"] if best is None else best.gain,
+            **({"holdout": {"rows": len(held[1]), "dense": hold_dense, "tries": held_scores}} if held else {})}
 
 
 class RefitStage(Stage):
