@@ -61,6 +61,9 @@ def main() -> None:
     ap.add_argument("--keeps", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     ap.add_argument("--methods", nargs="*", default=["svd", "input-pca", "output", "sieve"])
     ap.add_argument("--calibration", type=int, default=512, help="calibration examples for the method table")
+    ap.add_argument("--damps", type=float, nargs="+", default=[1e-4],
+                    help="sieve only: ridge of its least-squares solve, relative to the mean input variance "
+                         "(lambda = damp * mean diag of the corrected inputs' covariance); one sieve row per value")
     ap.add_argument("--sweep", type=int, nargs="*", default=[128, 512, 2048],
                     help="calibration sizes for the output-method sweep (empty: skip)")
     ap.add_argument("--sweep-keep", type=float, default=0.6)
@@ -84,9 +87,9 @@ def main() -> None:
 
     rows = []
 
-    def record(method, keep, plan, model, n_cal, seconds, table_name):
+    def record(method, keep, plan, model, n_cal, seconds, table_name, **extra):
         acc = scorer.metric(model)
-        row = {"table": table_name, "method": method, "keep": keep, "calibration": n_cal,
+        row = {"table": table_name, "method": method, "keep": keep, "calibration": n_cal, **extra,
                "reduction": round(plan.linear_param_reduction, 4), "metric": round(acc, 4),
                "drop": round(dense_acc - acc, 4), "seconds": round(seconds, 1)}
         rows.append(row)
@@ -98,12 +101,13 @@ def main() -> None:
     batches = calib(args.calibration)
     for method in args.methods:
         if method == "sieve":
-            for keep in args.keeps:
-                model = copy.deepcopy(base)
-                t0 = time.time()
-                res = prune_with_batches(model, batches, keep, "sieve")
-                record("sieve", keep, res.plan, model, args.calibration, time.time() - t0, "methods")
-                del model
+            for damp in args.damps:
+                for keep in args.keeps:
+                    model = copy.deepcopy(base)
+                    t0 = time.time()
+                    res = prune_with_batches(model, batches, keep, "sieve", damp=damp)
+                    record("sieve", keep, res.plan, model, args.calibration, time.time() - t0, "methods", damp=damp)
+                    del model
             continue
         t0 = time.time()
         max_plan = RankPlan.from_keep(shapes, max(args.keeps))
@@ -142,7 +146,7 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2))
     args.out.with_name(args.out.stem + ".partial.json").unlink(missing_ok=True)
     print(f"\ndense {task.metric}: {dense_acc:.4f} (n={scorer.n}, {args.task} validation)")
-    print(table([r for r in rows if r["table"] == "methods"], ["method", "keep", "reduction", "metric", "drop"]))
+    print(table([r for r in rows if r["table"] == "methods"], ["method", "damp", "keep", "reduction", "metric", "drop"]))
     if args.sweep:
         print("\ncalibration size (output method, keep %.2f)" % args.sweep_keep)
         print(table([r for r in rows if r["table"] == "calibration"], ["calibration", "reduction", "metric", "drop"]))
