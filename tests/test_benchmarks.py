@@ -326,3 +326,8 @@ def test_rebase_scores_the_refit_tries_on_both_banks(tmp_path, monkeypatch, tune
     assert set(report["mean_abs_error"]) == {"output", "rebased"}
     text = rebase.table(report)
     assert "| searched |" in text and text.count("| try |") == len(tries) and "mean |bank drop - refit drop|" in text
+    # --refits 1: the smallest extra plan refit here (a ground truth of its own)
+    again = rebase.rebase(stages, str(task), str(root / "model"), extra=2, refits=1, log=lambda m: None)["rows"]
+    here = [r for r in again if r["kind"] == "refit here"]
+    extras = [r for r in again if r["kind"] in ("measured", "refit here")]
+    assert len(here) == 1 and here[0]["refit_drop"] is not None and here[0]["gain"] == min(r["gain"] for r in extras)
