@@ -124,7 +124,7 @@ def search_report(summary: dict, result: dict) -> str:
         lines += [f"Refit tries: the searched plan ({100 * c['searched_gain']:.1f}%) refit with '{s['method']}' "
                   f"dropped {c['start_gap']:+.4f} less than its searched factors (the refit gap); larger plans the "
                   f"search measured, refit and scored on validation ({c['tries_allowed']} at most; expected drop: "
-                  f"searched drop minus the mean gap): " + (tries or "none expected to pass") + ". "
+                  f"searched drop minus the mean gap): " + (tries or "no larger plan measured") + ". "
                   + (f"Each try's drop is the larger of its drops on the search's rows and on the {c['holdout']['rows']} "
                      "held-out rows (" + ", ".join(f"{100 * t['gain']:.1f}%: {t['validation_drop']:+.4f} and "
                                                    f"{t['holdout_drop']:+.4f}" for t in c["holdout"]["tries"])
