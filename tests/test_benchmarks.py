@@ -244,27 +244,32 @@ def test_slack_row_resumes_the_row_at_tolerance_plus_slack_and_tables_the_healed
     assert "| sst2 ga-sieve 0.01 | 0.2 |" in table
 
 
-def test_refit_row_resumes_the_rows_search_and_tables_the_refit_tries(bench, tmp_path, monkeypatch, tuned):
-    """--refit-tries: the row's own finished search is resumed (no candidate scored again) and
-    larger plans it measured are refit; the plan kept is scored on test. The tries here are
-    held to a huge tolerance so that one is kept for sure."""
+def _refit_row(bench, tmp_path, monkeypatch, tuned, tries: int):
+    """A tiny GA row searched into tmp_path/stages, then rerun by ``bench.refitted`` with
+    ``tries`` refit tries held to a huge tolerance (so one is kept): (stages, the row's folder,
+    the plain row's summary, the refit row)."""
     import argparse
     import copy
 
-    from test_search import load_tuned, small_config
+    from test_search import climb_keeps_every_refit, load_tuned, small_config
 
-    from sieve_edge.search import climb as climb_module
     from sieve_edge.search import run_search
 
-    real = climb_module.climb
-    monkeypatch.setattr(climb_module, "climb", lambda cands, **kw: real(cands, **{**kw, "tolerance": 10.0}))
+    climb_keeps_every_refit(monkeypatch)
     root, task = tuned
     model, tok = load_tuned(root)
     stages, out = tmp_path / "stages", tmp_path / "search-x"
     cfg = small_config(tolerance=0.05, generations=1)
     plain = run_search("tiny", task, out, cfg, force=True, model=copy.deepcopy(model), tokenizer=tok, work=stages)
-    args = argparse.Namespace(refit_tries=1, budget_minutes=15.0, test_limit=None)
-    row = bench.refitted(args, "tiny", task, out, cfg, model, tok, stages, log=lambda m: None)
+    args = argparse.Namespace(refit_tries=tries, budget_minutes=15.0, test_limit=None)
+    return stages, out, plain, bench.refitted(args, "tiny", task, out, cfg, model, tok, stages, log=lambda m: None)
+
+
+def test_refit_row_resumes_the_rows_search_and_tables_the_refit_tries(bench, tmp_path, monkeypatch, tuned):
+    """--refit-tries: the row's own finished search is resumed (no candidate scored again) and
+    larger plans it measured are refit; the plan kept is scored on test. The tries here are
+    held to a huge tolerance so that one is kept for sure."""
+    stages, _, plain, row = _refit_row(bench, tmp_path, monkeypatch, tuned, tries=1)
     assert row["evaluations"] == plain["evaluations"] and not (stages / "search.resume").exists()
     assert row["searched_gain"] == pytest.approx(plain["objective_gain"]) and len(row["tries"]) == 1
     assert row["kept"] and row["reduction"] > plain["linear_param_reduction"]
@@ -293,25 +298,11 @@ def test_rebase_scores_the_refit_tries_on_both_banks(tmp_path, monkeypatch, tune
     """benchmarks/rebase.py on a tiny --refit-tries row: the rebased bank at the searched plan is
     that plan's `sieve` refit exactly (the fit stage's score of it), each try's refit drop is the
     climb's, and the table and mean errors cover them."""
-    import argparse
-    import copy
-
     from benchscripts import load_benchmark
-    from test_search import load_tuned, small_config
 
-    from sieve_edge.search import climb as climb_module
-    from sieve_edge.search import run_search
-
-    search_bench, rebase = load_benchmark("search"), load_benchmark("rebase")
-    real = climb_module.climb
-    monkeypatch.setattr(climb_module, "climb", lambda cands, **kw: real(cands, **{**kw, "tolerance": 10.0}))
+    rebase = load_benchmark("rebase")
+    stages, _, _, row = _refit_row(load_benchmark("search"), tmp_path, monkeypatch, tuned, tries=2)
     root, task = tuned
-    model, tok = load_tuned(root)
-    stages, out = tmp_path / "stages", tmp_path / "search-x"
-    cfg = small_config(tolerance=0.05, generations=1)
-    run_search("tiny", task, out, cfg, force=True, model=copy.deepcopy(model), tokenizer=tok, work=stages)
-    args = argparse.Namespace(refit_tries=2, budget_minutes=15.0, test_limit=None)
-    row = search_bench.refitted(args, "tiny", task, out, cfg, model, tok, stages, log=lambda m: None)
     assert row["tries"]
     report = rebase.rebase(stages, str(task), str(root / "model"), extra=2, log=lambda m: None)
     rows = report["rows"]

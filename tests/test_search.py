@@ -1047,6 +1047,14 @@ def test_a_healed_choice_whose_healed_refit_misses_ships_the_better_of_it_and_th
         s["validation"]["final"], abs=1e-9)
 
 
+def climb_keeps_every_refit(monkeypatch) -> None:
+    """Hold every refit try to a huge tolerance, so that a larger plan is kept for sure."""
+    from sieve_edge.search import climb as climb_module
+
+    real = climb_module.climb
+    monkeypatch.setattr(climb_module, "climb", lambda cands, **kw: real(cands, **{**kw, "tolerance": 10.0}))
+
+
 @pytest.mark.parametrize("everything_passes", [False, True])
 def test_refit_tries_keep_the_largest_plan_whose_refit_passes_and_ship_it_consistently(
         tuned, tmp_path, monkeypatch, everything_passes):
@@ -1058,11 +1066,8 @@ def test_refit_tries_keep_the_largest_plan_whose_refit_passes_and_ship_it_consis
     from sieve_edge.checkpoint import load_checkpoint, read_manifest
     from sieve_edge.evaluate import evaluate
     from sieve_edge.plan import RankPlan
-    from sieve_edge.search import climb as climb_module
-
     if everything_passes:
-        real = climb_module.climb
-        monkeypatch.setattr(climb_module, "climb", lambda cands, **kw: real(cands, **{**kw, "tolerance": 10.0}))
+        climb_keeps_every_refit(monkeypatch)
     root, task_path = tuned
     model, tok = load_tuned(root)
     out = tmp_path / "out"
@@ -1097,10 +1102,7 @@ def test_refit_tries_with_holdout_hold_each_try_to_the_tolerance_on_the_held_out
     """--refit-tries with --holdout: every try is scored on the search's rows and on the held-out
     rows, against the dense model on the same rows (the search's own holdout score of it), and
     its drop is the larger of the two; the report says so."""
-    from sieve_edge.search import climb as climb_module
-
-    real = climb_module.climb
-    monkeypatch.setattr(climb_module, "climb", lambda cands, **kw: real(cands, **{**kw, "tolerance": 10.0}))
+    climb_keeps_every_refit(monkeypatch)
     root, task_path = tuned
     model, tok = load_tuned(root)
     out = tmp_path / "out"
