@@ -1124,3 +1124,24 @@ def test_refit_tries_refuse_settings_they_cannot_serve():
         small_config(refit_tries=2, objective="time")
     with pytest.raises(InputError, match="refit_tries must be an integer >= 0"):
         small_config(refit_tries=-1)
+
+
+def test_a_new_climb_rule_redoes_a_fit_with_refit_tries_and_only_that(tuned, monkeypatch):
+    # a finished fit whose tries an older rule chose must not be reused as if the new rule had
+    # chosen them; a fit without tries does not depend on the rule
+    from sieve_edge.search import search_stages, stage
+    from sieve_edge.stages import Workflow, model_ref
+
+    root, task_path = tuned
+
+    def keys(cfg, work):
+        stages = search_stages(model_ref(str(root / "model")), load_task(task_path), cfg, budget_minutes=None,
+                               test_limit=None, on_state_mismatch="restart", score_test=False)
+        return Workflow(work, stages).keys()
+
+    work = root / "keys"
+    tries, plain = keys(small_config(refit_tries=2), work), keys(small_config(), work)
+    monkeypatch.setattr(stage, "CLIMB_RULE", stage.CLIMB_RULE + 1)
+    tries2, plain2 = keys(small_config(refit_tries=2), work), keys(small_config(), work)
+    assert plain2 == plain
+    assert tries2["fit"] != tries["fit"] and tries2["search"] == tries["search"]

@@ -38,6 +38,11 @@ from typing import Callable
 
 from ..errors import ArtifactError
 
+# The choice rule's version: the fit stage's key carries it when refit tries are on, so a
+# finished fit whose tries an older rule chose is redone, not reused. 2: bisects on the gain
+# when no plan is expected to pass (1 stopped there).
+RULE = 2
+
 
 @dataclass
 class Candidate:

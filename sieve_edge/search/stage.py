@@ -31,6 +31,7 @@ from typing import Callable
 
 from ..errors import ArtifactError, BudgetError, InputError, TaskSpecError
 from ..stages import ModelRef, Stage, StageContext, Workflow, model_ref, task_inputs
+from .climb import RULE as CLIMB_RULE
 from .config import HEAL_KL_ROWS, SearchConfig, SearchState
 
 STATE = "search_state.json"
@@ -463,7 +464,7 @@ class FitStage(Stage):
             config={"method": config.method, "n_calibration": config.n_calibration,
                     "calibration_batch": config.calibration_batch, "multiple": config.multiple,
                     "val_limit": config.val_limit, "batch_size": config.batch_size, "seed": config.seed,
-                    **({"refit_tries": config.refit_tries} if config.refit_tries else {}),
+                    **({"refit_tries": config.refit_tries, "climb_rule": CLIMB_RULE} if config.refit_tries else {}),
                     # the tries are held to the tolerance on the held-out rows too
                     **({"holdout": config.holdout} if config.refit_tries and config.holdout else {})},
             inputs=task_inputs(task, splits),
