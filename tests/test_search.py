@@ -1134,14 +1134,13 @@ def test_a_new_climb_rule_redoes_a_fit_with_refit_tries_and_only_that(tuned, mon
 
     root, task_path = tuned
 
-    def keys(cfg, work):
+    def keys(cfg):
         stages = search_stages(model_ref(str(root / "model")), load_task(task_path), cfg, budget_minutes=None,
                                test_limit=None, on_state_mismatch="restart", score_test=False)
-        return Workflow(work, stages).keys()
+        return Workflow(root / "keys", stages).keys()
 
-    work = root / "keys"
-    tries, plain = keys(small_config(refit_tries=2), work), keys(small_config(), work)
+    tries, plain = keys(small_config(refit_tries=2)), keys(small_config())
     monkeypatch.setattr(stage, "CLIMB_RULE", stage.CLIMB_RULE + 1)
-    tries2, plain2 = keys(small_config(refit_tries=2), work), keys(small_config(), work)
+    tries2, plain2 = keys(small_config(refit_tries=2)), keys(small_config())
     assert plain2 == plain
     assert tries2["fit"] != tries["fit"] and tries2["search"] == tries["search"]
