@@ -583,7 +583,8 @@ def table(rows) -> str:
         rows, "refit_tries", "| row | refit gap | refit tries: removed (searched drop) → refit drop | removed | "
                              "val final | test drop row → refit tries |",
         lambda h: "-" if h["start_gap"] is None else f"{100 * h['start_gap']:+.1f} pt",
-        lambda t: f"{100 * t['gain']:.1f}% ({100 * t['search_drop']:+.1f}) → {100 * t['drop']:+.1f}")
+        lambda t: f"{100 * t['gain']:.1f}% ("
+                  + ("made" if t.get("made") else f"{100 * t['search_drop']:+.1f}") + f") → {100 * t['drop']:+.1f}")
     cross = [r for r in rows if r.get("cross")]
     if cross:
         lines += ["", "| sst2 plan | " + " | ".join(CROSS) + " |", "|---|" + "---|" * len(CROSS)]

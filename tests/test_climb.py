@@ -67,11 +67,16 @@ def test_a_failed_try_bounds_the_next_from_above_and_tries_are_capped():
 def test_when_no_plan_is_expected_the_climb_bisects_between_passed_and_failed():
     """A try whose refit drops more than the search measured (a negative gap) leaves no plan
     expected to pass; the climb then bisects between the largest passed (the searched 0.3)
-    and the smallest failed (0.5): the plan nearest (0.3 + 0.4) / 2, 0.35, which fails too."""
+    and the smallest failed (0.5): the plan nearest 0.4, 0.4 itself, which fails too; then
+    0.35, the one left below it."""
     cands = plans((0.35, 0.0), (0.4, 0.0), (0.5, 0.0))
     best, record, tried, _ = run(cands, lambda c: 0.2, start_gap=0.0)
-    assert tried == [0.5, 0.35] and best is None and record[0]["predicted_drop"] == 0.0
-    assert [t["best_bet"] for t in record] == [False, True]
+    assert tried == [0.5, 0.4, 0.35] and best is None and record[0]["predicted_drop"] == 0.0
+    assert [t["best_bet"] for t in record] == [False, True, True]
+    # a plan that passes in between is kept, and the bisection goes on above it
+    best, record, tried, _ = run(plans((0.35, 0.0), (0.4, 0.0), (0.45, 0.0), (0.5, 0.0)),
+                                 lambda c: 0.01 if c.gain <= 0.4 else 0.2, start_gap=0.0)
+    assert tried == [0.5, 0.4, 0.45] and best.gain == 0.4
 
 
 def test_nothing_expected_at_first_the_climb_bisects_on_the_gain():
@@ -136,3 +141,99 @@ def test_candidates_come_from_the_measured_record_above_the_searched_gain():
     assert got[1].ranks == {"a": 4, "b": None} and not got[1].full
     with pytest.raises(ArtifactError, match=r"out/result.json.*'measured'.*rerun the search stage"):
         candidates(None, 0.3, "out/result.json")
+
+
+def made_halfway(calls):
+    """A ``make`` for plans whose ranks are {"m": gain}: the plan of gain ``target`` exactly."""
+    def make(low, high, target):
+        calls.append((low["m"], high["m"], target))
+        return {"m": target}, target
+    return make
+
+
+def climb_with_make(cands, refit, tries=8, start_drop=0.01):
+    calls, tried = [], []
+    best, record = climb(sorted(cands, key=lambda c: -c.gain), start_gain=0.3, start_gap=0.0, start_drop=start_drop,
+                         tolerance=0.05, tries=tries, refit_drop=lambda c: tried.append(c.gain) or refit(c),
+                         start_ranks={"m": 0.3}, make=made_halfway(calls))
+    return best, record, tried, calls
+
+
+def test_with_nothing_measured_between_passed_and_failed_the_climb_makes_the_plan_halfway():
+    """sms_spam at 1 point: nothing measured between the searched plan (passed) and 0.9
+    (failed). The climb makes the plan halfway between the largest passed and the smallest
+    failed, from their ranks, and bisects so until the interval is narrower than twice
+    RESOLUTION; made plans have no searched or expected drop, and refits up to 0.52 pass."""
+    best, record, tried, calls = climb_with_make([Candidate({"m": 0.9}, 0.9, 0.5, 0.4, True)],
+                                                 lambda c: 0.01 if c.gain <= 0.52 else 0.2)
+    assert tried == pytest.approx([0.9, 0.6, 0.45, 0.525, 0.4875, 0.50625])
+    assert best.gain == pytest.approx(0.50625) and best.made and best.ranks == {"m": best.gain}
+    assert calls[:2] == [(0.3, 0.9, pytest.approx(0.6)), (0.3, 0.6, pytest.approx(0.45))]
+    assert [t["made"] for t in record] == [False] + [True] * 5
+    assert all(t["search_drop"] is None and t["predicted_drop"] is None and t["best_bet"] for t in record[1:])
+    # without ``make`` (or the searched plan's ranks) the climb ends after 0.9, as before
+    best, record = climb([Candidate({"m": 0.9}, 0.9, 0.5, 0.4, True)], start_gain=0.3, start_gap=0.0,
+                         start_drop=0.01, tolerance=0.05, tries=8, refit_drop=lambda c: 0.2, make=made_halfway([]))
+    assert len(record) == 1 and best is None
+
+
+def test_a_measured_plan_in_the_middle_half_is_tried_before_a_made_one():
+    """Between 0.3 (passed) and 0.9 (expected, tried first, failed): a measured 0.5 lies in the
+    middle half (0.45 to 0.75) and is tried; a measured 0.32 alone does not, so the plan is
+    made at 0.6."""
+    refit = {0.9: 0.2}
+    cands = [Candidate({"m": g}, g, 0.5, d, True) for g, d in ((0.9, 0.04), (0.5, 0.4))]
+    _, record, tried, _ = climb_with_make(cands, lambda c: refit.get(c.gain, 0.01), tries=2)
+    assert tried == [0.9, 0.5] and not record[1]["made"]
+    cands = [Candidate({"m": g}, g, 0.5, d, True) for g, d in ((0.9, 0.04), (0.32, 0.4))]
+    _, record, tried, _ = climb_with_make(cands, lambda c: refit.get(c.gain, 0.01), tries=2)
+    assert tried == pytest.approx([0.9, 0.6]) and record[1]["made"]
+
+
+def test_made_tries_do_not_teach_the_gap():
+    """A made plan has no searched drop: its try leaves the mean gap as it was. 0.9 (expected:
+    searched 0.04) fails at 0.2, a gap of -0.16, mean -0.08; 0.8 (searched 0.3) lies outside
+    the middle half of 0.3..0.9, so 0.6 is made and passes; then 0.8, in the middle half of
+    0.6..0.9, is tried, expected at 0.3 + 0.08 with the gap the made try left alone."""
+    cands = [Candidate({"m": g}, g, 0.5, d, True) for g, d in ((0.9, 0.04), (0.8, 0.3))]
+    _, record, tried, _ = climb_with_make(cands, lambda c: 0.2 if c.gain > 0.7 else 0.01, tries=3)
+    assert tried == pytest.approx([0.9, 0.6, 0.8]) and [t["made"] for t in record] == [False, True, False]
+    assert record[2]["predicted_drop"] == pytest.approx(0.38)
+
+
+def test_between_moves_every_matrix_from_one_plan_toward_the_other():
+    """``between`` on real shapes: the plan's gain is near the target and strictly between the
+    two plans', every matrix keeps a fraction between its two ends (up to rounding to the
+    multiple), a dense matrix in one plan may become factorized, and equal plans give None."""
+    from sieve_edge.lowrank import keep_of_rank
+    from sieve_edge.search.climb import between
+    from sieve_edge.search.objectives import ParamObjective
+
+    shapes = {"q": (576, 576), "up": (1536, 576), "down": (576, 1536), "o": (576, 576)}
+    low = {"q": 192, "up": None, "down": 256, "o": 64}
+    high = {"q": 32, "up": 64, "down": 64, "o": 128}
+    gain = ParamObjective(shapes).gain
+    for target in (0.45, 0.6, 0.7):
+        ranks, g = between(shapes, 8, low, high, target)
+        assert g == pytest.approx(gain(ranks)) and gain(low) < g < gain(high)
+        assert abs(g - target) < 0.01
+        for n, (m, k) in shapes.items():
+            a, b, x = (keep_of_rank(m, k, r[n]) for r in (low, high, ranks))
+            assert min(a, b) - 8 * (m + k) / (m * k) <= x <= max(a, b) + 8 * (m + k) / (m * k)
+            assert x is not None and (ranks[n] is None or ranks[n] % 8 == 0)
+        assert ranks["up"] is not None  # dense in low, factorized on the way
+    assert between(shapes, 8, low, low, 0.5) is None
+    assert between(shapes, 8, low, high, 0.6) == between(shapes, 8, low, high, 0.6)
+
+
+def test_between_moves_whole_matrices_when_rounding_leaves_nothing_in_between():
+    """Two plans one rung apart on two matrices: every shared step rounds to one of them, so
+    whole matrices move instead, one at a time; one matrix moved lies between the two."""
+    from sieve_edge.search.climb import between
+    from sieve_edge.search.objectives import ParamObjective
+
+    shapes = {"a": (64, 64), "b": (64, 64), "c": (64, 64)}
+    low, high = {"a": 4, "b": 4, "c": 2}, {"a": 2, "b": 2, "c": 2}
+    ranks, g = between(shapes, 2, low, high, 0.9)
+    gain = ParamObjective(shapes).gain
+    assert ranks == {"a": 2, "b": 4, "c": 2} and gain(low) < g == gain(ranks) < gain(high)

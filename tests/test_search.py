@@ -1117,6 +1117,46 @@ def test_refit_tries_with_holdout_hold_each_try_to_the_tolerance_on_the_held_out
     assert "held-out rows" in (out / "search_report.md").read_text()
 
 
+def test_refit_tries_keep_a_plan_made_between_a_failed_and_a_passed_try(tuned, tmp_path, monkeypatch):
+    """The largest measured plan's try is held to fail (its refit still runs), the others to
+    pass: the climb makes the plan halfway between the searched plan and that one, refits it
+    and keeps it; the checkpoint, plan.json, summary, report and plots describe that plan,
+    which the search never scored."""
+    from sieve_edge.checkpoint import load_checkpoint, read_manifest
+    from sieve_edge.evaluate import evaluate
+    from sieve_edge.plan import RankPlan
+    from sieve_edge.search import climb as climb_module
+
+    real = climb_module.climb
+
+    def first_fails(cands, **kw):
+        refit_drop = kw["refit_drop"]
+
+        def drop(c):
+            d = refit_drop(c)
+            return 100.0 if not c.made else d
+        return real(cands[:1], **{**kw, "tolerance": 10.0, "refit_drop": drop})
+
+    monkeypatch.setattr(climb_module, "climb", first_fails)
+    monkeypatch.setattr(climb_module, "RESOLUTION", 1e-3)  # the tiny model's plans lie close together
+    root, task_path = tuned
+    model, tok = load_tuned(root)
+    out = tmp_path / "out"
+    s = run_search("tiny", task_path, out, small_config(refit_tries=2), model=model, tokenizer=tok)
+    c = s["refit_tries"]
+    assert [t["made"] for t in c["tries"]] == [False, True] and [t["passed"] for t in c["tries"]] == [False, True]
+    largest = c["tries"][0]["gain"]
+    assert c["kept"] and c["searched_gain"] < c["gain"] == c["tries"][1]["gain"] < largest
+    assert c["tries"][1]["search_drop"] is None and s["validation"]["search"] is None
+    plan = RankPlan.from_json(out / "plan.json")
+    assert plan.meta["refit_tries"]["made"] and read_manifest(out)["ranks"] == plan.factorized
+    assert plan.meta["objective_gain"] == pytest.approx(c["gain"]) == pytest.approx(plan.linear_param_reduction)
+    report = (out / "search_report.md").read_text()
+    assert "never searched" in report and (out / "frontier.png").is_file() and (out / "heatmap.png").is_file()
+    assert evaluate(load_checkpoint(out), tok, load_task(task_path), "validation").value == pytest.approx(
+        s["validation"]["final"], abs=1e-9)
+
+
 def test_refit_tries_refuse_settings_they_cannot_serve():
     with pytest.raises(InputError, match="method 'output' is the one the search scores with"):
         small_config(refit_tries=2, method="output")

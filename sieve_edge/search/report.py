@@ -80,7 +80,8 @@ def search_report(summary: dict, result: dict) -> str:
     refit = val.get("refit") is not None
     lines += ["", "| | dense | search (output factors) |" + (" refit | final |" if refit else ""),
               "|---|---|---|" + ("---|---|" if refit else ""),
-              f"| validation {s['metric']} | {val['dense']:.4f} | {val['search']:.4f} |"
+              f"| validation {s['metric']} | {val['dense']:.4f} | "
+              + ("never searched |" if val["search"] is None else f"{val['search']:.4f} |")
               + (f" {val['refit']:.4f} | {val['final']:.4f} |" if refit else "")]
     if s.get("test"):
         lines.append(f"| test {s['metric']} ({s['test']['n']} examples, never seen by the search) | "
@@ -117,20 +118,28 @@ def search_report(summary: dict, result: dict) -> str:
 
     if s.get("refit_tries"):
         c = s["refit_tries"]
-        tries = ", ".join(f"{100 * t['gain']:.1f}% (searched drop {t['search_drop']:+.4f}"
-                          f"{'' if t['search_full'] else ' estimated'}, expected {t['predicted_drop']:+.4f}"
-                          f"{', best bet' if t.get('best_bet') else ''}) → "
-                          f"drop {t['drop']:+.4f} ({'within' if t['passed'] else 'beyond'})" for t in c["tries"])
+
+        def searched(t: dict) -> str:
+            if t.get("made"):
+                return "made halfway between a passed and a failed try, never searched"
+            return (f"searched drop {t['search_drop']:+.4f}{'' if t['search_full'] else ' estimated'}, expected "
+                    f"{t['predicted_drop']:+.4f}{', best bet' if t.get('best_bet') else ''}")
+
+        tries = ", ".join(f"{100 * t['gain']:.1f}% ({searched(t)}) → drop {t['drop']:+.4f} "
+                          f"({'within' if t['passed'] else 'beyond'})" for t in c["tries"])
         lines += [f"Refit tries: the searched plan ({100 * c['searched_gain']:.1f}%) refit with '{s['method']}' "
                   f"dropped {c['start_gap']:+.4f} less than its searched factors (the refit gap); larger plans the "
-                  f"search measured, refit and scored on validation ({c['tries_allowed']} at most; expected drop: "
+                  f"search measured (or the climb made between a passed and a failed try), refit and scored on "
+                  f"validation ({c['tries_allowed']} at most; expected drop: "
                   f"searched drop minus the mean gap): " + (tries or "no larger plan measured") + ". "
                   + (f"Each try's drop is the larger of its drops on the search's rows and on the {c['holdout']['rows']} "
                      "held-out rows (" + ", ".join(f"{100 * t['gain']:.1f}%: {t['validation_drop']:+.4f} and "
                                                    f"{t['holdout_drop']:+.4f}" for t in c["holdout"]["tries"])
                      + "). " if c.get("holdout") else "")
                   + (f"Kept the largest within the tolerance: {100 * c['gain']:.1f}% of the objective; the *search* "
-                     "column is its searched score." if c["kept"] else "Kept the searched plan."), ""]
+                     "column is its searched score" + (" (a plan made between two tries has none)"
+                                                       if val["search"] is None else "") + "."
+                     if c["kept"] else "Kept the searched plan."), ""]
 
     def healed(h: dict) -> str:
         return (f"validation {h['metric_before']:.4f} → {h['metric_after']:.4f}, loss {h['loss_first']:.3f} → "

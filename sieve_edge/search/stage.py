@@ -565,7 +565,7 @@ class FitStage(Stage):
 
         from ..plan import RankPlan
         from ..prune import prune
-        from .climb import candidates, climb
+        from .climb import between, candidates, climb
 
         cfg, task = self.settings, self.task
         cands = candidates(data.get("measured"), data["gain"], str(ctx.output("search") / "result.json"))
@@ -592,7 +592,8 @@ class FitStage(Stage):
             p = RankPlan(dict(plan.shapes), dict(c.ranks), cfg.method, plan.multiple)
             p.keep = {n: p.keep_of(n) for n in p.factorized}
             p.meta = {**plan.meta, "objective_gain": c.gain, "validation_metric": c.metric,
-                      "refit_tries": {"searched_gain": data["gain"], "searched_metric_full": c.full}}
+                      "refit_tries": {"searched_gain": data["gain"], "searched_metric_full": c.full,
+                                      "made": c.made}}
             model = prune(model, tok, task, p, cfg.method, n_calibration=cfg.n_calibration,
                           batch_size=cfg.calibration_batch, multiple=cfg.multiple, progress=self.progress).model
             v = float(val_scorer.metric(model))
@@ -614,7 +615,9 @@ class FitStage(Stage):
 
         best, tries = climb(cands, start_gain=data["gain"], start_gap=start_gap,
                             start_drop=sign * (data["dense_metric"] - val_refit), tolerance=data["tolerance_abs"],
-                            tries=cfg.refit_tries, refit_drop=refit_drop, keep=keep, log=ctx.log)
+                            tries=cfg.refit_tries, refit_drop=refit_drop, keep=keep, log=ctx.log,
+                            start_ranks=dict(plan.ranks),
+                            make=lambda low, high, target: between(plan.shapes, plan.multiple, low, high, target))
         last.clear()
         return kept["plan"], kept["validation"], {
             "tries_allowed": cfg.refit_tries, "searched_gain": data["gain"], "start_gap": start_gap,
@@ -676,8 +679,11 @@ class RefitStage(Stage):
             summary["refit_tries"] = climb
             if climb["kept"]:  # the report, plots and summary describe the plan kept
                 summary.update(linear_param_reduction=plan.linear_param_reduction, objective_gain=climb["gain"])
-                summary["validation"] = {**summary["validation"], "search": plan.meta["validation_metric"]}
-                data = {**data, "gain": climb["gain"], "metric": plan.meta["validation_metric"],
+                # a plan the climb made between two tries was never searched: the plots mark its refit
+                searched_metric = plan.meta["validation_metric"]
+                summary["validation"] = {**summary["validation"], "search": searched_metric}
+                data = {**data, "gain": climb["gain"],
+                        "metric": fit["validation"] if searched_metric is None else searched_metric,
                         "levels": {n: plan.keep_of(n) if r is not None else 1.0 for n, r in plan.ranks.items()}}
         higher = task.metric != "perplexity"
         healing = bool(cfg.heal_steps and plan.factorized)
