@@ -61,7 +61,7 @@ def _read(path: Path) -> dict:
 
 
 def plans_to_score(result: dict, climb: dict | None, extra: int) -> list[dict]:
-    """The searched plan, every refit try (matched to its measured plan by gain and searched
+    """The searched plan, every refit try of a measured plan (matched to it by gain and searched
     drop) and ``extra`` other measured plans above the searched gain, spread over the gain:
     [{kind, gain, ranks, search_drop, search_full, refit_drop (None when not refit)}]."""
     from sieve_edge.search.climb import candidates
@@ -69,6 +69,8 @@ def plans_to_score(result: dict, climb: dict | None, extra: int) -> list[dict]:
     cands = candidates(result.get("measured"), result["gain"])
     out = []
     for t in (climb or {}).get("tries") or []:
+        if t.get("made"):  # made between two tries, never searched: nothing to rebase
+            continue
         match = [c for c in cands if c.gain == t["gain"] and c.drop == t["search_drop"]]
         if not match:
             raise SystemExit(f"a refit try (gain {t['gain']}) is not among the measured plans: the stage folder's "
@@ -98,13 +100,13 @@ def rebase(stages: Path, task_ref: str, model_ref: str, extra: int = 4, refits: 
     from sieve_edge.tasks import calibration_batches, load_task
 
     result = _read(stages / "search" / "result.json")
-    fit = _read(stages / "fit" / "fit.json")
+    climb = _read(stages / "climb" / "climb.json")
     cfg = _read(stages / "fit.stage.json").get("config") or {}
     searched = RankPlan.from_json(stages / "search" / "plan.json")
     task = load_task(task_ref)
     sign = 1.0 if task.metric != "perplexity" else -1.0
     dense_metric = float(result["dense_metric"])
-    plans = plans_to_score(result, fit.get("climb"), extra)
+    plans = plans_to_score(result, climb if climb.get("applies") else None, extra)
     names = list(searched.shapes)
     tops = {n: max([searched.ranks.get(n) or 0] + [p["ranks"].get(n) or 0 for p in plans]) for n in names}
     tops = {n: r for n, r in tops.items() if r}

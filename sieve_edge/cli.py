@@ -114,7 +114,8 @@ _HOLDOUT = click.option("--holdout", type=click.IntRange(min=0), default=0, show
                              "these rows score it afresh (0 = no holdout).")
 # larger plans refit after the search: shared by search and run
 _REFIT_TRIES = click.option("--refit-tries", type=click.IntRange(min=0), default=0, show_default=True,
-                            help="After the search, refit up to N larger plans it measured with --method and keep "
+                            help="After the search, refit up to N larger plans it measured (or plans made halfway "
+                                 "between a try that passed and one that failed) with --method and keep "
                                  "the largest whose refit stays within the tolerance on validation. The search "
                                  "scores 'output' factors; the sequential 'sieve' refit often keeps more accuracy at "
                                  "the same ranks, which leaves tolerance unused. Each try is one refit (a calibration "

@@ -1097,6 +1097,30 @@ def test_refit_tries_keep_the_largest_plan_whose_refit_passes_and_ship_it_consis
         assert s["validation"]["dense"] - s["validation"]["final"] <= s["tolerance_abs"] + 1e-12
 
 
+def test_refit_tries_of_a_model_folder_load_it_per_try_and_reuse_the_fit(tuned, tmp_path, monkeypatch):
+    """A model given as a folder: each try refits a model loaded from it (the first the one
+    loaded to build the scorers), and the kept checkpoint scores what the summary says.
+    Another number of tries reruns the climb stage alone: the fit is reused."""
+    from sieve_edge.checkpoint import load_checkpoint
+    from sieve_edge.evaluate import evaluate
+    from sieve_edge.stages import RECORD
+
+    climb_keeps_every_refit(monkeypatch)
+    root, task_path = tuned
+    out, work = tmp_path / "out", tmp_path / "work"
+    s = run_search(str(root / "model"), task_path, out, small_config(refit_tries=1), work=work)
+    c = s["refit_tries"]
+    assert c["kept"] and len(c["tries"]) == 1 and c["gain"] > c["searched_gain"]
+    _, tok = load_tuned(root)
+    assert evaluate(load_checkpoint(out), tok, load_task(task_path), "validation").value == pytest.approx(
+        s["validation"]["final"], abs=1e-9)
+    fit_record, climb_record = (json.loads((work / f"{slot}.{RECORD}").read_text()) for slot in ("fit", "climb"))
+    s2 = run_search(str(root / "model"), task_path, tmp_path / "out2", small_config(refit_tries=2), work=work)
+    assert json.loads((work / f"fit.{RECORD}").read_text()) == fit_record  # the fit was not run again
+    assert json.loads((work / f"climb.{RECORD}").read_text())["key"] != climb_record["key"]
+    assert s2["refit_tries"]["tries"] == c["tries"] and s2["refit_tries"]["tries_allowed"] == 2
+
+
 def test_refit_tries_with_holdout_hold_each_try_to_the_tolerance_on_the_held_out_rows_too(tuned, tmp_path,
                                                                                          monkeypatch):
     """--refit-tries with --holdout: every try is scored on the search's rows and on the held-out
@@ -1166,9 +1190,9 @@ def test_refit_tries_refuse_settings_they_cannot_serve():
         small_config(refit_tries=-1)
 
 
-def test_a_new_climb_rule_redoes_a_fit_with_refit_tries_and_only_that(tuned, monkeypatch):
-    # a finished fit whose tries an older rule chose must not be reused as if the new rule had
-    # chosen them; a fit without tries does not depend on the rule
+def test_a_new_climb_rule_or_number_of_tries_redoes_the_climb_and_only_that(tuned, monkeypatch):
+    # finished tries an older rule chose must not be reused as if the new rule had chosen them;
+    # the fit (the searched plan's refit) depends on neither the rule nor the number of tries
     from sieve_edge.search import search_stages, stage
     from sieve_edge.stages import Workflow, model_ref
 
@@ -1179,8 +1203,11 @@ def test_a_new_climb_rule_redoes_a_fit_with_refit_tries_and_only_that(tuned, mon
                                test_limit=None, on_state_mismatch="restart", score_test=False)
         return Workflow(root / "keys", stages).keys()
 
-    tries, plain = keys(small_config(refit_tries=2)), keys(small_config())
+    tries, plain, three = keys(small_config(refit_tries=2)), keys(small_config()), keys(small_config(refit_tries=3))
+    assert "climb" not in plain and tries["fit"] == plain["fit"] == three["fit"]
+    assert three["climb"] != tries["climb"] and three["refit"] != tries["refit"] != plain["refit"]
     monkeypatch.setattr(stage, "CLIMB_RULE", stage.CLIMB_RULE + 1)
     tries2, plain2 = keys(small_config(refit_tries=2)), keys(small_config())
     assert plain2 == plain
-    assert tries2["fit"] != tries["fit"] and tries2["search"] == tries["search"]
+    assert tries2["climb"] != tries["climb"] and tries2["refit"] != tries["refit"]
+    assert tries2["fit"] == tries["fit"] and tries2["search"] == tries["search"]

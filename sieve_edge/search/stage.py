@@ -1,6 +1,6 @@
 """The search as stages, and ``run_search`` (the ``sieve-edge search`` command) on them.
 
-    calibrate → sensitivity → search → [teacher] → reference → fit → refit
+    calibrate → sensitivity → search → [teacher] → reference → fit → [climb] → refit
 
 - calibrate: calibration and decomposition of every matrix (``decompositions.json`` +
   ``layer-NNN.safetensors``); keyed on the model, the task's calibration data and the
@@ -12,6 +12,8 @@
 - reference: the dense model's test metric (what the accuracy gate compares with).
 - fit: the plan's ranks refit with ``--method`` (the searched factors kept when that refit
   misses the tolerance): a factorized checkpoint.
+- climb (``--refit-tries`` only): larger plans refit from the dense model, the largest whose
+  refit holds the tolerance kept (``climb.py``); another N or climb rule reuses the fit.
 - refit: the fit healed if asked (a rerun with other healing settings reuses the fit),
   scored on test: the final checkpoint plus everything the search wrote. A plan kept
   because its searched factors healed within the tolerance (``--heal-slack``) whose healed
@@ -453,23 +455,25 @@ def heal_searched_instead_(refit, factors: dict, heal, current: float, higher_is
 
 class FitStage(Stage):
     """The plan's ranks refit with --method (the searched factors back in when that refit
-    misses the tolerance): a factorized checkpoint plus ``fit.json``. Healing and the test
-    score are the refit stage's, so another --heal-steps reuses this fit."""
+    misses the tolerance): a factorized checkpoint plus ``fit.json``. Refit tries are the
+    climb stage's and healing and the test score the refit stage's, so another
+    --refit-tries or --heal-steps reuses this fit.
+
+    ``keep_dense``: refit a copy and leave the dense model of a preloaded spec (one handed
+    in memory, with no files to load it from again) for the climb stage's tries."""
 
     name = "fit"
 
-    def __init__(self, model: ModelRef, task, config: SearchConfig, progress: bool = False):
+    def __init__(self, model: ModelRef, task, config: SearchConfig, progress: bool = False, keep_dense: bool = False):
         splits = ("validation",) + (("calibration",) if config.method != config.search_method else ())
         super().__init__(
             config={"method": config.method, "n_calibration": config.n_calibration,
                     "calibration_batch": config.calibration_batch, "multiple": config.multiple,
-                    "val_limit": config.val_limit, "batch_size": config.batch_size, "seed": config.seed,
-                    **({"refit_tries": config.refit_tries, "climb_rule": CLIMB_RULE} if config.refit_tries else {}),
-                    # the tries are held to the tolerance on the held-out rows too
-                    **({"holdout": config.holdout} if config.refit_tries and config.holdout else {})},
+                    "val_limit": config.val_limit, "batch_size": config.batch_size, "seed": config.seed},
             inputs=task_inputs(task, splits),
             needs=("calibrate", "search") + model.needs)
         self.model, self.task, self.settings, self.progress = model, task, config, progress
+        self.keep_dense = keep_dense
 
     def build(self, ctx: StageContext, out: Path) -> dict:
         import time
@@ -485,16 +489,16 @@ class FitStage(Stage):
         plan = RankPlan.from_json(searched / "plan.json")
         data = _read_json(searched / "result.json")
         sign = 1.0 if task.metric != "perplexity" else -1.0
-        model, tok = ctx.model(self.model.spec, take=True)  # refit in place
+        if self.keep_dense and self.model.preloaded is not None:
+            model, tok = ctx.model(self.model.spec)
+            model = copy.deepcopy(model)
+        else:
+            model, tok = ctx.model(self.model.spec, take=True)  # refit in place
         ctx.log(f"refit: plan {100 * plan.linear_param_reduction:.1f}% of linear parameters removed, validation "
                 f"{task.metric} {data['metric']:.4f} (dense {data['dense_metric']:.4f}); refitting with '{cfg.method}'")
         val_scorer = make_scorer(tok, task, "validation", limit=cfg.val_limit, batch_size=cfg.batch_size,
                                  model=model)
         search_method = plan.meta["search_method"]
-        # refit tries (not for a plan kept because it healed) start from a fresh dense model each:
-        # loaded from the spec again, or copied from a model handed in memory (no files to load)
-        may_climb = bool(cfg.refit_tries) and not (data.get("healing") or {}).get("healed")
-        dense = copy.deepcopy(model) if may_climb and self.model.preloaded is not None else None
         if cfg.method == search_method:
             refit = factorize_(model, searched_factors(ctx, plan))
         else:
@@ -519,40 +523,94 @@ class FitStage(Stage):
             refit = factorize_(refit, searched_factors(ctx, plan))
             method_used = search_method
             val_refit = float(val_scorer.metric(refit))
-
-        def save(model, force: bool = False) -> None:
-            save_checkpoint(model, tok, out, build_manifest(model, base_model=self.model.spec, method=method_used,
-                                                            task=task.name), force=force)
-
-        climb = None
-        if may_climb and method_used != search_method:
-            # the searched plan's refit is within the tolerance: larger plans the search measured
-            # may be too once refit (see climb.py); every refit that passes replaces the checkpoint
-            save(refit)
-            held = None
-            if cfg.holdout:
-                from .drivers import holdout_scorer
-
-                held = holdout_scorer(tok, task, cfg, val_scorer, model)
-            del refit, model  # one model in memory at a time: each try loads a fresh dense copy
-            fresh = (lambda: copy.deepcopy(dense)) if dense is not None else \
-                (lambda: ctx.model(self.model.spec, take=True)[0])
-            plan, val_refit, climb = self._climb(ctx, plan, data, val_refit, val_scorer, sign, save, fresh, tok,
-                                                 held)
-            if climb["kept"]:
-                notes.append(f"refit tries: kept the plan removing {100 * plan.linear_param_reduction:.1f}% "
-                             f"(searched {100 * data['summary']['linear_param_reduction']:.1f}%); its '{cfg.method}' "
-                             f"refit scored {val_refit:.4f} on validation")
-        else:
-            save(refit)
-        del dense
+        save_checkpoint(refit, tok, out, build_manifest(refit, base_model=self.model.spec, method=method_used,
+                                                        task=task.name))
         plan.to_json(out / "plan.json")
-        _write_json(out / "fit.json", {"method": method_used, "validation": val_refit, "notes": notes,
-                                       "validation_rows": val_scorer.record(), "climb": climb,
+        _write_json(out / "fit.json", {"method": method_used, "search_method": search_method, "validation": val_refit,
+                                       "notes": notes, "validation_rows": val_scorer.record(),
                                        "seconds": time.perf_counter() - t0})
         return {"detail": f"{method_used}: linear params -{plan.linear_param_reduction:.1%}, validation "
                           f"{task.metric} {val_refit:.4f}", "method": method_used, "validation": val_refit,
                 "linear_param_reduction": plan.linear_param_reduction}
+
+
+class ClimbStage(Stage):
+    """Refit tries (``--refit-tries N``, ``climb.py``): larger plans than the fit's, each refit
+    with --method from a fresh dense model; the largest whose refit stays within the tolerance
+    is kept. Its output: ``climb.json`` (every try; ``applies``: false, and why, when the fit's
+    plan cannot climb), plus the checkpoint and ``plan.json`` of the plan kept, if any. The
+    fit's refit of the searched plan is the start, so another N or climb rule reuses it."""
+
+    name = "climb"
+
+    def __init__(self, model: ModelRef, task, config: SearchConfig, progress: bool = False):
+        super().__init__(
+            config={"method": config.method, "n_calibration": config.n_calibration,
+                    "calibration_batch": config.calibration_batch, "multiple": config.multiple,
+                    "val_limit": config.val_limit, "batch_size": config.batch_size, "seed": config.seed,
+                    "refit_tries": config.refit_tries, "climb_rule": CLIMB_RULE,
+                    # the tries are held to the tolerance on the held-out rows too
+                    **({"holdout": config.holdout} if config.holdout else {})},
+            inputs=task_inputs(task, ("validation", "calibration")),
+            needs=("search", "fit") + model.needs)
+        self.model, self.task, self.settings, self.progress = model, task, config, progress
+
+    def build(self, ctx: StageContext, out: Path) -> dict:
+        from ..checkpoint import build_manifest, save_checkpoint
+        from ..evaluate import make_scorer
+        from ..plan import RankPlan
+
+        cfg, task = self.settings, self.task
+        searched, fitted = ctx.output("search"), ctx.output("fit")
+        data = _read_json(searched / "result.json")
+        fit = _read_json(fitted / "fit.json")
+        why = None
+        if (data.get("healing") or {}).get("healed"):
+            why = "the plan was kept because its searched factors healed within the tolerance (--heal-slack)"
+        elif fit["method"] != cfg.method:
+            why = (f"the '{cfg.method}' refit of the searched plan missed the tolerance (the fit kept the searched "
+                   "factors), so no larger plan is tried")
+        if why is not None:
+            ctx.log(f"refit tries: none: {why}")
+            _write_json(out / "climb.json", {"applies": False, "why": why})
+            return {"detail": f"no tries: {why}", "applies": False}
+        plan = RankPlan.from_json(fitted / "plan.json")
+        sign = 1.0 if task.metric != "perplexity" else -1.0
+        # each try refits a fresh dense model: a copy of one handed in memory (no files to load it
+        # from), else one loaded from the spec again, so that one model is in memory at a time
+        preloaded = self.model.preloaded is not None
+        dense, tok = ctx.model(self.model.spec, take=not preloaded)
+        pending = [] if preloaded else [dense]  # the first try refits the model loaded here
+
+        def fresh():
+            if preloaded:
+                return copy.deepcopy(dense)
+            return pending.pop() if pending else ctx.model(self.model.spec, take=True)[0]
+
+        # the scorers' prompt limit comes from the model's context window, as in the fit's
+        val_scorer = make_scorer(tok, task, "validation", limit=cfg.val_limit, batch_size=cfg.batch_size,
+                                 model=dense)
+        held = None
+        if cfg.holdout:
+            from .drivers import holdout_scorer
+
+            held = holdout_scorer(tok, task, cfg, val_scorer, dense)
+        if not preloaded:
+            del dense
+
+        def save(model) -> None:
+            save_checkpoint(model, tok, out, build_manifest(model, base_model=self.model.spec, method=cfg.method,
+                                                            task=task.name), force=True)
+
+        kept, val_kept, climb = self._climb(ctx, plan, data, float(fit["validation"]), val_scorer, sign, save, fresh,
+                                            tok, held)
+        if climb["kept"]:
+            kept.to_json(out / "plan.json")
+        _write_json(out / "climb.json", {"applies": True, **climb, "validation": val_kept})
+        detail = (f"kept {100 * kept.linear_param_reduction:.1f}% (searched {100 * plan.linear_param_reduction:.1f}%), "
+                  f"validation {task.metric} {val_kept:.4f}" if climb["kept"] else
+                  f"kept the searched plan ({100 * plan.linear_param_reduction:.1f}%)")
+        return {"detail": detail, "applies": True, "kept": climb["kept"]}
 
     def _climb(self, ctx: StageContext, plan, data: dict, val_refit: float, val_scorer, sign: float, save, fresh,
                tok, held=None):
@@ -610,7 +668,7 @@ class FitStage(Stage):
             return drop
 
         def keep(c) -> None:
-            save(last["model"], force=True)
+            save(last["model"])
             kept.update(plan=last["plan"], validation=last["validation"])
 
         best, tries = climb(cands, start_gain=data["gain"], start_gap=start_gap,
@@ -647,7 +705,8 @@ class RefitStage(Stage):
                     "val_limit": config.val_limit, "batch_size": config.batch_size,
                     "test_limit": test_limit, "seed": config.seed},
             inputs=task_inputs(task, splits),
-            needs=("fit", "search") + (("reference",) if score_test else ())
+            needs=("fit", "search") + (("climb",) if config.refit_tries else ())
+            + (("reference",) if score_test else ())
             + (("teacher",) if config.heal_steps and config.heal == "kl" else ())
             # a healed choice whose healed refit misses the tolerance heals the searched factors instead
             + (("calibrate",) if config.heal_slack else ()) + model.needs)
@@ -669,12 +728,21 @@ class RefitStage(Stage):
         t0 = time.perf_counter()
         cfg, task = self.settings, self.task
         searched, fitted = ctx.output("search"), ctx.output("fit")
-        # the fit's plan: the search's, or a larger one its refit tries kept
-        plan = RankPlan.from_json(fitted / "plan.json")
         data = _read_json(searched / "result.json")
         fit = _read_json(fitted / "fit.json")
+        climb = None
+        if "climb" in self.needs:
+            climb = _read_json(ctx.output("climb") / "climb.json")
+            climb = {k: v for k, v in climb.items() if k != "applies"} if climb.get("applies") else None
+        if climb is not None and climb["kept"]:
+            # a larger plan the refit tries kept: its checkpoint and plan are the climb's
+            fitted = ctx.output("climb")
+            fit = {**fit, "validation": climb["validation"],
+                   "notes": fit["notes"] + [f"refit tries: kept the plan removing {100 * climb['gain']:.1f}% "
+                                            f"(searched {100 * data['summary']['linear_param_reduction']:.1f}%); its "
+                                            f"'{fit['method']}' refit scored {climb['validation']:.4f} on validation"]}
+        plan = RankPlan.from_json(fitted / "plan.json")
         summary = dict(data["summary"])
-        climb = fit.get("climb")
         if climb is not None:
             summary["refit_tries"] = climb
             if climb["kept"]:  # the report, plots and summary describe the plan kept
@@ -762,7 +830,8 @@ class RefitStage(Stage):
                                               "dense": (dense_extra.get(name) or {}).get("value")}
                                        for name, r in extra.items()}
             plan.meta.update({"test_metric": test_metric, "dense_test_metric": dense_test})
-        total = sum(ctx.seconds.get(s, 0.0) for s in ("calibrate", "sensitivity", "search", "reference", "fit"))
+        total = sum(ctx.seconds.get(s, 0.0) for s in ("calibrate", "sensitivity", "search", "reference", "fit",
+                                                      "climb"))
         summary.update({
             "method": method_used,
             "validation": {**summary["validation"], "refit": val_refit, "final": val_final,
@@ -780,7 +849,7 @@ class RefitStage(Stage):
             save_checkpoint(refit, tok, out, manifest)
         else:  # the fit's weights unchanged: linked, not written again
             for f in fitted.iterdir():
-                if f.is_file() and f.name not in (MANIFEST, "fit.json"):
+                if f.is_file() and f.name not in (MANIFEST, "fit.json", "climb.json"):
                     _link(f, out / f.name)
             (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
         plan.to_json(out / "plan.json")
@@ -816,7 +885,9 @@ def search_stages(model: ModelRef, task, config: SearchConfig, *, budget_minutes
         stages.append(TeacherStage(model, task, config))
     if score_test:
         stages.append(ReferenceStage(model, task, test_limit))
-    stages.append(FitStage(model, task, config, progress))
+    stages.append(FitStage(model, task, config, progress, keep_dense=bool(config.refit_tries)))
+    if config.refit_tries:
+        stages.append(ClimbStage(model, task, config, progress))
     return stages + [RefitStage(model, task, config, test_limit, score_test)]
 
 
@@ -926,7 +997,7 @@ def run_search(model_spec, task_spec, out, config: SearchConfig = SearchConfig()
                            on_state_mismatch="restart" if force else "error", progress=progress, workers=workers,
                            offload=offload)
     preloaded = {ref.spec: ref.preloaded} if ref.preloaded else None
-    flow = Workflow(work, stages, force={"search", "fit", "refit"} if force else False, log=say, preloaded=preloaded,
+    flow = Workflow(work, stages, force={"search", "fit", "climb", "refit"} if force else False, log=say, preloaded=preloaded,
                     meta={"command": "search", "out": str(out)}, trust_remote_code=trust_remote_code, device=device)
     flow.run()
     refit = flow.ctx.output("refit")
