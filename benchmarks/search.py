@@ -426,6 +426,18 @@ def _resume(row: Path, stages: Path, log) -> float:
     return budget
 
 
+def _why_search_runs(args, spec, task_file, cfg, dense, tok, stages: Path) -> str | None:
+    """None when the stage folder's finished search (and everything before it) is the one the
+    row's settings and budget key, so a rerun reuses it and the fit after it; else why not."""
+    from sieve_edge.search import search_stages
+    from sieve_edge.stages import Workflow, model_ref
+    from sieve_edge.tasks import load_task
+
+    flow = Workflow(stages, search_stages(model_ref(spec, dense, tok), load_task(task_file), cfg,
+                                          budget_minutes=args.budget_minutes, test_limit=args.test_limit))
+    return flow.why_runs("search")
+
+
 def _resumed_only(summary: dict, row: Path, stages: Path, folder: Path) -> None:
     """After a rerun from ``_resume``: drop the copied state (left unread when the search stage
     was already done, a later row would resume from it; a killed rerun keeps it, its own resume
@@ -438,15 +450,22 @@ def _resumed_only(summary: dict, row: Path, stages: Path, folder: Path) -> None:
 
 
 def refitted(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, log) -> dict:
-    """The row's finished search resumed (its own state: no candidate scored again) and its
-    plan refit with --refit-tries, into OUT-refit: the largest plan measured whose refit stays
-    within the tolerance, scored on test."""
+    """The row's finished search (reused as it stands when the stage folder holds it, with its
+    fit; else resumed from the row's own state: no candidate scored again either way) and its
+    refit tries, into OUT-refit: the largest plan whose refit stays within the tolerance,
+    scored on test."""
     import dataclasses
 
     t0 = time.perf_counter()
     cfg = dataclasses.replace(cfg, refit_tries=args.refit_tries)
-    summary, folder = _rerun(args, spec, task_file, out, "-refit", cfg, dense, tok, stages, log,
-                             _resume(out, stages, log))
+    why = _why_search_runs(args, spec, task_file, cfg, dense, tok, stages)
+    if why is None:  # the row's search and fit as they stand: only the tries run
+        log("benchmark: the stage folder holds the row's finished search; its fit is reused too")
+        budget = args.budget_minutes
+    else:
+        log(f"benchmark: the stage folder's search is not the row's as it stands ({why})")
+        budget = _resume(out, stages, log)
+    summary, folder = _rerun(args, spec, task_file, out, "-refit", cfg, dense, tok, stages, log, budget)
     _resumed_only(summary, out, stages, folder)
     c = summary["refit_tries"] or {}
     return {"tries_allowed": args.refit_tries, "searched_gain": c.get("searched_gain"), "start_gap": c.get("start_gap"),

@@ -431,6 +431,19 @@ class Workflow:
             return f"upstream {', '.join(upstream_ran)} ran"
         return None
 
+    def why_runs(self, slot: str) -> str | None:
+        """None when the finished output of stage ``slot`` and of every stage before it would be
+        reused as it stands; else why the first of them that would run runs. Runs nothing."""
+        if slot not in (s.slot for s in self.stages):
+            raise ValueError(f"no stage in slot '{slot}'; the stages: {[s.slot for s in self.stages]}")
+        self.keys()
+        for stage in self.stages:
+            why = self._why_not_done(stage, set())
+            if why is not None:
+                return why if stage.slot == slot else f"{stage.slot}: {why}"
+            if stage.slot == slot:
+                return None
+
     def _input_paths(self, stage: Stage) -> dict[str, dict]:
         desc = self._descriptions[stage.slot]
         return {label: {"path": str(path), "sha256": desc["inputs"][label]} for label, path in stage.inputs.items()}

@@ -244,7 +244,7 @@ def test_slack_row_resumes_the_row_at_tolerance_plus_slack_and_tables_the_healed
     assert "| sst2 ga-sieve 0.01 | 0.2 |" in table
 
 
-def _refit_row(bench, tmp_path, monkeypatch, tuned, tries: int):
+def _refit_row(bench, tmp_path, monkeypatch, tuned, tries: int, budget: float | None = 15.0):
     """A tiny GA row searched into tmp_path/stages, then rerun by ``bench.refitted`` with
     ``tries`` refit tries held to a huge tolerance (so one is kept): (stages, the row's folder,
     the plain row's summary, the refit row)."""
@@ -261,7 +261,7 @@ def _refit_row(bench, tmp_path, monkeypatch, tuned, tries: int):
     stages, out = tmp_path / "stages", tmp_path / "search-x"
     cfg = small_config(tolerance=0.05, generations=1)
     plain = run_search("tiny", task, out, cfg, force=True, model=copy.deepcopy(model), tokenizer=tok, work=stages)
-    args = argparse.Namespace(refit_tries=tries, budget_minutes=15.0, test_limit=None)
+    args = argparse.Namespace(refit_tries=tries, budget_minutes=budget, test_limit=None)
     return stages, out, plain, bench.refitted(args, "tiny", task, out, cfg, model, tok, stages, log=lambda m: None)
 
 
@@ -270,6 +270,8 @@ def test_refit_row_resumes_the_rows_search_and_tables_the_refit_tries(bench, tmp
     larger plans it measured are refit; the plan kept is scored on test. The tries here are
     held to a huge tolerance so that one is kept for sure."""
     stages, _, plain, row = _refit_row(bench, tmp_path, monkeypatch, tuned, tries=1)
+    status = {s["name"]: s["status"] for s in json.loads((stages / "run.json").read_text())["stages"]}
+    assert status["search"] == status["fit"] == "ran"  # the row searched without a budget: resumed
     assert row["evaluations"] == plain["evaluations"] and not (stages / "search.resume").exists()
     assert row["searched_gain"] == pytest.approx(plain["objective_gain"]) and len(row["tries"]) == 1
     assert row["kept"] and row["reduction"] > plain["linear_param_reduction"]
@@ -277,6 +279,17 @@ def test_refit_row_resumes_the_rows_search_and_tables_the_refit_tries(bench, tmp
     assert refit["refit_tries"]["tries"] == row["tries"] and row["test_pruned"] == refit["test"]["pruned"]
     table = bench.table([{**_row("sst2", "ga-sieve", 0.01, plain["linear_param_reduction"]), "refit_tries": row}])
     assert f"| sst2 ga-sieve 0.01 | {100 * row['start_gap']:+.1f} pt |" in table
+
+
+def test_refit_row_reuses_the_rows_search_and_fit_when_the_stage_folder_holds_them(bench, tmp_path, monkeypatch,
+                                                                                    tuned):
+    """The row's search ran with the same budget in this stage folder: the rerun reuses it as it
+    stands and the fit after it (only the climb and the refit stages run); with another budget
+    (the case above) it resumes the row's state instead and the search stage runs again."""
+    stages, _, plain, row = _refit_row(bench, tmp_path, monkeypatch, tuned, tries=1, budget=None)
+    status = {s["name"]: s["status"] for s in json.loads((stages / "run.json").read_text())["stages"]}
+    assert status["search"] == status["fit"] == "skipped" and status["climb"] == status["refit"] == "ran"
+    assert row["evaluations"] == plain["evaluations"] and row["kept"] and len(row["tries"]) == 1
 
 
 def test_reruns_only_takes_the_rows_earlier_numbers_and_needs_a_rerun(bench, tmp_path, capsys):

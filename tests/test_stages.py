@@ -72,6 +72,25 @@ def test_skips_when_key_matches_and_output_verifies_and_says_why_otherwise(tmp_p
     assert forced == {"a": ("skipped", "done (key matches, output verified)"), "b": ("ran", "forced")}
 
 
+def test_why_runs_says_whether_a_stage_and_those_before_it_would_be_reused_without_running_anything(tmp_path):
+    a_in, b_in = tmp_path / "a.txt", tmp_path / "b.txt"
+    a_in.write_text("a")
+    b_in.write_text("b")
+
+    def two(factor=1):
+        return [Copy("a", a_in, factor=factor), Copy("b", b_in, needs=("a",)), Copy("c", b_in, needs=("b",))]
+
+    assert flow(tmp_path, two()).why_runs("b") == "a: output missing"
+    stages = two()
+    flow(tmp_path, stages[:2]).run()
+    assert flow(tmp_path, two()).why_runs("b") is None
+    assert flow(tmp_path, two()).why_runs("c") == "output missing"
+    assert flow(tmp_path, two(factor=2)).why_runs("b") == "a: key changed: config factor 1 -> 2"
+    assert [s.builds for s in stages] == [1, 1, 0] and not (tmp_path / "work" / "c").exists()
+    with pytest.raises(ValueError, match="no stage in slot 'd'"):
+        flow(tmp_path, two()).why_runs("d")
+
+
 def test_a_failed_stage_leaves_no_output_and_the_log_says_failed(tmp_path):
     src = tmp_path / "a.txt"
     src.write_text("a")

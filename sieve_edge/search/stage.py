@@ -997,8 +997,9 @@ def run_search(model_spec, task_spec, out, config: SearchConfig = SearchConfig()
                            on_state_mismatch="restart" if force else "error", progress=progress, workers=workers,
                            offload=offload)
     preloaded = {ref.spec: ref.preloaded} if ref.preloaded else None
-    flow = Workflow(work, stages, force={"search", "fit", "climb", "refit"} if force else False, log=say, preloaded=preloaded,
-                    meta={"command": "search", "out": str(out)}, trust_remote_code=trust_remote_code, device=device)
+    flow = Workflow(work, stages, force={"search", "fit", "climb", "refit"} if force else False, log=say,
+                    preloaded=preloaded, meta={"command": "search", "out": str(out)},
+                    trust_remote_code=trust_remote_code, device=device)
     flow.run()
     refit = flow.ctx.output("refit")
     publish(refit, out)
