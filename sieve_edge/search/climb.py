@@ -37,7 +37,8 @@ far more than a candidate's evaluation, so the tries are few and chosen by predi
   end it. A plan whose refit misses the tolerance is never kept, so a wrong guess costs
   one refit's time, not accuracy.
 
-This module holds the choice; the fit stage does the refits (``FitStage``).
+This module holds the choice; the climb stage does the refits (``ClimbStage``), starting
+from the fit stage's refit of the searched plan.
 """
 from __future__ import annotations
 
@@ -46,10 +47,10 @@ from typing import Callable
 
 from ..errors import ArtifactError
 
-# The choice rule's version: the fit stage's key carries it when refit tries are on, so a
-# finished fit whose tries an older rule chose is redone, not reused. 2: bisects on the gain
-# when no plan is expected to pass (1 stopped there); 3: bisects toward the smallest plan that
-# failed, and makes a plan halfway when the search measured none near there.
+# The choice rule's version: the climb stage's key carries it, so finished tries an older
+# rule chose are redone, not reused. 2: bisects on the gain when no plan is expected to pass
+# (1 stopped there); 3: bisects toward the smallest plan that failed, and makes a plan
+# halfway when the search measured none near there.
 RULE = 3
 # a plan made between two tries lies at least this far (in gain) from each
 RESOLUTION = 0.01
@@ -141,7 +142,7 @@ def climb(cands: list[Candidate], *, start_gain: float, start_gap: float, start_
     """(the largest candidate whose refit passed, or None; a record of every try).
 
     ``refit_drop(c)`` refits ``c`` and returns its drop on the validation split; ``keep(c)``,
-    called right after a try that passed, keeps that refit (the fit stage writes it out).
+    called right after a try that passed, keeps that refit (the climb stage writes it out).
     ``start_gain``, ``start_gap``, ``start_drop``: the searched plan's gain, refit gap
     (searched drop minus refit drop) and refit drop. ``tolerance`` in the drops' units.
 

@@ -120,7 +120,7 @@ class SearchConfig:
         d = asdict(self)
         # after the search proper: free to change on a rerun (the holdout check and the healed
         # choice rerun on the finished GA state; the search stage keys them on its own; the refit
-        # tries are the fit stage's). With a
+        # tries are the climb stage's). With a
         # heal slack the GA is the search at tolerance + slack: its state is that search's.
         for k in ("heal_steps", "heal_lr", "heal", "holdout", "heal_slack", "refit_tries"):
             d.pop(k)
