@@ -169,8 +169,7 @@ def test_healed_row_reuses_the_rows_search_and_refits_with_healing(bench, tmp_pa
     assert unhealed["linear_param_reduction"] > 0
     args = argparse.Namespace(heal_steps=3, heal="kl", heal_lr=1e-3, budget_minutes=None, test_limit=None)
     row = bench.healed(args, "tiny", task, out, cfg, model, tok, stages, unhealed, log=None)
-    run = json.loads((stages / "run.json").read_text())
-    status = {s["name"]: s["status"] for s in run["stages"]}
+    status = stage_status(stages)
     assert status["search"] == status["fit"] == "skipped" and status["refit"] == "ran"
     assert row["steps"] == 3 and row["loss"] == "kl" and row["kept"] in (True, False)
     healed = json.loads((tmp_path / "search-x-heal" / "search.json").read_text())
@@ -244,6 +243,11 @@ def test_slack_row_resumes_the_row_at_tolerance_plus_slack_and_tables_the_healed
     assert "| sst2 ga-sieve 0.01 | 0.2 |" in table
 
 
+def stage_status(stages) -> dict[str, str]:
+    """Each stage's status in the last run in the stage folder ``stages`` (its run.json)."""
+    return {s["name"]: s["status"] for s in json.loads((stages / "run.json").read_text())["stages"]}
+
+
 def _refit_row(bench, tmp_path, monkeypatch, tuned, tries: int, budget: float | None = 15.0):
     """A tiny GA row searched into tmp_path/stages, then rerun by ``bench.refitted`` with
     ``tries`` refit tries held to a huge tolerance (so one is kept): (stages, the row's folder,
@@ -270,7 +274,7 @@ def test_refit_row_resumes_the_rows_search_and_tables_the_refit_tries(bench, tmp
     larger plans it measured are refit; the plan kept is scored on test. The tries here are
     held to a huge tolerance so that one is kept for sure."""
     stages, _, plain, row = _refit_row(bench, tmp_path, monkeypatch, tuned, tries=1)
-    status = {s["name"]: s["status"] for s in json.loads((stages / "run.json").read_text())["stages"]}
+    status = stage_status(stages)
     assert status["search"] == status["fit"] == "ran"  # the row searched without a budget: resumed
     assert row["evaluations"] == plain["evaluations"] and not (stages / "search.resume").exists()
     assert row["searched_gain"] == pytest.approx(plain["objective_gain"]) and len(row["tries"]) == 1
@@ -287,7 +291,7 @@ def test_refit_row_reuses_the_rows_search_and_fit_when_the_stage_folder_holds_th
     stands and the fit after it (only the climb and the refit stages run); with another budget
     (the case above) it resumes the row's state instead and the search stage runs again."""
     stages, _, plain, row = _refit_row(bench, tmp_path, monkeypatch, tuned, tries=1, budget=None)
-    status = {s["name"]: s["status"] for s in json.loads((stages / "run.json").read_text())["stages"]}
+    status = stage_status(stages)
     assert status["search"] == status["fit"] == "skipped" and status["climb"] == status["refit"] == "ran"
     assert row["evaluations"] == plain["evaluations"] and row["kept"] and len(row["tries"]) == 1
 

@@ -453,6 +453,13 @@ def heal_searched_instead_(refit, factors: dict, heal, current: float, higher_is
     return h, kept, h.metric
 
 
+def refit_settings(config: SearchConfig) -> dict:
+    """The settings a refit of a plan depends on (the fit's and each refit try's key)."""
+    return {"method": config.method, "n_calibration": config.n_calibration,
+            "calibration_batch": config.calibration_batch, "multiple": config.multiple,
+            "val_limit": config.val_limit, "batch_size": config.batch_size, "seed": config.seed}
+
+
 class FitStage(Stage):
     """The plan's ranks refit with --method (the searched factors back in when that refit
     misses the tolerance): a factorized checkpoint plus ``fit.json``. Refit tries are the
@@ -467,9 +474,7 @@ class FitStage(Stage):
     def __init__(self, model: ModelRef, task, config: SearchConfig, progress: bool = False, keep_dense: bool = False):
         splits = ("validation",) + (("calibration",) if config.method != config.search_method else ())
         super().__init__(
-            config={"method": config.method, "n_calibration": config.n_calibration,
-                    "calibration_batch": config.calibration_batch, "multiple": config.multiple,
-                    "val_limit": config.val_limit, "batch_size": config.batch_size, "seed": config.seed},
+            config=refit_settings(config),
             inputs=task_inputs(task, splits),
             needs=("calibrate", "search") + model.needs)
         self.model, self.task, self.settings, self.progress = model, task, config, progress
@@ -526,9 +531,8 @@ class FitStage(Stage):
         save_checkpoint(refit, tok, out, build_manifest(refit, base_model=self.model.spec, method=method_used,
                                                         task=task.name))
         plan.to_json(out / "plan.json")
-        _write_json(out / "fit.json", {"method": method_used, "search_method": search_method, "validation": val_refit,
-                                       "notes": notes, "validation_rows": val_scorer.record(),
-                                       "seconds": time.perf_counter() - t0})
+        _write_json(out / "fit.json", {"method": method_used, "validation": val_refit, "notes": notes,
+                                       "validation_rows": val_scorer.record(), "seconds": time.perf_counter() - t0})
         return {"detail": f"{method_used}: linear params -{plan.linear_param_reduction:.1%}, validation "
                           f"{task.metric} {val_refit:.4f}", "method": method_used, "validation": val_refit,
                 "linear_param_reduction": plan.linear_param_reduction}
@@ -545,10 +549,7 @@ class ClimbStage(Stage):
 
     def __init__(self, model: ModelRef, task, config: SearchConfig, progress: bool = False):
         super().__init__(
-            config={"method": config.method, "n_calibration": config.n_calibration,
-                    "calibration_batch": config.calibration_batch, "multiple": config.multiple,
-                    "val_limit": config.val_limit, "batch_size": config.batch_size, "seed": config.seed,
-                    "refit_tries": config.refit_tries, "climb_rule": CLIMB_RULE,
+            config={**refit_settings(config), "refit_tries": config.refit_tries, "climb_rule": CLIMB_RULE,
                     # the tries are held to the tolerance on the held-out rows too
                     **({"holdout": config.holdout} if config.holdout else {})},
             inputs=task_inputs(task, ("validation", "calibration")),
