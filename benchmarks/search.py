@@ -92,11 +92,13 @@ def parse_args(argv=None):
     p.add_argument("--refit-tries", type=int, default=0,
                    help="also rerun each GA row with this many refit tries: the row's finished search is resumed "
                         "(no candidate scored again) and larger plans it measured are refit with the row's method; "
-                        "the largest within the tolerance is kept and scored on test")
+                        "the largest within the tolerance is kept and scored on test. With --heal-steps each try "
+                        "is healed before it is judged")
     p.add_argument("--reruns-only", "--slack-only", dest="reruns_only", action="store_true",
                    help="with --heal-slack or --refit-tries: take each row's numbers from its folder in --work as an "
                         "earlier run left them (search.json) instead of running it, and run only those reruns (no "
-                        "--holdout, --heal-steps or cross-dataset rerun of the row)")
+                        "--holdout, --heal-steps or cross-dataset rerun of the row; --heal-steps still heals the "
+                        "refit tries)")
     p.add_argument("--reuse-search", action="store_true",
                    help="keep a finished search of the same row and settings in the task's stage folder instead "
                         "of searching again (the row's numbers are that search's; e.g. to add --holdout or "
@@ -458,6 +460,8 @@ def refitted(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, lo
 
     t0 = time.perf_counter()
     cfg = dataclasses.replace(cfg, refit_tries=args.refit_tries)
+    if args.heal_steps:  # each try healed before it is judged, the plan kept shipped healed
+        cfg = dataclasses.replace(cfg, heal_steps=args.heal_steps, heal=args.heal, heal_lr=args.heal_lr)
     why = _why_search_runs(args, spec, task_file, cfg, dense, tok, stages)
     if why is None:  # the row's search and fit as they stand: only the tries run
         log("benchmark: the stage folder holds the row's finished search; its fit is reused too")
@@ -465,11 +469,13 @@ def refitted(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, lo
     else:
         log(f"benchmark: the stage folder's search is not the row's as it stands ({why})")
         budget = _resume(out, stages, log)
-    summary, folder = _rerun(args, spec, task_file, out, "-refit", cfg, dense, tok, stages, log, budget)
+    summary, folder = _rerun(args, spec, task_file, out, "-refit-healed" if args.heal_steps else "-refit", cfg,
+                             dense, tok, stages, log, budget)
     _resumed_only(summary, out, stages, folder)
     c = summary["refit_tries"] or {}
     return {"tries_allowed": args.refit_tries, "searched_gain": c.get("searched_gain"), "start_gap": c.get("start_gap"),
-            "tries": c.get("tries"), "kept": c.get("kept"), "reduction": summary["linear_param_reduction"],
+            "tries": c.get("tries"), "kept": c.get("kept"), "healing": c.get("healing"), "heal": summary["heal"],
+            "reduction": summary["linear_param_reduction"],
             "evaluations": summary["evaluations"], "val_final": summary["validation"]["final"],
             "test_pruned": summary["test"]["pruned"], "test_drop": summary["test"]["drop"],
             "method": summary["method"], "notes": summary["notes"], "minutes": (time.perf_counter() - t0) / 60,
@@ -601,7 +607,8 @@ def table(rows) -> str:
     lines += _tries_section(
         rows, "refit_tries", "| row | refit gap | refit tries: removed (searched drop) → refit drop | removed | "
                              "val final | test drop row → refit tries |",
-        lambda h: "-" if h["start_gap"] is None else f"{100 * h['start_gap']:+.1f} pt",
+        lambda h: ("-" if h["start_gap"] is None else f"{100 * h['start_gap']:+.1f} pt")
+        + (f"; tries healed {h['healing']['steps']} steps ({h['healing']['loss']})" if h.get("healing") else ""),
         lambda t: f"{100 * t['gain']:.1f}% ("
                   + ("made" if t.get("made") else f"{100 * t['search_drop']:+.1f}") + f") → {100 * t['drop']:+.1f}")
     cross = [r for r in rows if r.get("cross")]

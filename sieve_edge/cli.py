@@ -120,7 +120,8 @@ _REFIT_TRIES = click.option("--refit-tries", type=click.IntRange(min=0), default
                                  "scores 'output' factors; the sequential 'sieve' refit often keeps more accuracy at "
                                  "the same ranks, which leaves tolerance unused. Each try is one refit (a calibration "
                                  "pass and a sequential fit). With --holdout, a try holds the tolerance on the "
-                                 "held-out rows too. --objective params only.")
+                                 "held-out rows too; with --heal-steps, each try is healed before it is judged. "
+                                 "--objective params only.")
 # healing after the refit: shared by search and run
 _HEAL_SLACK = click.option("--heal-slack", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
                            help="Let the search accept plans up to the tolerance + this slack (same units), then "

@@ -248,10 +248,10 @@ def stage_status(stages) -> dict[str, str]:
     return {s["name"]: s["status"] for s in json.loads((stages / "run.json").read_text())["stages"]}
 
 
-def _refit_row(bench, tmp_path, monkeypatch, tuned, tries: int, budget: float | None = 15.0):
+def _refit_row(bench, tmp_path, monkeypatch, tuned, tries: int, budget: float | None = 15.0, heal_steps: int = 0):
     """A tiny GA row searched into tmp_path/stages, then rerun by ``bench.refitted`` with
-    ``tries`` refit tries held to a huge tolerance (so one is kept): (stages, the row's folder,
-    the plain row's summary, the refit row)."""
+    ``tries`` refit tries held to a huge tolerance (so one is kept), each healed ``heal_steps``
+    steps: (stages, the row's folder, the plain row's summary, the refit row)."""
     import argparse
     import copy
 
@@ -265,7 +265,8 @@ def _refit_row(bench, tmp_path, monkeypatch, tuned, tries: int, budget: float | 
     stages, out = tmp_path / "stages", tmp_path / "search-x"
     cfg = small_config(tolerance=0.05, generations=1)
     plain = run_search("tiny", task, out, cfg, force=True, model=copy.deepcopy(model), tokenizer=tok, work=stages)
-    args = argparse.Namespace(refit_tries=tries, budget_minutes=budget, test_limit=None)
+    args = argparse.Namespace(refit_tries=tries, budget_minutes=budget, test_limit=None, heal_steps=heal_steps,
+                              heal="ce", heal_lr=1e-3)
     return stages, out, plain, bench.refitted(args, "tiny", task, out, cfg, model, tok, stages, log=lambda m: None)
 
 
@@ -294,6 +295,22 @@ def test_refit_row_reuses_the_rows_search_and_fit_when_the_stage_folder_holds_th
     status = stage_status(stages)
     assert status["search"] == status["fit"] == "skipped" and status["climb"] == status["refit"] == "ran"
     assert row["evaluations"] == plain["evaluations"] and row["kept"] and len(row["tries"]) == 1
+
+
+def test_a_refit_row_with_heal_steps_heals_each_try_and_reuses_the_search_and_fit(bench, tmp_path, monkeypatch,
+                                                                                 tuned):
+    """--refit-tries with --heal-steps: the rerun (into OUT-refit-healed) reuses the row's search
+    and fit, heals each try before it is judged and ships the plan kept as healed; the table
+    says the tries were healed."""
+    stages, _, plain, row = _refit_row(bench, tmp_path, monkeypatch, tuned, tries=1, budget=None, heal_steps=2)
+    status = stage_status(stages)
+    assert status["search"] == status["fit"] == "skipped" and status["climb"] == status["refit"] == "ran"
+    assert row["healing"]["steps"] == 2 and len(row["healing"]["tries"]) == len(row["tries"]) == 1
+    assert row["heal"] is not None and row["heal"]["steps"] == 2
+    assert row["tries"][0]["drop"] == row["healing"]["tries"][0]["drop"]
+    assert json.loads((tmp_path / "search-x-refit-healed" / "search.json").read_text())["heal"] == row["heal"]
+    table = bench.table([{**_row("sst2", "ga-sieve", 0.01, plain["linear_param_reduction"]), "refit_tries": row}])
+    assert "tries healed 2 steps (ce)" in table
 
 
 def test_reruns_only_takes_the_rows_earlier_numbers_and_needs_a_rerun(bench, tmp_path, capsys):

@@ -1211,3 +1211,39 @@ def test_a_new_climb_rule_or_number_of_tries_redoes_the_climb_and_only_that(tune
     assert plain2 == plain
     assert tries2["climb"] != tries["climb"] and tries2["refit"] != tries["refit"]
     assert tries2["fit"] == tries["fit"] and tries2["search"] == tries["search"]
+    # healed tries: the heal settings are the climb's key too (not the fit's)
+    healed, healed_more = keys(small_config(refit_tries=2, heal_steps=2)), keys(small_config(refit_tries=2, heal_steps=3))
+    assert healed["fit"] == tries2["fit"] and healed["climb"] != tries2["climb"] != healed_more["climb"]
+
+
+def test_refit_tries_with_healing_judge_each_try_healed_and_ship_the_kept_one_without_healing_it_again(
+        tuned, tmp_path, monkeypatch):
+    """--refit-tries with --heal-steps: each try is healed before it is judged, its drop is the
+    healed one, and the plan kept ships with that heal: the refit stage does not heal it again
+    (one heal per try, none after), and the checkpoint scores what the summary says."""
+    from sieve_edge import heal as heal_module
+    from sieve_edge.checkpoint import load_checkpoint
+    from sieve_edge.evaluate import evaluate
+
+    climb_keeps_every_refit(monkeypatch)
+    calls = []
+    real_heal = heal_module.heal_
+    monkeypatch.setattr(heal_module, "heal_", lambda *a, **kw: calls.append(1) or real_heal(*a, **kw))
+    root, task_path = tuned
+    model, tok = load_tuned(root)
+    out = tmp_path / "out"
+    s = run_search("tiny", task_path, out, small_config(refit_tries=2, heal_steps=2), model=model, tokenizer=tok)
+    c = s["refit_tries"]
+    assert c["kept"] and c["tries"] and len(calls) == len(c["tries"])
+    h = c["healing"]
+    assert h["steps"] == 2 and [t["gain"] for t in h["tries"]] == [t["gain"] for t in c["tries"]]
+    dense = s["validation"]["dense"]
+    for t, ht in zip(c["tries"], h["tries"]):
+        assert t["drop"] == ht["drop"] == pytest.approx(dense - (ht["healed"] if ht["kept"] else ht["refit"]))
+        assert ht["refit_drop"] == pytest.approx(dense - ht["refit"])
+    kept = next(ht for ht in reversed(h["tries"]) if ht["gain"] == c["gain"])
+    assert s["heal"] == c["heal"] and c["heal"]["metric_before"] == kept["refit"]
+    assert s["validation"]["refit"] == kept["refit"] and s["validation"]["final"] == c["validation"]
+    assert "before it was judged" in (out / "search_report.md").read_text()
+    assert evaluate(load_checkpoint(out), tok, load_task(task_path), "validation").value == pytest.approx(
+        s["validation"]["final"], abs=1e-9)

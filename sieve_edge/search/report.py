@@ -136,6 +136,10 @@ def search_report(summary: dict, result: dict) -> str:
                      "held-out rows (" + ", ".join(f"{100 * t['gain']:.1f}%: {t['validation_drop']:+.4f} and "
                                                    f"{t['holdout_drop']:+.4f}" for t in c["holdout"]["tries"])
                      + "). " if c.get("holdout") else "")
+                  + (f"Each try was healed ({c['healing']['loss']}, {c['healing']['steps']} steps) before it was "
+                     "judged; drop refit → healed: " + ", ".join(
+                         f"{100 * t['gain']:.1f}%: {t['refit_drop']:+.4f} → {t['drop']:+.4f}"
+                         for t in c["healing"]["tries"]) + ". " if c.get("healing") else "")
                   + (f"Kept the largest within the tolerance: {100 * c['gain']:.1f}% of the objective; the *search* "
                      "column is its searched score" + (" (a plan made between two tries has none)"
                                                        if val["search"] is None else "") + "."

@@ -460,6 +460,35 @@ def refit_settings(config: SearchConfig) -> dict:
             "val_limit": config.val_limit, "batch_size": config.batch_size, "seed": config.seed}
 
 
+def heal_settings(config: SearchConfig) -> dict:
+    """The settings a heal depends on beside the refit's (the refit stage's and each healed
+    refit try's key); none without --heal-steps."""
+    if not config.heal_steps:
+        return {}
+    return {"heal_steps": config.heal_steps, "heal_lr": config.heal_lr,
+            **({"heal": config.heal} if config.heal != "ce" else {})}
+
+
+def healer(ctx: StageContext, tok, task, config: SearchConfig, val_scorer, model):
+    """``heal(model)`` -> ``HealResult``: --heal-steps of --heal on ``model``'s factors, kept
+    only if ``val_scorer`` scores them no worse; the refit stage's heal and the climb's. The
+    same seed, data and steps heal the same weights the same way."""
+    from ..evaluate import make_scorer
+    from ..heal import heal_
+
+    teacher = train_scorer = None
+    if config.heal == "kl":
+        train_scorer = make_scorer(tok, task, "train", limit=HEAL_KL_ROWS, batch_size=config.batch_size, model=model)
+        teacher = read_teacher(ctx.output("teacher"), train_scorer.n)
+
+    def heal(m):
+        return heal_(m, tok, task, config.heal_steps, lr=config.heal_lr, batch_size=16, seed=config.seed,
+                     val_scorer=val_scorer, higher_is_better=task.metric != "perplexity", log=ctx.log,
+                     loss=config.heal, teacher=teacher, train_scorer=train_scorer)
+
+    return heal
+
+
 class FitStage(Stage):
     """The plan's ranks refit with --method (the searched factors back in when that refit
     misses the tolerance): a factorized checkpoint plus ``fit.json``. Refit tries are the
@@ -551,9 +580,12 @@ class ClimbStage(Stage):
         super().__init__(
             config={**refit_settings(config), "refit_tries": config.refit_tries, "climb_rule": CLIMB_RULE,
                     # the tries are held to the tolerance on the held-out rows too
-                    **({"holdout": config.holdout} if config.holdout else {})},
-            inputs=task_inputs(task, ("validation", "calibration")),
-            needs=("search", "fit") + model.needs)
+                    **({"holdout": config.holdout} if config.holdout else {}),
+                    # and healed as the refit stage would heal them before they are judged
+                    **heal_settings(config)},
+            inputs=task_inputs(task, ("validation", "calibration") + (("train",) if config.heal_steps else ())),
+            needs=("search", "fit") + (("teacher",) if config.heal_steps and config.heal == "kl" else ())
+            + model.needs)
         self.model, self.task, self.settings, self.progress = model, task, config, progress
 
     def build(self, ctx: StageContext, out: Path) -> dict:
@@ -596,6 +628,7 @@ class ClimbStage(Stage):
             from .drivers import holdout_scorer
 
             held = holdout_scorer(tok, task, cfg, val_scorer, dense)
+        heal = healer(ctx, tok, task, cfg, val_scorer, dense) if cfg.heal_steps else None
         if not preloaded:
             del dense
 
@@ -604,7 +637,7 @@ class ClimbStage(Stage):
                                                             task=task.name), force=True)
 
         kept, val_kept, climb = self._climb(ctx, plan, data, float(fit["validation"]), val_scorer, sign, save, fresh,
-                                            tok, held)
+                                            tok, held, heal)
         if climb["kept"]:
             kept.to_json(out / "plan.json")
         _write_json(out / "climb.json", {"applies": True, **climb, "validation": val_kept})
@@ -614,13 +647,16 @@ class ClimbStage(Stage):
         return {"detail": detail, "applies": True, "kept": climb["kept"]}
 
     def _climb(self, ctx: StageContext, plan, data: dict, val_refit: float, val_scorer, sign: float, save, fresh,
-               tok, held=None):
+               tok, held=None, heal=None):
         """Refit tries (``climb.py``): (the plan kept, its refit's validation score, the record).
         The checkpoint of the plan kept is in the stage's output (``save``); ``fresh()`` gives a
         dense model to refit. ``held``: (scorer, rows) of the ``--holdout`` rows; a try's drop is
         then the larger of its drops on the search's rows and on those, each against the dense
-        model on the same rows, so a plan kept holds the tolerance on both."""
+        model on the same rows, so a plan kept holds the tolerance on both. ``heal(model)``
+        (--heal-steps): each refit is healed before it is scored, so a try is judged as the
+        refit stage would ship it; the plan kept is saved healed, with its heal record."""
         import time
+        from dataclasses import asdict
 
         from ..plan import RankPlan
         from ..prune import prune
@@ -636,6 +672,7 @@ class ClimbStage(Stage):
 
         last: dict = {}
         held_scores: list[dict] = []
+        healed: list[dict] = []
         hold_dense = None
         if held is not None:
             recorded = data.get("holdout") or {}
@@ -655,8 +692,18 @@ class ClimbStage(Stage):
                                       "made": c.made}}
             model = prune(model, tok, task, p, cfg.method, n_calibration=cfg.n_calibration,
                           batch_size=cfg.calibration_batch, multiple=cfg.multiple, progress=self.progress).model
-            v = float(val_scorer.metric(model))
-            last.update(model=model, plan=p, validation=v)
+            healing = None
+            if heal is not None:
+                healing = heal(model)
+                v = healing.metric
+                healed.append({"gain": c.gain, "refit": healing.metric_before, "healed": healing.metric_after,
+                               "kept": healing.kept, "refit_drop": sign * (data["dense_metric"] - healing.metric_before),
+                               "drop": sign * (data["dense_metric"] - v), "seconds": healing.seconds})
+                ctx.log(f"refit: healed ({cfg.heal}, {cfg.heal_steps} steps): validation {healing.metric_before:.4f} "
+                        f"-> {healing.metric_after:.4f} ({'kept' if healing.kept else 'discarded: it scored worse'})")
+            else:
+                v = float(val_scorer.metric(model))
+            last.update(model=model, plan=p, validation=v, heal=healing)
             drop = sign * (data["dense_metric"] - v)
             if held is not None:
                 h = float(held[0].metric(model, held[1]))
@@ -670,7 +717,7 @@ class ClimbStage(Stage):
 
         def keep(c) -> None:
             save(last["model"])
-            kept.update(plan=last["plan"], validation=last["validation"])
+            kept.update(plan=last["plan"], validation=last["validation"], heal=last["heal"])
 
         best, tries = climb(cands, start_gain=data["gain"], start_gap=start_gap,
                             start_drop=sign * (data["dense_metric"] - val_refit), tolerance=data["tolerance_abs"],
@@ -681,7 +728,9 @@ class ClimbStage(Stage):
         return kept["plan"], kept["validation"], {
             "tries_allowed": cfg.refit_tries, "searched_gain": data["gain"], "start_gap": start_gap,
             "tries": tries, "kept": best is not None, "gain": data["gain"] if best is None else best.gain,
-            **({"holdout": {"rows": len(held[1]), "dense": hold_dense, "tries": held_scores}} if held else {})}
+            **({"holdout": {"rows": len(held[1]), "dense": hold_dense, "tries": held_scores}} if held else {}),
+            **({"healing": {"steps": cfg.heal_steps, "loss": cfg.heal, "lr": cfg.heal_lr, "tries": healed},
+                "heal": None if kept.get("heal") is None else asdict(kept["heal"])} if heal is not None else {})}
 
 
 class RefitStage(Stage):
@@ -701,6 +750,7 @@ class RefitStage(Stage):
         if config.heal_steps:
             splits += ("train",)
         super().__init__(
+            # heal_settings' keys, written at 0 steps too (so the keys of finished stages hold)
             config={"heal_steps": config.heal_steps, "heal_lr": config.heal_lr,
                     **({"heal": config.heal} if config.heal != "ce" else {}),
                     "val_limit": config.val_limit, "batch_size": config.batch_size,
@@ -741,7 +791,8 @@ class RefitStage(Stage):
             fit = {**fit, "validation": climb["validation"],
                    "notes": fit["notes"] + [f"refit tries: kept the plan removing {100 * climb['gain']:.1f}% "
                                             f"(searched {100 * data['summary']['linear_param_reduction']:.1f}%); its "
-                                            f"'{fit['method']}' refit scored {climb['validation']:.4f} on validation"]}
+                                            f"'{fit['method']}' refit scored {climb['validation']:.4f} on validation"
+                                            + (" healed" if climb.get("heal") else "")]}
         plan = RankPlan.from_json(fitted / "plan.json")
         summary = dict(data["summary"])
         if climb is not None:
@@ -761,23 +812,21 @@ class RefitStage(Stage):
             refit = load_checkpoint(fitted, device=pick_device(ctx.device), trust_remote_code=ctx.trust_remote_code)
         method_used, val_refit, notes = fit["method"], float(fit["validation"]), list(fit["notes"])
         heal = None
-        if healing:
-            from ..heal import heal_
+        healed_here = False
+        if healing and climb is not None and climb["kept"] and climb.get("heal"):
+            # the climb judged its tries healed with these settings: the plan kept is already healed
+            from ..heal import HealResult
 
-            teacher = train_scorer = None
-            if cfg.heal == "kl":
-                train_scorer = make_scorer(tok, task, "train", limit=HEAL_KL_ROWS, batch_size=cfg.batch_size,
-                                           model=refit)
-                teacher = read_teacher(ctx.output("teacher"), train_scorer.n)
+            heal = HealResult(**climb["heal"])
+            ctx.log(f"refit: the refit tries healed the plan kept ({cfg.heal}, {cfg.heal_steps} steps): validation "
+                    f"{heal.metric_before:.4f} -> {heal.metric_after:.4f}")
+            val_refit, val_final = heal.metric_before, heal.metric
+        elif healing:
             val_scorer = make_scorer(tok, task, "validation", limit=cfg.val_limit, batch_size=cfg.batch_size,
                                      model=refit)
-
-            def healed(model):
-                return heal_(model, tok, task, cfg.heal_steps, lr=cfg.heal_lr, batch_size=16, seed=cfg.seed,
-                             val_scorer=val_scorer, higher_is_better=higher, log=ctx.log, loss=cfg.heal,
-                             teacher=teacher, train_scorer=train_scorer)
-
+            healed = healer(ctx, tok, task, cfg, val_scorer, refit)
             heal = healed(refit)
+            healed_here = True
             ctx.log(f"refit: healing ({cfg.heal}) {cfg.heal_steps} steps: validation {heal.metric_before:.4f} -> "
                     f"{heal.metric_after:.4f} ({'kept' if heal.kept else 'discarded: it scored worse'})")
             val_final = heal.metric
@@ -793,7 +842,7 @@ class RefitStage(Stage):
         if healed_choice.get("healed") and beyond(val_final):
             tried = next(t["metric"] for t in healed_choice["tries"] if t["passed"] and t["gain"] == healed_choice["gain"])
             search_method = plan.meta["search_method"]
-            if healing and method_used != search_method:
+            if healed_here and method_used != search_method:
                 # The search kept this plan because its own factors healed within the tolerance; the
                 # same heal (seed, data, steps) of those factors repeats that try.
                 ctx.log(f"refit: the healed '{method_used}' refit scored {val_final:.4f}, beyond the tolerance; "
@@ -846,7 +895,7 @@ class RefitStage(Stage):
         # the fit's manifest (healing keeps the ranks) with the search's scores
         manifest = {**read_manifest(fitted), "method": method_used, "search": {k: summary[k] for k in (
             "strategy", "objective", "tolerance", "relative", "validation", "test", "seed")}}
-        if (heal is not None and heal.kept) or method_used != fit["method"]:
+        if (healed_here and heal.kept) or method_used != fit["method"]:
             save_checkpoint(refit, tok, out, manifest)
         else:  # the fit's weights unchanged: linked, not written again
             for f in fitted.iterdir():
