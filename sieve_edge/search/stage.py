@@ -819,7 +819,8 @@ class RefitStage(Stage):
 
             heal = HealResult(**climb["heal"])
             ctx.log(f"refit: the refit tries healed the plan kept ({cfg.heal}, {cfg.heal_steps} steps): validation "
-                    f"{heal.metric_before:.4f} -> {heal.metric_after:.4f}")
+                    f"{heal.metric_before:.4f} -> {heal.metric_after:.4f} "
+                    f"({'kept' if heal.kept else 'discarded: it scored worse'}); not healed again")
             val_refit, val_final = heal.metric_before, heal.metric
         elif healing:
             val_scorer = make_scorer(tok, task, "validation", limit=cfg.val_limit, batch_size=cfg.batch_size,
