@@ -9,7 +9,7 @@ def plans(*gain_drop):
     return [Candidate({"m": i}, g, 0.9 - d, d, True) for i, (g, d) in enumerate(gain_drop)]
 
 
-def run(cands, refit, *, start_gap=0.02, start_drop=0.01, tolerance=0.05, tries=8):
+def run(cands, refit, *, start_gap=0.02, start_drop=0.01, tolerance=0.05, tries=8, **kw):
     tried, kept = [], []
 
     def refit_drop(c):
@@ -17,7 +17,8 @@ def run(cands, refit, *, start_gap=0.02, start_drop=0.01, tolerance=0.05, tries=
         return refit(c)
 
     best, record = climb(sorted(cands, key=lambda c: -c.gain), start_gain=0.3, start_gap=start_gap,
-                         start_drop=start_drop, tolerance=tolerance, tries=tries, refit_drop=refit_drop, keep=lambda c: kept.append(c.gain))
+                         start_drop=start_drop, tolerance=tolerance, tries=tries, refit_drop=refit_drop,
+                         keep=lambda c: kept.append(c.gain), **kw)
     return best, record, tried, kept
 
 
@@ -54,6 +55,19 @@ def test_the_first_try_is_the_largest_plan_expected_to_pass_and_the_gap_is_relea
     # 0.1 first, 0.5 passes (gap 0.11), mean 0.105: 0.6 (0.095) not expected, a bisection (0.6 alone)
     _, record, tried, _ = run(cands, lambda c: 0.01, start_gap=0.1, tries=2)
     assert tried == [0.5, 0.6] and [t["best_bet"] for t in record] == [False, True]
+
+
+@pytest.mark.parametrize("bound", [False, True])
+def test_a_start_gap_measured_otherwise_leaves_the_mean_once_a_try_measured_one(bound):
+    """Healed tries, an unhealed start: the start's gap (0.02) picks the first try (0.4,
+    expected 0.05), whose refit drops 0.005 (a gap of 0.065). As a bound the start gap then
+    leaves the mean: 0.5 (searched 0.11) is expected at 0.045, a plan expected to pass; kept in
+    the mean (0.0425) it is expected at 0.0675, tried only as a bisection."""
+    cands = plans((0.4, 0.07), (0.5, 0.11), (0.6, 0.2))
+    _, record, tried, _ = run(cands, lambda c: 0.005, tries=2, start_gap_bound=bound)
+    assert tried == [0.4, 0.5]
+    assert record[1]["predicted_drop"] == pytest.approx(0.045 if bound else 0.0675)
+    assert record[1]["best_bet"] is (not bound)
 
 
 def test_a_failed_try_bounds_the_next_from_above_and_tries_are_capped():

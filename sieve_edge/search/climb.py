@@ -33,6 +33,9 @@ far more than a candidate's evaluation, so the tries are few and chosen by predi
   no searched drop, so it is never expected to pass, only tried as a bisection, and its try
   teaches the gap nothing. It is made when no untried measured plan lies in the middle half
   of that interval, and only while the interval is wider than twice ``RESOLUTION``;
+- with ``--heal-steps`` the tries are healed before they are judged but the searched plan's
+  refit is not: its gap only bounds a healed one from below, so it guides the first try and
+  leaves the mean once a try has measured a gap;
 - ``tries`` refits, or no plan left between the largest passed and the smallest failed,
   end it. A plan whose refit misses the tolerance is never kept, so a wrong guess costs
   one refit's time, not accuracy.
@@ -50,8 +53,9 @@ from ..errors import ArtifactError
 # The choice rule's version: the climb stage's key carries it, so finished tries an older
 # rule chose are redone, not reused. 2: bisects on the gain when no plan is expected to pass
 # (1 stopped there); 3: bisects toward the smallest plan that failed, and makes a plan
-# halfway when the search measured none near there.
-RULE = 3
+# halfway when the search measured none near there; 4: a start gap measured otherwise than
+# the tries' (healed tries, an unhealed start) leaves the mean once a try measured a gap.
+RULE = 4
 # a plan made between two tries lies at least this far (in gain) from each
 RESOLUTION = 0.01
 
@@ -137,8 +141,8 @@ def between(shapes: dict[str, tuple[int, int]], multiple: int, low: dict[str, in
 def climb(cands: list[Candidate], *, start_gain: float, start_gap: float, start_drop: float, tolerance: float,
           tries: int, refit_drop: Callable[[Candidate], float], keep: Callable[[Candidate], None] = lambda c: None,
           log: Callable[[str], None] = lambda m: None, start_ranks: dict[str, int | None] | None = None,
-          make: Callable[[dict, dict, float], tuple[dict, float] | None] | None = None
-          ) -> tuple[Candidate | None, list[dict]]:
+          make: Callable[[dict, dict, float], tuple[dict, float] | None] | None = None,
+          start_gap_bound: bool = False) -> tuple[Candidate | None, list[dict]]:
     """(the largest candidate whose refit passed, or None; a record of every try).
 
     ``refit_drop(c)`` refits ``c`` and returns its drop on the validation split; ``keep(c)``,
@@ -159,9 +163,15 @@ def climb(cands: list[Candidate], *, start_gain: float, start_gap: float, start_
     a plan between two others with a gain near ``target``; with it and ``start_ranks`` (the
     searched plan's), once a try has failed the bisection tries a plan made halfway between
     the largest passed and the smallest failed when no untried measured plan lies in the
-    middle half of that interval (``made`` in the record)."""
+    middle half of that interval (``made`` in the record).
+
+    ``start_gap_bound``: the start's gap was not measured as the tries' are (the tries are
+    healed before they are judged, the searched plan's refit was not), so it only bounds
+    theirs from below: it guides the first choice and leaves the mean once a try measured a
+    gap."""
     tol = tolerance + 1e-12
     gaps = [start_gap]
+    provisional = start_gap_bound
     capped = start_drop <= 0.0
     lower, upper = start_gain, float("inf")
     lower_ranks, upper_ranks = start_ranks, None
@@ -209,6 +219,8 @@ def climb(cands: list[Candidate], *, start_gain: float, start_gap: float, start_
         drop = float(refit_drop(c))
         ok = drop <= tol
         if not c.made:
+            if provisional:
+                gaps, provisional = [], False
             gaps.append(c.drop - drop)
         capped = drop <= 0.0
         record.append({"gain": c.gain, "search_drop": c.drop, "search_full": c.full, "predicted_drop": predicted,

@@ -723,7 +723,9 @@ class ClimbStage(Stage):
                             start_drop=sign * (data["dense_metric"] - val_refit), tolerance=data["tolerance_abs"],
                             tries=cfg.refit_tries, refit_drop=refit_drop, keep=keep, log=ctx.log,
                             start_ranks=dict(plan.ranks),
-                            make=lambda low, high, target: between(plan.shapes, plan.multiple, low, high, target))
+                            make=lambda low, high, target: between(plan.shapes, plan.multiple, low, high, target),
+                            # healed tries: the searched plan's refit (the start) was not healed
+                            start_gap_bound=heal is not None)
         last.clear()
         return kept["plan"], kept["validation"], {
             "tries_allowed": cfg.refit_tries, "searched_gain": data["gain"], "start_gap": start_gap,
