@@ -472,7 +472,7 @@ def refitted(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, lo
     summary, folder = _rerun(args, spec, task_file, out, "-refit-healed" if args.heal_steps else "-refit", cfg,
                              dense, tok, stages, log, budget)
     _resumed_only(summary, out, stages, folder)
-    c = summary["refit_tries"] or {}
+    c = summary.get("refit_tries") or {}  # absent when the climb did not apply
     return {"tries_allowed": args.refit_tries, "searched_gain": c.get("searched_gain"), "start_gap": c.get("start_gap"),
             "tries": c.get("tries"), "kept": c.get("kept"), "healing": c.get("healing"), "heal": summary["heal"],
             "reduction": summary["linear_param_reduction"],

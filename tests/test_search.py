@@ -1181,6 +1181,41 @@ def test_refit_tries_keep_a_plan_made_between_a_failed_and_a_passed_try(tuned, t
         s["validation"]["final"], abs=1e-9)
 
 
+def test_healed_refit_tries_start_from_the_searched_factors_when_the_fits_refit_missed(tuned, tmp_path, monkeypatch):
+    """The fit's `sieve` refit misses the tolerance (here: the stages read a tolerance no refit
+    meets; the climb's tries are held to a huge one), so the fit keeps the searched `output`
+    factors. Without healing no larger plan is tried; with --heal-steps the tries are judged
+    healed, so the climb starts from those factors (gap 0) and a `sieve` plan it keeps ships
+    as `sieve` (manifest, plan, summary)."""
+    from sieve_edge.checkpoint import read_manifest
+    from sieve_edge.plan import RankPlan
+    from sieve_edge.search import stage
+
+    real = stage._read_json
+
+    def unmeetable(path):
+        data = real(path)
+        return {**data, "tolerance_abs": -1.0} if Path(path).name == "result.json" else data
+
+    climb_keeps_every_refit(monkeypatch)
+    monkeypatch.setattr(stage, "_read_json", unmeetable)
+    root, task_path = tuned
+    model, tok = load_tuned(root)
+    for heal_steps in (0, 2):
+        out = tmp_path / f"out{heal_steps}"
+        s = run_search("tiny", task_path, out, small_config(refit_tries=1, heal_steps=heal_steps),
+                       model=copy.deepcopy(model), tokenizer=tok)
+        assert any("kept the 'output' factors" in n for n in s["notes"])
+        c = s.get("refit_tries")
+        if not heal_steps:
+            assert c is None and s["method"] == "output"
+            continue
+        assert c["start"] == "output" and c["method"] == "sieve" and c["start_gap"] == pytest.approx(0.0, abs=1e-9)
+        assert c["kept"] and s["method"] == "sieve" == read_manifest(out)["method"]
+        assert RankPlan.from_json(out / "plan.json").method == "sieve"
+        assert "started as the fit kept it" in (out / "search_report.md").read_text()
+
+
 def test_refit_tries_refuse_settings_they_cannot_serve():
     with pytest.raises(InputError, match="method 'output' is the one the search scores with"):
         small_config(refit_tries=2, method="output")

@@ -127,8 +127,13 @@ def search_report(summary: dict, result: dict) -> str:
 
         tries = ", ".join(f"{100 * t['gain']:.1f}% ({searched(t)}) → drop {t['drop']:+.4f} "
                           f"({'within' if t['passed'] else 'beyond'})" for t in c["tries"])
-        lines += [f"Refit tries: the searched plan ({100 * c['searched_gain']:.1f}%) refit with '{s['method']}' "
-                  f"dropped {c['start_gap']:+.4f} less than its searched factors (the refit gap); larger plans the "
+        method = c.get("method", s["method"])
+        start = (f"the searched plan ({100 * c['searched_gain']:.1f}%) refit with '{method}' dropped "
+                 f"{c['start_gap']:+.4f} less than its searched factors (the refit gap)"
+                 if c.get("start", method) == method else
+                 f"the searched plan ({100 * c['searched_gain']:.1f}%) started as the fit kept it, its searched "
+                 f"'{c['start']}' factors (its refit missed the tolerance unhealed)")
+        lines += [f"Refit tries: {start}; larger plans the "
                   f"search measured (or the climb made between a passed and a failed try), refit and scored on "
                   f"validation ({c['tries_allowed']} at most; expected drop: "
                   f"searched drop minus the mean gap): " + (tries or "no larger plan measured") + ". "

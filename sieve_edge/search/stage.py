@@ -600,7 +600,8 @@ class ClimbStage(Stage):
         why = None
         if (data.get("healing") or {}).get("healed"):
             why = "the plan was kept because its searched factors healed within the tolerance (--heal-slack)"
-        elif fit["method"] != cfg.method:
+        elif fit["method"] != cfg.method and not cfg.heal_steps:
+            # healed tries are judged after healing: a refit that missed unhealed may pass healed
             why = (f"the '{cfg.method}' refit of the searched plan missed the tolerance (the fit kept the searched "
                    "factors), so no larger plan is tried")
         if why is not None:
@@ -666,9 +667,14 @@ class ClimbStage(Stage):
         cands = candidates(data.get("measured"), data["gain"], str(ctx.output("search") / "result.json"))
         kept = {"plan": plan, "validation": val_refit}
         start_gap = sign * (val_refit - data["metric"])
+        start = _read_json(ctx.output("fit") / "fit.json")["method"]
         ctx.log(f"refit: the searched plan refit with '{cfg.method}' scored {val_refit:.4f} against "
                 f"{data['metric']:.4f} searched (gap {start_gap:+.4f} in the tolerance's units); up to "
-                f"{cfg.refit_tries} larger plans of the {len(cands)} measured beyond it may be refit")
+                f"{cfg.refit_tries} larger plans of the {len(cands)} measured beyond it may be refit"
+                if start == cfg.method else
+                f"refit: the fit kept the searched '{start}' factors (its '{cfg.method}' refit missed the tolerance "
+                f"unhealed), validation {val_refit:.4f}; up to {cfg.refit_tries} larger plans of the {len(cands)} "
+                f"measured beyond it may be refit with '{cfg.method}' and healed")
 
         last: dict = {}
         held_scores: list[dict] = []
@@ -728,7 +734,8 @@ class ClimbStage(Stage):
                             start_gap_bound=heal is not None)
         last.clear()
         return kept["plan"], kept["validation"], {
-            "tries_allowed": cfg.refit_tries, "searched_gain": data["gain"], "start_gap": start_gap,
+            "tries_allowed": cfg.refit_tries, "searched_gain": data["gain"], "start_gap": start_gap, "start": start,
+            "method": cfg.method,
             "tries": tries, "kept": best is not None, "gain": data["gain"] if best is None else best.gain,
             **({"holdout": {"rows": len(held[1]), "dense": hold_dense, "tries": held_scores}} if held else {}),
             **({"healing": {"steps": cfg.heal_steps, "loss": cfg.heal, "lr": cfg.heal_lr, "tries": healed},
@@ -790,10 +797,11 @@ class RefitStage(Stage):
         if climb is not None and climb["kept"]:
             # a larger plan the refit tries kept: its checkpoint and plan are the climb's
             fitted = ctx.output("climb")
-            fit = {**fit, "validation": climb["validation"],
+            # (a --method refit, also when the fit kept the searched factors: healed tries may pass)
+            fit = {**fit, "validation": climb["validation"], "method": cfg.method,
                    "notes": fit["notes"] + [f"refit tries: kept the plan removing {100 * climb['gain']:.1f}% "
                                             f"(searched {100 * data['summary']['linear_param_reduction']:.1f}%); its "
-                                            f"'{fit['method']}' refit scored {climb['validation']:.4f} on validation"
+                                            f"'{cfg.method}' refit scored {climb['validation']:.4f} on validation"
                                             + (" healed" if climb.get("heal") else "")]}
         plan = RankPlan.from_json(fitted / "plan.json")
         summary = dict(data["summary"])
