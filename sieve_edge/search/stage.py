@@ -638,7 +638,7 @@ class ClimbStage(Stage):
                                                             task=task.name), force=True)
 
         kept, val_kept, climb = self._climb(ctx, plan, data, float(fit["validation"]), val_scorer, sign, save, fresh,
-                                            tok, held, heal)
+                                            tok, held, heal, start=fit["method"])
         if climb["kept"]:
             kept.to_json(out / "plan.json")
         _write_json(out / "climb.json", {"applies": True, **climb, "validation": val_kept})
@@ -648,14 +648,16 @@ class ClimbStage(Stage):
         return {"detail": detail, "applies": True, "kept": climb["kept"]}
 
     def _climb(self, ctx: StageContext, plan, data: dict, val_refit: float, val_scorer, sign: float, save, fresh,
-               tok, held=None, heal=None):
+               tok, held=None, heal=None, start: str | None = None):
         """Refit tries (``climb.py``): (the plan kept, its refit's validation score, the record).
         The checkpoint of the plan kept is in the stage's output (``save``); ``fresh()`` gives a
         dense model to refit. ``held``: (scorer, rows) of the ``--holdout`` rows; a try's drop is
         then the larger of its drops on the search's rows and on those, each against the dense
         model on the same rows, so a plan kept holds the tolerance on both. ``heal(model)``
         (--heal-steps): each refit is healed before it is scored, so a try is judged as the
-        refit stage would ship it; the plan kept is saved healed, with its heal record."""
+        refit stage would ship it; the plan kept is saved healed, with its heal record. ``start``:
+        the method of the factors the fit kept (``cfg.method``, or the searched factors' when that
+        refit missed the tolerance and the tries are healed)."""
         import time
         from dataclasses import asdict
 
@@ -667,7 +669,7 @@ class ClimbStage(Stage):
         cands = candidates(data.get("measured"), data["gain"], str(ctx.output("search") / "result.json"))
         kept = {"plan": plan, "validation": val_refit}
         start_gap = sign * (val_refit - data["metric"])
-        start = _read_json(ctx.output("fit") / "fit.json")["method"]
+        start = start or cfg.method
         ctx.log(f"refit: the searched plan refit with '{cfg.method}' scored {val_refit:.4f} against "
                 f"{data['metric']:.4f} searched (gap {start_gap:+.4f} in the tolerance's units); up to "
                 f"{cfg.refit_tries} larger plans of the {len(cands)} measured beyond it may be refit"
