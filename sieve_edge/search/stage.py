@@ -461,10 +461,8 @@ def refit_settings(config: SearchConfig) -> dict:
 
 
 def heal_settings(config: SearchConfig) -> dict:
-    """The settings a heal depends on beside the refit's (the refit stage's and each healed
-    refit try's key); none without --heal-steps."""
-    if not config.heal_steps:
-        return {}
+    """The settings a heal depends on beside the refit's (the refit stage's key, and each
+    healed refit try's)."""
     return {"heal_steps": config.heal_steps, "heal_lr": config.heal_lr,
             **({"heal": config.heal} if config.heal != "ce" else {})}
 
@@ -582,7 +580,7 @@ class ClimbStage(Stage):
                     # the tries are held to the tolerance on the held-out rows too
                     **({"holdout": config.holdout} if config.holdout else {}),
                     # and healed as the refit stage would heal them before they are judged
-                    **heal_settings(config)},
+                    **(heal_settings(config) if config.heal_steps else {})},
             inputs=task_inputs(task, ("validation", "calibration") + (("train",) if config.heal_steps else ())),
             needs=("search", "fit") + (("teacher",) if config.heal_steps and config.heal == "kl" else ())
             + model.needs)
@@ -648,7 +646,7 @@ class ClimbStage(Stage):
         return {"detail": detail, "applies": True, "kept": climb["kept"]}
 
     def _climb(self, ctx: StageContext, plan, data: dict, val_refit: float, val_scorer, sign: float, save, fresh,
-               tok, held=None, heal=None, start: str | None = None):
+               tok, held=None, heal=None, *, start: str):
         """Refit tries (``climb.py``): (the plan kept, its refit's validation score, the record).
         The checkpoint of the plan kept is in the stage's output (``save``); ``fresh()`` gives a
         dense model to refit. ``held``: (scorer, rows) of the ``--holdout`` rows; a try's drop is
@@ -669,7 +667,6 @@ class ClimbStage(Stage):
         cands = candidates(data.get("measured"), data["gain"], str(ctx.output("search") / "result.json"))
         kept = {"plan": plan, "validation": val_refit}
         start_gap = sign * (val_refit - data["metric"])
-        start = start or cfg.method
         ctx.log(f"refit: the searched plan refit with '{cfg.method}' scored {val_refit:.4f} against "
                 f"{data['metric']:.4f} searched (gap {start_gap:+.4f} in the tolerance's units); up to "
                 f"{cfg.refit_tries} larger plans of the {len(cands)} measured beyond it may be refit"
@@ -761,10 +758,7 @@ class RefitStage(Stage):
         if config.heal_steps:
             splits += ("train",)
         super().__init__(
-            # heal_settings' keys, written at 0 steps too (so the keys of finished stages hold)
-            config={"heal_steps": config.heal_steps, "heal_lr": config.heal_lr,
-                    **({"heal": config.heal} if config.heal != "ce" else {}),
-                    "val_limit": config.val_limit, "batch_size": config.batch_size,
+            config={**heal_settings(config), "val_limit": config.val_limit, "batch_size": config.batch_size,
                     "test_limit": test_limit, "seed": config.seed},
             inputs=task_inputs(task, splits),
             needs=("fit", "search") + (("climb",) if config.refit_tries else ())
