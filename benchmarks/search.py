@@ -11,9 +11,9 @@ sentences, ~70 prompt tokens) built at run time under --work from the uci_* sets
 and record the linear-parameter reduction, validation and test metric (test never seen by
 the search), search time, evaluations, generations reached and candidates per minute. For
 sst2 the pruned models are also scored on the uci_yelp / uci_amazon / uci_imdb test sets.
-`--heal-steps N` also heals each row's fitted plan with N steps of healing (`--heal kl`
-by default: the dense model's label distribution distilled into the factors), its search and fit
-reused, and records validation and test before and after: what healing buys at each tolerance.
+`--heal-steps N` also heals each row's fitted plan with N steps of healing (`--heal ce` by
+default, as in `sieve-edge`: the answers' cross-entropy on the train split; `--heal kl`
+distills the dense model's label distribution), its search and fit reused, and records validation and test before and after: what healing buys at each tolerance.
 `--heal-slack S` (with `--heal-steps`) reruns each GA row searching up to tolerance + S and
 keeping the largest plan that heals back within the tolerance, resuming the finished row at
 tolerance + S when --work has it; `--slack-only` takes the row's own numbers from its folder.
@@ -80,7 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--heal-steps", type=int, default=0,
                    help="also heal each row's plan for this many steps (its search and fit reused, the healed "
                         "checkpoint scored again) and record validation and test before and after")
-    p.add_argument("--heal", default="kl", choices=("ce", "kl"), help="the healing loss (with --heal-steps)")
+    p.add_argument("--heal", default="ce", choices=("ce", "kl"),
+                   help="the healing loss (with --heal-steps); ce, the default of sieve-edge too")
     p.add_argument("--heal-lr", type=float, default=1e-4)
     p.add_argument("--holdout", type=int, default=0,
                    help="also confirm each row's plan on this many validation rows beyond --val-limit (the "
