@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -93,6 +92,7 @@ def rebase(stages: Path, task_ref: str, model_ref: str, extra: int = 4, refits: 
     ``refits`` of the extra plans (the smallest gains first) with `sieve`; the report."""
     from sieve_edge.calibrate import load_decompositions
     from sieve_edge.evaluate import make_scorer
+    from sieve_edge.export.microbench import cpu_name
     from sieve_edge.factorize import attach_search_, set_ranks_
     from sieve_edge.models import load_model, load_tokenizer
     from sieve_edge.plan import RankPlan
@@ -170,7 +170,7 @@ def rebase(stages: Path, task_ref: str, model_ref: str, extra: int = 4, refits: 
             "rows": rows, "mean_abs_error": {"output": err("output_drop"), "rebased": err("rebased_drop")},
             "seconds": {"output_scores": output_seconds, "sieve_pass": sieve_seconds, "rebased_scores": rebased_seconds,
                         "refits": refit_seconds},
-            "machine": {"cpu": platform.processor() or platform.machine()}}
+            "machine": {"cpu": cpu_name()}}
 
 
 def table(report: dict) -> str:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
+import os
 import sys
 import time
 from pathlib import Path
@@ -551,9 +551,18 @@ def _write(args, rows, started) -> None:
     args.out.write_text(json.dumps({
         "benchmark": "search", "quick": args.quick, "model": args.model, "tune_steps": args.tune_steps,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "machine": _machine(torch.get_num_threads()),
         "minutes": (time.perf_counter() - started) / 60, "rows": rows,
     }, indent=2))
+
+
+def _machine(threads: int) -> dict:
+    """The box the rows ran on: the CPU's model name (the dev boxes have changed make), threads,
+    the load average when the results were written."""
+    from sieve_edge.export.microbench import cpu_name
+
+    return {"cpu": cpu_name(), "threads": threads,
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
 def _budget(row) -> str:
