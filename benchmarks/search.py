@@ -578,7 +578,9 @@ def _tries_section(rows, key: str, header: str, setting, attempt) -> list[str]:
     lines = ["", header, "|---|---|---|---|---|---|"]
     for r in picked:
         h = r[key]
-        tried = ", ".join(attempt(t) + ("" if t["passed"] else " ✗") for t in h["tries"]) or "-"
+        # tries None: the rerun did not apply (a refit climb whose start missed the tolerance)
+        tried = (", ".join(attempt(t) + ("" if t["passed"] else " ✗") for t in h["tries"]) or "-"
+                 if h.get("tries") is not None else "none: " + "; ".join(h.get("notes") or ["did not apply"]))
         lines.append(f"| {r['task']} {r['strategy']} {r['tolerance']:g} | {setting(h)} | {tried} | "
                      f"{100 * r['reduction']:.1f}% → {100 * h['reduction']:.1f}% | {h['val_final']:.3f} | "
                      f"{100 * r['test_drop']:+.1f} → {100 * h['test_drop']:+.1f} pt |")

@@ -313,6 +313,17 @@ def test_a_refit_row_with_heal_steps_heals_each_try_and_reuses_the_search_and_fi
     assert "tries healed 2 steps (ce)" in table
 
 
+def test_the_table_of_a_refit_row_whose_climb_did_not_apply_says_why(bench):
+    """The 'sieve' refit of the searched plan missed the tolerance, so the climb tried nothing:
+    the row records no tries (None, as refitted() writes it) and the table says why."""
+    note = "the 'sieve' refit scored 0.9733 on validation, beyond the tolerance; kept the 'output' factors"
+    row = {"tries_allowed": 4, "searched_gain": None, "start_gap": None, "tries": None, "kept": None,
+           "healing": None, "heal": None, "reduction": 0.5, "evaluations": 112, "val_final": 0.987,
+           "test_pruned": 0.993, "test_drop": 0.007, "method": "output", "notes": [note]}
+    table = bench.table([{**_row("reviews_long", "ga-sieve", 0.01, 0.5), "refit_tries": row}])
+    assert f"| reviews_long ga-sieve 0.01 | - | none: {note} | 50.0% → 50.0% |" in table
+
+
 def test_reruns_only_takes_the_rows_earlier_numbers_and_needs_a_rerun(bench, tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--slack-only"])
