@@ -13,7 +13,8 @@ the search), search time, evaluations, generations reached and candidates per mi
 sst2 the pruned models are also scored on the uci_yelp / uci_amazon / uci_imdb test sets.
 `--heal-steps N` also heals each row's fitted plan with N steps of healing (`--heal ce` by
 default, as in `sieve-edge`: the answers' cross-entropy on the train split; `--heal kl`
-distills the dense model's label distribution), its search and fit reused, and records validation and test before and after: what healing buys at each tolerance.
+distills the dense model's label distribution), its search and fit reused, and records
+validation and test before and after: what healing buys at each tolerance.
 `--heal-slack S` (with `--heal-steps`) reruns each GA row searching up to tolerance + S and
 keeping the largest plan that heals back within the tolerance, resuming the finished row at
 tolerance + S when --work has it; `--slack-only` takes the row's own numbers from its folder.
