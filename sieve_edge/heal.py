@@ -43,6 +43,11 @@ class HealResult:
         """The validation score the model ends with: after healing if kept, else before."""
         return self.metric_after if self.kept else self.metric_before
 
+    def outcome(self) -> str:
+        """``validation B -> A (kept)`` (or ``(discarded: it scored worse)``), for a log line."""
+        return (f"validation {self.metric_before:.4f} -> {self.metric_after:.4f} "
+                f"({'kept' if self.kept else 'discarded: it scored worse'})")
+
 
 def factor_parameters(model) -> list[torch.nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters()]

@@ -704,8 +704,7 @@ class ClimbStage(Stage):
                 healed.append({"gain": c.gain, "refit": healing.metric_before, "healed": healing.metric_after,
                                "kept": healing.kept, "refit_drop": sign * (data["dense_metric"] - healing.metric_before),
                                "drop": sign * (data["dense_metric"] - v), "seconds": healing.seconds})
-                ctx.log(f"refit: healed ({cfg.heal}, {cfg.heal_steps} steps): validation {healing.metric_before:.4f} "
-                        f"-> {healing.metric_after:.4f} ({'kept' if healing.kept else 'discarded: it scored worse'})")
+                ctx.log(f"refit: healed ({cfg.heal}, {cfg.heal_steps} steps): {healing.outcome()}")
             else:
                 v = float(val_scorer.metric(model))
             last.update(model=model, plan=p, validation=v, heal=healing)
@@ -824,9 +823,8 @@ class RefitStage(Stage):
             from ..heal import HealResult
 
             heal = HealResult(**climb["heal"])
-            ctx.log(f"refit: the refit tries healed the plan kept ({cfg.heal}, {cfg.heal_steps} steps): validation "
-                    f"{heal.metric_before:.4f} -> {heal.metric_after:.4f} "
-                    f"({'kept' if heal.kept else 'discarded: it scored worse'}); not healed again")
+            ctx.log(f"refit: the refit tries healed the plan kept ({cfg.heal}, {cfg.heal_steps} steps): "
+                    f"{heal.outcome()}; not healed again")
             val_refit, val_final = heal.metric_before, heal.metric
         elif healing:
             val_scorer = make_scorer(tok, task, "validation", limit=cfg.val_limit, batch_size=cfg.batch_size,
@@ -834,8 +832,7 @@ class RefitStage(Stage):
             healed = healer(ctx, tok, task, cfg, val_scorer, refit)
             heal = healed(refit)
             healed_here = True
-            ctx.log(f"refit: healing ({cfg.heal}) {cfg.heal_steps} steps: validation {heal.metric_before:.4f} -> "
-                    f"{heal.metric_after:.4f} ({'kept' if heal.kept else 'discarded: it scored worse'})")
+            ctx.log(f"refit: healing ({cfg.heal}) {cfg.heal_steps} steps: {heal.outcome()}")
             val_final = heal.metric
         else:
             val_final = val_refit
