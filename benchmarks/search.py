@@ -84,6 +84,9 @@ def parse_args(argv=None):
     p.add_argument("--heal", default="ce", choices=("ce", "kl"),
                    help="the healing loss (with --heal-steps); ce, the default of sieve-edge too")
     p.add_argument("--heal-lr", type=float, default=1e-4)
+    p.add_argument("--heal-rank", type=int, default=0,
+                   help="with --heal-steps: train rank-R adapters on the factors (merged after) instead of the "
+                        "factors themselves (0)")
     p.add_argument("--holdout", type=int, default=0,
                    help="also confirm each row's plan on this many validation rows beyond --val-limit (the "
                         "finished search reused, its plan refit and scored again) and record what it keeps")
@@ -359,6 +362,17 @@ def held_out(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, un
             "method": summary["method"], "minutes": (time.perf_counter() - t0) / 60, "out": str(folder)}
 
 
+def _heal_settings(args) -> dict:
+    """The SearchConfig fields of the benchmark's --heal-* options."""
+    return {"heal_steps": args.heal_steps, "heal": args.heal, "heal_lr": args.heal_lr,
+            "heal_rank": args.heal_rank}
+
+
+def _heal_record(args) -> dict:
+    """The healing settings a result row records (``rank`` 0: the factors trained)."""
+    return {"steps": args.heal_steps, "loss": args.heal, "lr": args.heal_lr, "rank": args.heal_rank}
+
+
 def healed(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, unhealed: dict, log) -> dict | None:
     """The row's plan refit again and healed (--heal-steps): what healing buys at this tolerance.
 
@@ -370,12 +384,13 @@ def healed(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, unhe
     if not unhealed["linear_param_reduction"]:
         return None
     t0 = time.perf_counter()
-    cfg = dataclasses.replace(cfg, heal_steps=args.heal_steps, heal=args.heal, heal_lr=args.heal_lr)
-    summary, folder = _rerun(args, spec, task_file, out, "-heal", cfg, dense, tok, stages, log, args.budget_minutes)
+    cfg = dataclasses.replace(cfg, **_heal_settings(args))
+    summary, folder = _rerun(args, spec, task_file, out, "-heal" + (f"-rank{args.heal_rank}" if args.heal_rank else ""),
+                             cfg, dense, tok, stages, log, args.budget_minutes)
     if summary["linear_param_reduction"] != unhealed["linear_param_reduction"]:
         raise RuntimeError(f"{folder}: the healed refit did not reuse the row's plan")
     h = summary["heal"] or {}
-    return {"steps": args.heal_steps, "loss": args.heal, "lr": args.heal_lr, "kept": h.get("kept"),
+    return {**_heal_record(args), "trainable_params": h.get("trainable_params"), "kept": h.get("kept"),
             "val_before": h.get("metric_before"), "val_after": h.get("metric_after"),
             "heal_seconds": h.get("seconds"), "test_pruned": summary["test"]["pruned"],
             "test_drop": summary["test"]["drop"], "minutes": (time.perf_counter() - t0) / 60, "out": str(folder)}
@@ -392,8 +407,7 @@ def slacked(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, row
     from sieve_edge.search.stage import STATE
 
     t0 = time.perf_counter()
-    cfg = dataclasses.replace(cfg, heal_slack=args.heal_slack, heal_steps=args.heal_steps, heal=args.heal,
-                              heal_lr=args.heal_lr)
+    cfg = dataclasses.replace(cfg, heal_slack=args.heal_slack, **_heal_settings(args))
     task_name, label = row
     wide = args.work / f"search-{task_name}-{label}-{cfg.search_tolerance:g}{'-quick' if args.quick else ''}"
     resumed = (wide / STATE).is_file()
@@ -402,7 +416,7 @@ def slacked(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, row
     if resumed:
         _resumed_only(summary, wide, stages, folder)
     h = summary["healing"]
-    return {"slack": args.heal_slack, "steps": args.heal_steps, "loss": args.heal, "lr": args.heal_lr,
+    return {"slack": args.heal_slack, **_heal_record(args),
             "resumed": str(wide) if resumed else None, "search_gain": h["search_gain"],
             "fallback_gain": h["fallback_gain"], "tries": h["tries"], "healed": h["healed"],
             "reduction": summary["linear_param_reduction"], "evaluations": summary["evaluations"],
@@ -463,7 +477,7 @@ def refitted(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, lo
     t0 = time.perf_counter()
     cfg = dataclasses.replace(cfg, refit_tries=args.refit_tries)
     if args.heal_steps:  # each try healed before it is judged, the plan kept shipped healed
-        cfg = dataclasses.replace(cfg, heal_steps=args.heal_steps, heal=args.heal, heal_lr=args.heal_lr)
+        cfg = dataclasses.replace(cfg, **_heal_settings(args))
     why = _why_search_runs(args, spec, task_file, cfg, dense, tok, stages)
     if why is None:  # the row's search and fit as they stand: only the tries run
         log("benchmark: the stage folder holds the row's finished search; its fit is reused too")
@@ -602,13 +616,17 @@ def table(rows) -> str:
                      f"({_budget(r)}) | {r['total_minutes']:.1f} |")
     heals = [r for r in rows if r.get("heal")]
     if heals:
-        lines += ["", "| healed plan | steps (loss) | val before → after (kept) | test drop unhealed → healed |",
-                  "|---|---|---|---|"]
+        lines += ["", "| healed plan | steps (loss, lr) | trains | val before → after (kept) | "
+                      "test drop unhealed → healed | heal s |", "|---|---|---|---|---|---|"]
         for r in heals:
             h = r["heal"]
-            lines.append(f"| {r['task']} {r['strategy']} {r['tolerance']:g} | {h['steps']} ({h['loss']}) | "
-                         f"{h['val_before']:.3f} → {h['val_after']:.3f} ({'kept' if h['kept'] else 'discarded'}) | "
-                         f"{100 * r['test_drop']:+.1f} → {100 * h['test_drop']:+.1f} pt |")
+            trains = f"rank-{h['rank']} adapters" if h.get("rank") else "factors"
+            if h.get("trainable_params"):
+                trains += f", {h['trainable_params'] / 1e6:.2f}M"
+            lines.append(f"| {r['task']} {r['strategy']} {r['tolerance']:g} | {h['steps']} ({h['loss']}, "
+                         f"{h.get('lr', float('nan')):g}) | {trains} | {h['val_before']:.3f} → {h['val_after']:.3f} "
+                         f"({'kept' if h['kept'] else 'discarded'}) | {100 * r['test_drop']:+.1f} → "
+                         f"{100 * h['test_drop']:+.1f} pt | {h.get('heal_seconds') or float('nan'):.0f} |")
     lines += _tries_section(
         rows, "holdout", "| row | holdout rows | plans tried: removed → holdout drop | removed | val final | "
                          "test drop without → with holdout |", lambda h: h["rows"],

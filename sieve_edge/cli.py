@@ -131,6 +131,11 @@ _HEAL_SLACK = click.option("--heal-slack", type=click.FloatRange(min=0.0), defau
 _HEAL_STEPS = click.option("--heal-steps", type=click.IntRange(min=0), default=0, show_default=True,
                            help="Fine-tune the factors this many steps on the train split after the refit.")
 _HEAL_LR = click.option("--heal-lr", type=float, default=1e-4, show_default=True)
+_HEAL_RANK = click.option(
+    "--heal-rank", type=click.IntRange(min=0), default=0, show_default=True,
+    help="0 = healing trains the factors themselves; R > 0 = it trains rank-R adapters beside them (LoRA) and "
+         "merges them in after: the same plan and shapes, R x (rows + cols) trainable parameters per factor "
+         "and optimizer state to match (for a large model on a GPU). Adapters usually want a higher --heal-lr.")
 _HEAL = click.option("--heal", "heal", type=click.Choice(["ce", "kl"]), default="ce", show_default=True,
                      help="Healing loss: ce = the answers' cross-entropy on the train split; kl = distil the dense "
                           "model's label distribution on the train prompts (single-token labels). Kept only if "
@@ -351,6 +356,7 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
 @_HEAL_STEPS
 @_HEAL_SLACK
 @_HEAL_LR
+@_HEAL_RANK
 @_HEAL
 @click.option("--weights", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="Score candidates as the export will compute: int8 simulates int8 weights (NNCF INT8_ASYM).")
@@ -367,8 +373,8 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
 @handle_errors
 def search_command(model_spec, task_spec, tolerance, relative, method, strategy, objective, target, budget_minutes,
                    seed, population, generations, ladder, n_calibration, val_limit, race_size, race_z, surrogate,
-                   test_limit, holdout, refit_tries, heal_steps, heal_slack, heal_lr, heal, weights, out, force, as_json,
-                   device, workers, ray_address, offload, trust_remote_code):
+                   test_limit, holdout, refit_tries, heal_steps, heal_slack, heal_lr, heal_rank, heal, weights, out, force,
+                   as_json, device, workers, ray_address, offload, trust_remote_code):
     """Search a keep level per matrix within an accuracy tolerance; write the refit checkpoint.
 
     Stages: calibrate → sensitivity → search → reference → refit, kept in OUT/.stages.
@@ -392,7 +398,7 @@ def search_command(model_spec, task_spec, tolerance, relative, method, strategy,
                           objective=objective, target=target, seed=seed, population=population,
                           generations=generations, ladder=levels, n_calibration=n_calibration, val_limit=val_limit,
                           race_size=race_size, race_z=race_z, surrogate=surrogate, heal_steps=heal_steps,
-                          heal_lr=heal_lr, heal=heal, weights=weights, holdout=holdout,
+                          heal_lr=heal_lr, heal=heal, heal_rank=heal_rank, weights=weights, holdout=holdout,
                           heal_slack=heal_slack, refit_tries=refit_tries)
     summary = run_search(model_spec, task_spec, out, config, budget_minutes=budget_minutes, force=force,
                          test_limit=test_limit, log=log, trust_remote_code=trust_remote_code, workers=pool,
@@ -567,6 +573,7 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @_HEAL_STEPS
 @_HEAL_SLACK
 @_HEAL_LR
+@_HEAL_RANK
 @_HEAL
 @click.option("--task-head/--no-task-head", default=None,
               help="Export an LM head restricted to the label tokens. Default: on for a classification task "
@@ -583,7 +590,8 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @_TRUST_REMOTE_CODE
 @handle_errors
 def run(model, task, target, out, tune_steps, tolerance, strategy, objective, method, budget_minutes, n_calibration,
-        val_limit, test_limit, holdout, refit_tries, heal_steps, heal_slack, heal_lr, heal, task_head, seed, force, work,
+        val_limit, test_limit, holdout, refit_tries, heal_steps, heal_slack, heal_lr, heal_rank, heal, task_head, seed,
+        force, work,
         device, workers, ray_address, offload, trust_remote_code):
     """tune? → calibrate → sensitivity → search → refit → export → reference → bundle → validate.
 
@@ -603,7 +611,7 @@ def run(model, task, target, out, tune_steps, tolerance, strategy, objective, me
                            strategy=strategy, objective=objective, method=method, budget_minutes=budget_minutes,
                            seed=seed, n_calibration=n_calibration, val_limit=val_limit, test_limit=test_limit,
                            holdout=holdout, refit_tries=refit_tries, heal_steps=heal_steps, heal_slack=heal_slack,
-                           heal_lr=heal_lr, heal=heal,
+                           heal_lr=heal_lr, heal=heal, heal_rank=heal_rank,
                            task_head=task_head,
                            force=force, work=work, log=log,
                            trust_remote_code=trust_remote_code, workers=pool, device=device, offload=offload)

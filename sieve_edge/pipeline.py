@@ -181,7 +181,7 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
         budget_minutes: float | None = None, seed: int = 0,
         n_calibration: int = 512, val_limit: int | None = 300, test_limit: int | None = None,
         holdout: int = 0, heal_steps: int = 0, heal_lr: float = 1e-4, heal: str = "ce", heal_slack: float = 0.0,
-        refit_tries: int = 0, task_head: bool | None = None,
+        heal_rank: int = 0, refit_tries: int = 0, task_head: bool | None = None,
         force: bool = False, work=None, log: Callable[[str], None] | None = None,
         trust_remote_code: bool = False, workers=None, device: str | None = None,
         offload: str | Path | None = None) -> RunSummary:
@@ -204,8 +204,9 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
     their search bases while scoring (read one at a time; not keyed, the same plan).
     holdout: validation rows beyond ``val_limit`` the search never scores, held out to confirm
     its plan (``sieve-edge search --holdout``).
-    heal_steps, heal_lr, heal: the refit stage's healing (steps, learning rate, loss ``ce`` or
-    ``kl``), as in ``sieve-edge search``; kept only if validation does not get worse.
+    heal_steps, heal_lr, heal, heal_rank: the refit stage's healing (steps, learning rate, loss
+    ``ce`` or ``kl``, adapter rank or 0 for the factors themselves), as in ``sieve-edge
+    search``; kept only if validation does not get worse.
     heal_slack: the search accepts plans up to tolerance + slack and keeps the largest that
     heals back within the tolerance (``sieve-edge search --heal-slack``).
     refit_tries: larger plans the search measured refit with ``method`` after it; the largest
@@ -241,7 +242,7 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
     config = SearchConfig(tolerance=tolerance, method=method, strategy=strategy, seed=seed,
                           objective=objective, target=None if objective == "params" else str(profile.path or target),
                           n_calibration=n_calibration, val_limit=val_limit, heal_steps=heal_steps,
-                          heal_lr=heal_lr, heal=heal, holdout=holdout, heal_slack=heal_slack, refit_tries=refit_tries,
+                          heal_lr=heal_lr, heal=heal, heal_rank=heal_rank, holdout=holdout, heal_slack=heal_slack, refit_tries=refit_tries,
                           weights="int8" if profile.weights == "int8" else "fp32")
     out = Path(out)
     work = out.with_name(out.name + ".work") if work is None else Path(work)

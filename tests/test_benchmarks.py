@@ -167,7 +167,7 @@ def test_healed_row_reuses_the_rows_search_and_refits_with_healing(bench, tmp_pa
     unhealed = run_search("tiny", task, out, cfg, force=True, model=copy.deepcopy(model), tokenizer=tok,
                           work=stages)   # the refit takes the model it is given, as in the benchmark
     assert unhealed["linear_param_reduction"] > 0
-    args = argparse.Namespace(heal_steps=3, heal="kl", heal_lr=1e-3, budget_minutes=None, test_limit=None)
+    args = argparse.Namespace(heal_steps=3, heal="kl", heal_lr=1e-3, heal_rank=0, budget_minutes=None, test_limit=None)
     row = bench.healed(args, "tiny", task, out, cfg, model, tok, stages, unhealed, log=None)
     status = stage_status(stages)
     assert status["search"] == status["fit"] == "skipped" and status["refit"] == "ran"
@@ -178,7 +178,7 @@ def test_healed_row_reuses_the_rows_search_and_refits_with_healing(bench, tmp_pa
     # the unhealed row's folder is untouched
     assert json.loads((out / "search.json").read_text())["heal"] is None
     table = bench.table([{**_row("sst2", "ga-sieve", 0.01, 0.4), "heal": row}])
-    assert "| sst2 ga-sieve 0.01 | 3 (kl) |" in table
+    assert "| sst2 ga-sieve 0.01 | 3 (kl, 0.001) | factors, " in table
     # a plan that cut nothing has nothing to heal
     assert bench.healed(args, "tiny", task, out, cfg, model, tok, stages,
                         {"linear_param_reduction": 0.0}, log=None) is None
@@ -231,7 +231,7 @@ def test_slack_row_resumes_the_row_at_tolerance_plus_slack_and_tables_the_healed
     cfg = small_config(tolerance=0.1, generations=1)
     out = tmp_path / "search-tiny-ga-sieve-0.1"
     run_search("tiny", task, out, cfg, force=True, model=copy.deepcopy(model), tokenizer=tok, work=stages)
-    args = argparse.Namespace(heal_slack=0.2, heal_steps=2, heal="ce", heal_lr=1e-3, budget_minutes=15.0,
+    args = argparse.Namespace(heal_slack=0.2, heal_steps=2, heal="ce", heal_lr=1e-3, heal_rank=0, budget_minutes=15.0,
                               test_limit=None, work=tmp_path, quick=False)
     row = bench.slacked(args, "tiny", task, out, cfg, model, tok, stages, ("tiny", "ga-sieve"), log=lambda m: None)
     assert row["resumed"] == str(tmp_path / "search-tiny-ga-sieve-0.3")
@@ -266,7 +266,7 @@ def _refit_row(bench, tmp_path, monkeypatch, tuned, tries: int, budget: float | 
     cfg = small_config(tolerance=0.05, generations=1)
     plain = run_search("tiny", task, out, cfg, force=True, model=copy.deepcopy(model), tokenizer=tok, work=stages)
     args = argparse.Namespace(refit_tries=tries, budget_minutes=budget, test_limit=None, heal_steps=heal_steps,
-                              heal="ce", heal_lr=1e-3)
+                              heal="ce", heal_lr=1e-3, heal_rank=0)
     return stages, out, plain, bench.refitted(args, "tiny", task, out, cfg, model, tok, stages, log=lambda m: None)
 
 

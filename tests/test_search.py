@@ -491,6 +491,14 @@ def test_healing_another_way_reuses_the_fit_and_the_search(tuned, tmp_path):
     assert healed["validation"]["refit"] == plain["validation"]["refit"]   # the same fit, before healing
     assert healed["heal"]["steps"] == 3 and healed["heal"]["metric_before"] == plain["validation"]["final"]
     assert plain["heal"] is None
+    # adapters instead of the factors: the refit stage's key changes, the fit is reused again
+    adapted = run_search("tiny", task_path, tmp_path / "adapted", small_config(heal_steps=3, heal_rank=2),
+                         model=copy.deepcopy(model), tokenizer=tok, work=work)
+    stages = {s["slot"]: s["status"] for s in json.loads((work / "run.json").read_text())["stages"]}
+    assert stages["search"] == stages["fit"] == "skipped" and stages["refit"] == "ran"
+    assert adapted["heal"]["rank"] == 2 and adapted["heal"]["metric_before"] == plain["validation"]["final"]
+    assert 0 < adapted["heal"]["trainable_params"] < healed["heal"]["trainable_params"]
+    assert "rank-2 adapters" in (tmp_path / "adapted" / "search_report.md").read_text()
 
 
 def test_cli_search_uniform(tuned, tmp_path):

@@ -48,6 +48,7 @@ class SearchConfig:
     heal_steps: int = 0
     heal_lr: float = 1e-4
     heal: str = "ce"                 # ce | kl (see HEALS)
+    heal_rank: int = 0               # 0: healing trains the factors; R: rank-R adapters on them, merged
     weights: str = "fp32"            # precision candidates are scored in: int8 simulates the export's int8
     holdout: int = 0                 # validation rows beyond val_limit that confirm the chosen plan (0: none)
     heal_slack: float = 0.0          # the search explores tolerance + slack; healing must win the slack back
@@ -67,6 +68,8 @@ class SearchConfig:
             raise InputError(f"strategy '{self.strategy}' is not allowed; choose one of {', '.join(STRATEGIES)}")
         if self.heal not in HEALS:
             raise InputError(f"heal '{self.heal}' is not allowed; choose one of {', '.join(HEALS)}")
+        if not (isinstance(self.heal_rank, int) and self.heal_rank >= 0):
+            raise InputError(f"heal_rank must be an integer >= 0 (0 trains the factors), got {self.heal_rank!r}")
         if not (isinstance(self.race_z, (int, float)) and self.race_z > 0):
             raise InputError(f"race_z must be > 0, got {self.race_z}")
         if self.weights not in WEIGHTS:
@@ -122,7 +125,7 @@ class SearchConfig:
         # choice rerun on the finished GA state; the search stage keys them on its own; the refit
         # tries are the climb stage's). With a
         # heal slack the GA is the search at tolerance + slack: its state is that search's.
-        for k in ("heal_steps", "heal_lr", "heal", "holdout", "heal_slack", "refit_tries"):
+        for k in ("heal_steps", "heal_lr", "heal", "heal_rank", "holdout", "heal_slack", "refit_tries"):
             d.pop(k)
         d["tolerance"] = self.search_tolerance
         d["ladder"] = list(self.ladder)

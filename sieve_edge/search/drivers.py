@@ -445,7 +445,7 @@ def heal_choice(outcome: Outcome, model, tokenizer, task, scorer, config: Search
         try:
             h = heal_(model, tokenizer, task, config.heal_steps, lr=config.heal_lr, batch_size=16, seed=config.seed,
                       higher_is_better=higher_is_better, log=log, loss=config.heal, teacher=teacher,
-                      train_scorer=train_scorer)
+                      train_scorer=train_scorer, rank=config.heal_rank)
             if config.weights == "int8":  # scored as the export computes: the healed factors in int8 too
                 _fake_quant_(model, swapped)
             got = float(scorer.metric(model))
@@ -491,7 +491,8 @@ def heal_choice(outcome: Outcome, model, tokenizer, task, scorer, config: Search
             upper = min(upper, cands[i][2].gain)
     plan = best if best is not None else fallback
     record = {"slack": config.heal_slack, "tolerance_abs": tol_abs, "steps": config.heal_steps,
-              "loss": config.heal, "lr": config.heal_lr, "search_gain": outcome.evaluation.gain,
+              "loss": config.heal, "lr": config.heal_lr, "rank": config.heal_rank,
+              "search_gain": outcome.evaluation.gain,
               "fallback_gain": fallback[2].gain, "confirmed": confirmed, "tries": tries, "healed": best is not None,
               "gain": plan[2].gain,
               # what the refit of this plan is held to before it is healed again: its searched drop

@@ -156,7 +156,9 @@ def search_report(summary: dict, result: dict) -> str:
 
     if s.get("heal"):
         h = s["heal"]
-        lines += [f"Healing: {h['steps']} steps at lr {h['lr']:g} on {h['trainable_params']:,} factor parameters, "
+        on = (f"rank-{h['rank']} adapters ({h['trainable_params']:,} parameters, merged into the factors)"
+              if h.get("rank") else f"{h['trainable_params']:,} factor parameters")
+        lines += [f"Healing: {h['steps']} steps at lr {h['lr']:g} on {on}, "
                   f"{healed(h)}; {'kept' if h['kept'] else 'discarded (it scored worse)'}.", ""]
     if s.get("heal_searched"):
         lines += [f"Healing the searched factors instead (the healed refit missed the tolerance): "

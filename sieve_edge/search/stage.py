@@ -261,7 +261,8 @@ class SearchStage(Stage):
             settings["holdout"] = config.holdout
         if config.heal_slack:  # the healed choice: the fingerprint's tolerance is the search's (tolerance + slack)
             settings["heal choice"] = {"tolerance": config.tolerance, "slack": config.heal_slack,
-                                       "steps": config.heal_steps, "lr": config.heal_lr, "loss": config.heal}
+                                       "steps": config.heal_steps, "lr": config.heal_lr, "loss": config.heal,
+                                       **({"rank": config.heal_rank} if config.heal_rank else {})}
         if config.objective != "params" and config.target is not None:
             # what the time objective reads of the profile (not its budgets: a changed gate
             # re-validates, it does not re-search)
@@ -464,7 +465,8 @@ def heal_settings(config: SearchConfig) -> dict:
     """The settings a heal depends on beside the refit's (the refit stage's key, and each
     healed refit try's)."""
     return {"heal_steps": config.heal_steps, "heal_lr": config.heal_lr,
-            **({"heal": config.heal} if config.heal != "ce" else {})}
+            **({"heal": config.heal} if config.heal != "ce" else {}),
+            **({"heal_rank": config.heal_rank} if config.heal_rank else {})}
 
 
 def healer(ctx: StageContext, tok, task, config: SearchConfig, val_scorer, model):
@@ -482,7 +484,7 @@ def healer(ctx: StageContext, tok, task, config: SearchConfig, val_scorer, model
     def heal(m):
         return heal_(m, tok, task, config.heal_steps, lr=config.heal_lr, batch_size=16, seed=config.seed,
                      val_scorer=val_scorer, higher_is_better=task.metric != "perplexity", log=ctx.log,
-                     loss=config.heal, teacher=teacher, train_scorer=train_scorer)
+                     loss=config.heal, teacher=teacher, train_scorer=train_scorer, rank=config.heal_rank)
 
     return heal
 
@@ -736,7 +738,8 @@ class ClimbStage(Stage):
             "method": cfg.method,
             "tries": tries, "kept": best is not None, "gain": data["gain"] if best is None else best.gain,
             **({"holdout": {"rows": len(held[1]), "dense": hold_dense, "tries": held_scores}} if held else {}),
-            **({"healing": {"steps": cfg.heal_steps, "loss": cfg.heal, "lr": cfg.heal_lr, "tries": healed},
+            **({"healing": {"steps": cfg.heal_steps, "loss": cfg.heal, "lr": cfg.heal_lr,
+                                     "rank": cfg.heal_rank, "tries": healed},
                 "heal": None if kept.get("heal") is None else asdict(kept["heal"])} if heal is not None else {})}
 
 
