@@ -137,17 +137,6 @@ def lora_targets(model) -> list[str]:
 
 # ---------------------------------------------------------------- the verb
 
-def train_step(loss, optimizer, schedule, params, diverged: str) -> None:
-    """One clipped optimizer step; a non-finite loss is an error (`diverged` names the fix, `{loss}` the value)."""
-    if not math.isfinite(loss.item()):
-        raise TrainingError(diverged.format(loss=loss.item()))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    schedule.step()
-
-
 def _accumulate(batch: list[tuple[list[int], list[int]]], model, pad: int, device, max_batch_tokens: int,
                 diverged: str) -> float:
     """Backward of one batch's mean answer-token loss, in micro-batches of at most

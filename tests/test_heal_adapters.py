@@ -1,16 +1,18 @@
-"""Healing through rank-R adapters on the factors (--heal-rank): the adapters train, the
-factors take them in afterwards, and nothing of them outlives the heal."""
+"""Healing through rank-R LoRA adapters on the factors (--heal-rank), and healing in
+micro-batches: the adapters train, the factors take them in afterwards, nothing of them
+outlives the heal, and a batch split by tokens heals as the whole batch does."""
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
+from torch import nn
 
-from sieve_edge.errors import InputError
+from sieve_edge.errors import InputError, TrainingError
 from sieve_edge.evaluate import make_scorer
-from sieve_edge.factorize import factorized_ranks
-from sieve_edge.heal import _Adapters, factor_parameters, heal_
+from sieve_edge.factorize import LowRankLinear, factorized_ranks
+from sieve_edge.heal import factor_parameters, heal_
 from sieve_edge.prune import prune_with_batches
 from sieve_edge.tasks import load_task
 from test_search import write_task
@@ -27,31 +29,14 @@ def cut(tmp_path):
     return model, dense, tok, task
 
 
-def _hooks(model) -> int:
-    return sum(len(m._forward_hooks) for m in model.modules())
+def _plain(model) -> bool:
+    """Every factor is a plain nn.Linear again (no adapter layer left in its place)."""
+    pairs = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    return bool(pairs) and all(type(m.first) is nn.Linear and type(m.second) is nn.Linear for m in pairs)
 
 
 def _factors(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in factor_parameters(model)]
-
-
-def test_merged_adapters_compute_what_the_hooked_ones_did(cut):
-    model, _, _, _ = cut
-    ids = torch.randint(0, model.config.vocab_size, (2, 7))
-    with torch.random.fork_rng():
-        torch.manual_seed(3)
-        adapters = _Adapters(model, 2)
-        for _, _, up in adapters.pairs:   # the up halves start at zero: give them a value
-            torch.nn.init.normal_(up, std=0.05)
-    with torch.no_grad():
-        hooked = model(input_ids=ids).logits
-        adapters.remove()
-        unchanged = model(input_ids=ids).logits
-        adapters.merge_()
-        merged = model(input_ids=ids).logits
-    assert _hooks(model) == 0
-    assert not torch.allclose(hooked, unchanged, atol=1e-4)    # the adapters did something
-    torch.testing.assert_close(merged, hooked, atol=1e-5, rtol=1e-4)
 
 
 def test_adapter_healing_trains_few_parameters_and_merges_them_into_the_factors(cut):
@@ -72,9 +57,9 @@ def test_adapter_healing_trains_few_parameters_and_merges_them_into_the_factors(
     res = heal_(model, tok, task, 30, lr=3e-3, batch_size=16, loss="kl", teacher=teacher, train_scorer=train,
                 rank=2)
     assert res.rank == 2 and res.kept                     # no validation scorer: kept as trained
-    expected = sum(min(2, *w.shape) * sum(w.shape) for w in factors if w.dim() == 2)
+    expected = sum(2 * sum(w.shape) for w in factors if w.dim() == 2)
     assert res.trainable_params == expected < sum(w.numel() for w in factors)
-    assert _hooks(model) == 0                              # the adapters are gone ...
+    assert _plain(model)                                   # the adapters are gone ...
     assert factorized_ranks(model) == ranks and [p.shape for p in factor_parameters(model)] == shapes
     assert any(not torch.equal(a, b) for a, b in zip(factors, _factors(model)))   # ... merged in
     for n, p in model.named_parameters():
@@ -97,23 +82,41 @@ def test_an_adapter_heal_that_scores_worse_leaves_the_factors_as_they_were(cut):
     factors = _factors(model)
     res = heal_(model, tok, task, 3, lr=1e-2, batch_size=8, val_scorer=Worse(), rank=2)
     assert not res.kept and res.metric == 1.0
-    assert all(torch.equal(a, b) for a, b in zip(factors, _factors(model)))
-    assert _hooks(model) == 0
+    assert _plain(model) and all(torch.equal(a, b) for a, b in zip(factors, _factors(model)))
 
 
-def test_adapters_on_a_half_precision_model_train_in_float32(cut):
+def test_a_diverging_adapter_heal_names_the_fix_and_leaves_no_adapter_behind(cut):
+    model, _, tok, task = cut
+    factors = _factors(model)
+    with pytest.raises(TrainingError, match=r"healing diverged at step \d+ .*lower --heal-lr"):
+        heal_(model, tok, task, 6, lr=1e30, batch_size=8, rank=2)
+    assert _plain(model) and all(torch.equal(a, b) for a, b in zip(factors, _factors(model)))
+
+
+def test_adapters_heal_a_half_precision_model_and_keep_its_dtype(cut):
     model, _, tok, task = cut
     model.to(torch.bfloat16)
-    adapters = _Adapters(model, 2)
-    try:
-        assert all(p.dtype == torch.float32 for p in adapters.parameters())
-        with torch.no_grad():
-            out = model(input_ids=torch.randint(0, model.config.vocab_size, (1, 5))).logits
-        assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
-    finally:
-        adapters.remove()
-    adapters.merge_()  # up starts at zero: merging adds nothing, in the factors' own dtype
-    assert all(p.dtype == torch.bfloat16 for p in factor_parameters(model))
+    res = heal_(model, tok, task, 2, lr=1e-3, batch_size=8, rank=2)
+    assert res.kept and _plain(model)
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p.float()).all() for p in factor_parameters(model))
+
+
+@pytest.mark.parametrize("loss", ["ce", "kl"])
+def test_micro_batches_heal_as_the_whole_batch_does(cut, loss):
+    """``max_batch_tokens`` bounds a forward pass, not the batch: one row per pass takes the
+    same steps (up to float rounding) as the whole batch in one."""
+    model, dense, tok, task = cut
+    kw = {}
+    if loss == "kl":
+        train = make_scorer(tok, task, "train", batch_size=64, model=model)
+        kw = dict(teacher=train.label_logprobs(dense).float(), train_scorer=train)
+    whole, split = copy.deepcopy(model), copy.deepcopy(model)
+    a = heal_(whole, tok, task, 3, lr=1e-3, batch_size=8, loss=loss, **kw)
+    b = heal_(split, tok, task, 3, lr=1e-3, batch_size=8, loss=loss, max_batch_tokens=1, **kw)
+    assert a.loss_first == pytest.approx(b.loss_first, rel=1e-4)
+    for x, y in zip(_factors(whole), _factors(split)):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+    assert any(not torch.equal(x, y) for x, y in zip(_factors(model), _factors(whole)))   # it did train
 
 
 def test_a_negative_adapter_rank_is_an_input_error(cut):
