@@ -101,17 +101,17 @@ def test_cli_run_exit_code_3_when_a_gate_fails(setup, tmp_path):
     assert "max_size_mb" in result.output or "size" in result.output
 
 
-def test_cli_run_heals_the_refit_with_the_loss_asked(setup, tmp_path):
+def test_cli_run_heals_the_refit_with_the_loss_and_adapters_asked(setup, tmp_path):
     root, model_dir, task, profile = setup
     args = ["run", "--model", str(model_dir), "--task", str(task), "--target", str(profile), "--out",
             str(tmp_path / "b"), "--strategy", "uniform", "--calibration", "32", "--objective", "params",
-            "--heal-steps", "2", "--heal-lr", "1e-3", "--heal", "kl"]
+            "--heal-steps", "2", "--heal-lr", "1e-3", "--heal", "kl", "--heal-rank", "2"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     searched = json.loads((tmp_path / "b.work" / "refit" / "search.json").read_text())
     heal = searched["heal"]
     assert heal is not None, "the plan factorized nothing: nothing to heal"
-    assert (heal["loss"], heal["steps"], heal["lr"]) == ("kl", 2, 1e-3)
+    assert (heal["loss"], heal["steps"], heal["lr"], heal["rank"]) == ("kl", 2, 1e-3, 2)
 
 
 def test_two_targets_share_one_work_folder(setup, tmp_path):
