@@ -374,8 +374,8 @@ def prune(model, task, method, keep, plan_file, n_calibration, batch_size, seed,
 @handle_errors
 def search_command(model_spec, task_spec, tolerance, relative, method, strategy, objective, target, budget_minutes,
                    seed, population, generations, ladder, n_calibration, val_limit, race_size, race_z, surrogate,
-                   test_limit, holdout, refit_tries, heal_steps, heal_slack, heal_lr, heal_rank, heal, weights, out, force,
-                   as_json, device, workers, ray_address, offload, trust_remote_code):
+                   test_limit, holdout, refit_tries, heal_steps, heal_slack, heal_lr, heal_rank, heal, weights, out,
+                   force, as_json, device, workers, ray_address, offload, trust_remote_code):
     """Search a keep level per matrix within an accuracy tolerance; write the refit checkpoint.
 
     Stages: calibrate → sensitivity → search → reference → refit, kept in OUT/.stages.
@@ -592,8 +592,7 @@ def bundle_command(export_dir, task, target, out, reference, reference_model, fo
 @handle_errors
 def run(model, task, target, out, tune_steps, tolerance, strategy, objective, method, budget_minutes, n_calibration,
         val_limit, test_limit, holdout, refit_tries, heal_steps, heal_slack, heal_lr, heal_rank, heal, task_head, seed,
-        force, work,
-        device, workers, ray_address, offload, trust_remote_code):
+        force, work, device, workers, ray_address, offload, trust_remote_code):
     """tune? → calibrate → sensitivity → search → refit → export → reference → bundle → validate.
 
     Every stage has a key made of its settings, the content of what it reads (model, task

@@ -242,7 +242,8 @@ def run(model: str, task: str, target: str, out, *, tune_steps: int = 0, toleran
     config = SearchConfig(tolerance=tolerance, method=method, strategy=strategy, seed=seed,
                           objective=objective, target=None if objective == "params" else str(profile.path or target),
                           n_calibration=n_calibration, val_limit=val_limit, heal_steps=heal_steps,
-                          heal_lr=heal_lr, heal=heal, heal_rank=heal_rank, holdout=holdout, heal_slack=heal_slack, refit_tries=refit_tries,
+                          heal_lr=heal_lr, heal=heal, heal_rank=heal_rank, holdout=holdout, heal_slack=heal_slack,
+                          refit_tries=refit_tries,
                           weights="int8" if profile.weights == "int8" else "fp32")
     out = Path(out)
     work = out.with_name(out.name + ".work") if work is None else Path(work)

@@ -127,3 +127,21 @@ def test_a_negative_adapter_rank_is_an_input_error(cut):
         heal_(model, tok, task, 2, rank=-1)
     with pytest.raises(InputError, match="heal_rank"):
         SearchConfig(tolerance=0.05, heal_rank=-1)
+
+
+def test_a_model_healed_through_adapters_saves_and_loads_as_itself(cut, tmp_path):
+    """Nothing of peft stays in the healed model: the checkpoint holds the plan's factors
+    alone and loads back to the same logits."""
+    from safetensors import safe_open
+
+    from sieve_edge.checkpoint import build_manifest, load_checkpoint, save_checkpoint
+
+    model, _, tok, task = cut
+    heal_(model, tok, task, 3, lr=1e-2, batch_size=8, rank=2)
+    out = save_checkpoint(model, tok, tmp_path / "ck", build_manifest(model, base_model="tiny", method="svd",
+                                                                       task=None))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "lora" in k or "base_layer" in k]
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(load_checkpoint(out)(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -738,8 +738,8 @@ class ClimbStage(Stage):
             "method": cfg.method,
             "tries": tries, "kept": best is not None, "gain": data["gain"] if best is None else best.gain,
             **({"holdout": {"rows": len(held[1]), "dense": hold_dense, "tries": held_scores}} if held else {}),
-            **({"healing": {"steps": cfg.heal_steps, "loss": cfg.heal, "lr": cfg.heal_lr,
-                                     "rank": cfg.heal_rank, "tries": healed},
+            **({"healing": {"steps": cfg.heal_steps, "loss": cfg.heal, "lr": cfg.heal_lr, "rank": cfg.heal_rank,
+                            "tries": healed},
                 "heal": None if kept.get("heal") is None else asdict(kept["heal"])} if heal is not None else {})}
 
 
