@@ -107,7 +107,9 @@ def parse_args(argv=None):
     p.add_argument("--reuse-search", action="store_true",
                    help="keep a finished search of the same row and settings in the task's stage folder instead "
                         "of searching again (the row's numbers are that search's; e.g. to add --holdout or "
-                        "--heal-steps to a row just run)")
+                        "--heal-steps to a row just run); when the stage folder holds another row's search, the "
+                        "row's own finished state in --work is resumed on the minutes it spent (no candidate "
+                        "scored again)")
     p.add_argument("--no-cross", dest="cross", action="store_false",
                    help="skip the uci_* cross-dataset scores of the sst2 plans")
     p.add_argument("--quick", action="store_true",
@@ -266,17 +268,21 @@ def main(argv=None) -> int:
                                val_limit=args.val_limit, race_size=args.race, **STRATEGIES[label])
             out = args.work / f"search-{task_name}-{label}-{tol:g}{'-quick' if args.quick else ''}"
             t0 = time.perf_counter()
-            if args.reuse_search:  # the row's folder is rewritten from the stages (the search among them)
+            budget, scored = args.budget_minutes, None
+            if args.reuse_search and not args.reruns_only:
                 import shutil
 
-                shutil.rmtree(out, ignore_errors=True)
+                budget, scored = _reused_budget(args, spec, task_file, cfg, dense, tok, stages, out, log)
+                shutil.rmtree(out, ignore_errors=True)  # rewritten from the stages (the search among them)
             if args.reruns_only:
                 summary = _earlier(out)
             else:
-                summary = run_search(spec, task_file, out, cfg, budget_minutes=args.budget_minutes,
+                summary = run_search(spec, task_file, out, cfg, budget_minutes=budget,
                                      force=not args.reuse_search,
                                      test_limit=args.test_limit, log=log, model=copy.deepcopy(dense),
                                      tokenizer=tok, work=stages)
+                if scored is not None:  # resumed from the row's own state
+                    _drop_resume_point(summary, scored, stages, out)
             row = {"task": task_name, "strategy": label, "tolerance": tol,
                    "reduction": summary["linear_param_reduction"],
                    "val_dense": summary["validation"]["dense"], "val_final": summary["validation"]["final"],
@@ -288,7 +294,7 @@ def main(argv=None) -> int:
                    "candidates_per_minute": summary["evaluations"] / max(summary["search_seconds"] / 60, 1e-9),
                    "total_minutes": (summary["total_seconds"] / 60 if args.reruns_only
                                      else (time.perf_counter() - t0) / 60), "out": str(out),
-                   "model": spec, "tune_steps": args.tune_steps, "budget_minutes": args.budget_minutes,
+                   "model": spec, "tune_steps": args.tune_steps, "budget_minutes": budget,
                    "method": summary["method"], "notes": summary["notes"],
                    "calibration": args.calibration, "threads": torch.get_num_threads()}
             if cross_dense and not args.reruns_only:
@@ -302,7 +308,8 @@ def main(argv=None) -> int:
             if args.holdout and not args.reruns_only:
                 row["holdout"] = held_out(args, spec, task_file, out, cfg, dense, tok, stages, summary, log)
             if args.heal_steps and not args.reruns_only:
-                row["heal"] = healed(args, spec, task_file, out, cfg, dense, tok, stages, summary, log)
+                row["heal"] = healed(args, spec, task_file, out, cfg, dense, tok, stages, summary, log,
+                                     budget_minutes=budget)
             if args.heal_slack and cfg.strategy == "ga":
                 row["slack"] = slacked(args, spec, task_file, out, cfg, dense, tok, stages, (task_name, label), log)
             if args.refit_tries and cfg.strategy == "ga" and cfg.method != cfg.search_method:
@@ -373,11 +380,13 @@ def _heal_record(args) -> dict:
     return {"steps": args.heal_steps, "loss": args.heal, "lr": args.heal_lr, "rank": args.heal_rank}
 
 
-def healed(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, unhealed: dict, log) -> dict | None:
+def healed(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, unhealed: dict, log,
+           budget_minutes: float | None = None) -> dict | None:
     """The row's plan refit again and healed (--heal-steps): what healing buys at this tolerance.
 
     The search and fit stages of the row just run are reused (healing is in the refit stage's
-    key alone); only the healing and the test score run again, into OUT-heal. None when the
+    key alone; ``budget_minutes``, default --budget-minutes, is the one the row's search ran
+    on); only the healing and the test score run again, into OUT-heal[-rankR]. None when the
     plan cut nothing (nothing to heal)."""
     import dataclasses
 
@@ -386,7 +395,8 @@ def healed(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, unhe
     t0 = time.perf_counter()
     cfg = dataclasses.replace(cfg, **_heal_settings(args))
     summary, folder = _rerun(args, spec, task_file, out, "-heal" + (f"-rank{args.heal_rank}" if args.heal_rank else ""),
-                             cfg, dense, tok, stages, log, args.budget_minutes)
+                             cfg, dense, tok, stages, log,
+                             args.budget_minutes if budget_minutes is None else budget_minutes)
     if summary["linear_param_reduction"] != unhealed["linear_param_reduction"]:
         raise RuntimeError(f"{folder}: the healed refit did not reuse the row's plan")
     h = summary["heal"] or {}
@@ -456,15 +466,37 @@ def _why_search_runs(args, spec, task_file, cfg, dense, tok, stages: Path) -> st
     return flow.why_runs("search")
 
 
+def _reused_budget(args, spec, task_file, cfg, dense, tok, stages: Path, out: Path, log) -> tuple[float | None,
+                                                                                            int | None]:
+    """--reuse-search: (the budget the row's search reruns on, the candidates its state had
+    scored or None). The stage folder's finished search when it is the row's (--budget-minutes);
+    else, when the row's folder keeps its finished state (another tolerance ran in the stage
+    folder since), that state put back where the search stage resumes from, on the minutes it
+    spent, so no candidate is scored again; else --budget-minutes (the row searches)."""
+    from sieve_edge.search.stage import STATE
+
+    why = _why_search_runs(args, spec, task_file, cfg, dense, tok, stages)
+    if why is None or not (out / STATE).is_file():
+        return args.budget_minutes, None
+    log(f"benchmark: the stage folder's search is not the row's ({why}); resuming the row's own")
+    scored = len(json.loads((out / "history.json").read_text())["frontier"])
+    return _resume(out, stages, log), scored
+
+
 def _resumed_only(summary: dict, row: Path, stages: Path, folder: Path) -> None:
-    """After a rerun from ``_resume``: drop the copied state (left unread when the search stage
-    was already done, a later row would resume from it; a killed rerun keeps it, its own resume
-    point) and check that no candidate was scored again."""
+    """After a rerun from ``_resume`` of the row folder ``row``: drop the copied state (left
+    unread when the search stage was already done, a later row would resume from it; a killed
+    rerun keeps it, its own resume point) and check that no candidate was scored again."""
+    _drop_resume_point(summary, len(json.loads((row / "history.json").read_text())["frontier"]), stages, folder)
+
+
+def _drop_resume_point(summary: dict, scored: int, stages: Path, folder: Path) -> None:
     import shutil
 
     shutil.rmtree(stages / "search.resume", ignore_errors=True)
-    if summary["evaluations"] != len(json.loads((row / "history.json").read_text())["frontier"]):
-        raise RuntimeError(f"{folder}: the rerun scored candidates again: it did not resume {row}")
+    if summary["evaluations"] != scored:
+        raise RuntimeError(f"{folder}: the rerun scored candidates again ({scored} -> {summary['evaluations']}): "
+                           "it did not resume the row's finished search")
 
 
 def refitted(args, spec, task_file, out: Path, cfg, dense, tok, stages: Path, log) -> dict:

@@ -367,3 +367,36 @@ def test_rebase_scores_the_refit_tries_on_both_banks(tmp_path, monkeypatch, tune
     here = [r for r in again if r["kind"] == "refit here"]
     extras = [r for r in again if r["kind"] in ("measured", "refit here")]
     assert len(here) == 1 and here[0]["refit_drop"] is not None and here[0]["gain"] == min(r["gain"] for r in extras)
+
+
+def test_reuse_search_resumes_the_rows_own_search_when_the_stage_folder_holds_another(bench, tmp_path, tuned):
+    """--reuse-search after another tolerance ran in the stage folder: the row's own finished
+    state is put back and resumed on the minutes it spent (no candidate scored again); when the
+    stage folder holds the row's search, it is reused as it stands."""
+    import argparse
+    import copy
+
+    from test_search import load_tuned, small_config
+
+    from sieve_edge.search import run_search
+
+    root, task = tuned
+    model, tok = load_tuned(root)
+    stages, out = tmp_path / "stages", tmp_path / "search-x"
+    cfg = small_config(tolerance=0.05, generations=1)
+    args = argparse.Namespace(budget_minutes=15.0, test_limit=None)
+    plain = run_search("tiny", task, out, cfg, force=True, budget_minutes=15.0, model=copy.deepcopy(model),
+                       tokenizer=tok, work=stages)
+    assert bench._reused_budget(args, "tiny", task, cfg, model, tok, stages, out, print) == (15.0, None)
+    run_search("tiny", task, tmp_path / "search-y", small_config(tolerance=0.3, generations=1), force=True,
+               budget_minutes=15.0, model=copy.deepcopy(model), tokenizer=tok, work=stages)
+    budget, scored = bench._reused_budget(args, "tiny", task, cfg, model, tok, stages, out, print)
+    assert scored == plain["evaluations"] and budget < 15.0 and (stages / "search.resume").is_dir()
+    again = run_search("tiny", task, tmp_path / "search-x2", cfg, budget_minutes=budget, model=copy.deepcopy(model),
+                       tokenizer=tok, work=stages)
+    assert stage_status(stages)["search"] == "ran"
+    bench._drop_resume_point(again, scored, stages, tmp_path / "search-x2")
+    assert not (stages / "search.resume").exists()
+    assert again["linear_param_reduction"] == plain["linear_param_reduction"]
+    with pytest.raises(RuntimeError, match="scored candidates again"):
+        bench._drop_resume_point({"evaluations": scored + 1}, scored, stages, tmp_path / "search-x2")
