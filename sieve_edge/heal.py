@@ -78,7 +78,7 @@ def heal_(model, tokenizer, task, steps: int, *, lr: float = 1e-4, batch_size: i
     ``train_scorer`` (a classification ``Scorer`` of the train split on its single-token path)
     and ``teacher`` (N, L), the dense model's label log-probs on its rows."""
     from .tasks import pad_id
-    from .tune import _accumulate, training_sequences
+    from .tune import _accumulate, training_sequences, warmup_then_decay
 
     if steps < 1:
         raise InputError(f"heal steps (--heal-steps) must be >= 1, got {steps}")
@@ -98,7 +98,6 @@ def heal_(model, tokenizer, task, steps: int, *, lr: float = 1e-4, batch_size: i
         data = training_sequences(task, tokenizer, "train", None, max_length)
     pad = pad_id(tokenizer)
     device = next(model.parameters()).device
-    diverged = f"healing diverged at step {{step}} (loss {{loss}}); lower --heal-lr (was {lr:g})"
     before = float(val_scorer.metric(model)) if val_scorer is not None else math.nan
     # kept only to undo a healing that scored worse: nothing to undo without a validation score,
     # nor with adapters (they are dropped unmerged)
@@ -124,9 +123,7 @@ def heal_(model, tokenizer, task, steps: int, *, lr: float = 1e-4, batch_size: i
             for p in params:
                 p.requires_grad_(True)
             optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-            warm = max(1, steps // 10)
-            schedule = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+            schedule = warmup_then_decay(optimizer, steps, max(1, steps // 10))
             perm, cursor = torch.randperm(len(data), generator=order), 0
             model.train()
             try:
@@ -136,12 +133,11 @@ def heal_(model, tokenizer, task, steps: int, *, lr: float = 1e-4, batch_size: i
                     batch = [data[i] for i in perm[cursor:cursor + batch_size].tolist()]
                     cursor += batch_size
                     optimizer.zero_grad(set_to_none=True)
+                    diverged = f"healing diverged at step {step} (loss {{loss}}); lower --heal-lr (was {lr:g})"
                     if loss == "kl":
-                        value = _kl_backward(model, train_scorer, teacher, batch, device, max_batch_tokens,
-                                             diverged.replace("{step}", str(step)))
+                        value = _kl_backward(model, train_scorer, teacher, batch, device, max_batch_tokens, diverged)
                     else:
-                        value = _accumulate(batch, model, pad, device, max_batch_tokens,
-                                            diverged.replace("{step}", str(step)))
+                        value = _accumulate(batch, model, pad, device, max_batch_tokens, diverged)
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
                     optimizer.step()
                     schedule.step()

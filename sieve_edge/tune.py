@@ -137,6 +137,12 @@ def lora_targets(model) -> list[str]:
 
 # ---------------------------------------------------------------- the verb
 
+def warmup_then_decay(optimizer, steps: int, warm: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The rate rises linearly over the first ``warm`` steps, then falls linearly to zero at ``steps``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+
+
 def _accumulate(batch: list[tuple[list[int], list[int]]], model, pad: int, device, max_batch_tokens: int,
                 diverged: str) -> float:
     """Backward of one batch's mean answer-token loss, in micro-batches of at most
@@ -207,10 +213,7 @@ def tune(model, tokenizer, task: TaskSpec | str | Path, steps: int = 100, batch_
                 p.requires_grad_(True)
         params = [p for p in trained.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        n_warm = max(1, int(round(steps * warmup)))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: (s + 1) / n_warm if s < n_warm else max(0.0, (steps - s) / max(1, steps - n_warm))
-        )
+        schedule = warmup_then_decay(optimizer, steps, max(1, int(round(steps * warmup))))
         every = max(1, steps // 20)
         start = time.monotonic()
         perm, cursor = torch.randperm(len(data), generator=order), 0
